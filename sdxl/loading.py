@@ -65,7 +65,9 @@ def load_state_dict_checked(model: torch.nn.Module, sd: dict, source, device="cp
     for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)):
         if keys:
             more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
-            detail = [f"{k} {tuple(sd[k].shape)} != {tuple(expected[k])}" for k in keys[:3]] if label == "mis-shaped" else keys[:3]
+            detail = keys[:3]
+            if label == "mis-shaped":
+                detail = [f"{k} {tuple(sd[k].shape)} != {tuple(expected[k])}" for k in detail]
             problems.append(f"{len(keys)} {label} keys: {', '.join(detail)}{more}")
     if problems:
         raise ValueError(f"{source} does not match the model: {'; '.join(problems)}")
@@ -101,21 +103,110 @@ def load_unet(path, dtype=torch.float32, device="cpu") -> SDXLUNet:
     return unet.eval().requires_grad_(False)
 
 
-def read_single_file_unet(path: Path) -> dict[str, torch.Tensor]:
-    """The UNet part of a single-file SDXL checkpoint (SGM names), renamed to diffusers' names."""
-    from sdxl.sgm import split_single_file, unet_sgm_to_diffusers
+
+# SDXL base's VAE and text encoder configs, for single-file checkpoints (which carry no configs).
+SDXL_VAE_CONFIG = {
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32,
+    "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4, "sample_size": 1024, "scaling_factor": 0.13025,
+    "force_upcast": True,
+}
+CLIP_L_CONFIG = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                     hidden_act="quick_gelu", projection_dim=768, vocab_size=49408, max_position_embeddings=77,
+                     bos_token_id=0, eos_token_id=2, pad_token_id=1)
+OPENCLIP_BIGG_CONFIG = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+                            hidden_act="gelu", projection_dim=1280, vocab_size=49408, max_position_embeddings=77,
+                            bos_token_id=0, eos_token_id=2, pad_token_id=1)
+# Where single-file users' tokenizers come from when no --tokenizer folder is given (HF cache or hub).
+HUB_TOKENIZERS = ("openai/clip-vit-large-patch14", "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k")
+
+
+def read_single_file(path: Path, part: str) -> dict[str, torch.Tensor]:
+    """One model's tensors ("unet", "vae", "text_encoder", "text_encoder_2") of a single-file
+    checkpoint, prefix stripped, still in SGM names."""
+    from sdxl.sgm import PREFIXES, split_single_file
 
     if path.suffix != ".safetensors":
         raise ValueError(f"{path} is not a .safetensors file; pickled checkpoints (.ckpt, .bin) are not loaded")
     try:
         with safe_open(path, framework="pt") as f:
-            keys = [k for k in f.keys() if k.startswith("model.diffusion_model.")]
-            parts = split_single_file({k: f.get_tensor(k) for k in keys})
-    except ValueError:
-        raise
+            keys = list(f.keys())
+            wanted = [k for k in keys if k.startswith(PREFIXES[part])]
+            sd = {k: f.get_tensor(k) for k in wanted}
     except Exception as e:
         raise ValueError(f"cannot read {path}: {e}; the file is corrupt or truncated") from e
     try:
-        return unet_sgm_to_diffusers(parts["unet"], SDXL_CONFIG.to_diffusers())
+        # split_single_file checks the layout on the key names alone
+        split_single_file(dict.fromkeys(keys, None))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+    if not sd:
+        raise ValueError(f"{path} has no {part} weights ('{PREFIXES[part]}*' keys)")
+    return split_single_file(sd)[part]
+
+
+def read_single_file_unet(path: Path) -> dict[str, torch.Tensor]:
+    from sdxl.sgm import unet_sgm_to_diffusers
+
+    try:
+        return unet_sgm_to_diffusers(read_single_file(path, "unet"), SDXL_CONFIG.to_diffusers())
     except KeyError as e:
         raise ValueError(f"{path} is not an SDXL base checkpoint: unknown UNet key {e}") from e
+
+
+def load_vae(path, device="cpu"):
+    """The fp32 SDXL VAE from a diffusers SDXL or VAE folder, a single-file checkpoint, or "tiny"."""
+    from diffusers import AutoencoderKL
+
+    from sdxl.sgm import vae_sgm_to_diffusers
+    from sdxl.vae import SDXLVAE
+
+    path = resolve_model_path(path)
+    if path.is_dir():
+        return SDXLVAE.from_pretrained(path, device=device)
+    try:
+        sd = vae_sgm_to_diffusers(read_single_file(path, "vae"), SDXL_VAE_CONFIG)
+    except KeyError as e:
+        raise ValueError(f"{path} is not an SDXL checkpoint: unknown VAE key {e}") from e
+    with torch.device("meta"):
+        vae = AutoencoderKL(**SDXL_VAE_CONFIG)
+    load_state_dict_checked(vae, sd, path, device=device, dtype=torch.float32)
+    return SDXLVAE(vae.eval().requires_grad_(False))
+
+
+def load_text_encoder(path, dtype=torch.float32, device="cpu", tokenizer_path=None):
+    """Both CLIP encoders from a diffusers SDXL folder, "tiny", or a single-file checkpoint.
+
+    A single file holds no tokenizers: they come from `tokenizer_path` (a diffusers SDXL folder with
+    tokenizer/ and tokenizer_2/), else from the Hugging Face cache (downloaded once when online)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from sdxl.sgm import text_encoder_2_openclip_to_hf, text_encoder_sgm_to_hf
+    from sdxl.text_encoders import SDXLTextEncoder
+
+    path = resolve_model_path(path)
+    if path.is_dir():
+        return SDXLTextEncoder.from_pretrained(path, dtype=dtype, device=device)
+    try:
+        sd_1 = text_encoder_sgm_to_hf(read_single_file(path, "text_encoder"))
+        sd_2 = text_encoder_2_openclip_to_hf(read_single_file(path, "text_encoder_2"))
+    except KeyError as e:
+        raise ValueError(f"{path} is not an SDXL base checkpoint: unknown text encoder key {e}") from e
+    encoders = []
+    parts = ((CLIPTextModel, CLIP_L_CONFIG, sd_1), (CLIPTextModelWithProjection, OPENCLIP_BIGG_CONFIG, sd_2))
+    for cls, cfg, sd in parts:
+        model = cls(CLIPTextConfig(**cfg))
+        load_state_dict_checked(model, sd, path, dtype=dtype)
+        encoders.append(model)
+    if tokenizer_path is not None:
+        root = resolve_model_path(tokenizer_path)
+        sources = [root / "tokenizer", root / "tokenizer_2"]
+    else:
+        sources = list(HUB_TOKENIZERS)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(str(sources[0]))
+        tokenizer_2 = CLIPTokenizer.from_pretrained(str(sources[1]), pad_token="!")
+    except OSError as e:
+        raise ValueError(f"cannot load the CLIP tokenizers from {sources[0]}: {e}; pass a diffusers SDXL folder "
+                         "that has tokenizer/ and tokenizer_2/ as the tokenizer path") from e
+    return SDXLTextEncoder(tokenizer, tokenizer_2, *encoders).to(device)

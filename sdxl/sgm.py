@@ -76,10 +76,10 @@ def unet_sgm_names(config: dict) -> dict[str, str]:
     per level with the upsampler after the transformer (`.1.conv` or `.2.conv`).
     """
     down, up = list(config["down_block_types"]), list(config["up_block_types"])
-    if not set(down + up) <= UNET_BLOCKS or config.get("mid_block_type", "UNetMidBlock2DCrossAttn") != (
-            "UNetMidBlock2DCrossAttn"):
-        raise ValueError(f"UNet config {down}, {up}, {config.get('mid_block_type')} is not SDXL-shaped: "
-                         f"blocks must be among {sorted(UNET_BLOCKS)} with UNetMidBlock2DCrossAttn")
+    mid = config.get("mid_block_type", "UNetMidBlock2DCrossAttn")
+    if not set(down + up) <= UNET_BLOCKS or mid != "UNetMidBlock2DCrossAttn":
+        raise ValueError(f"UNet config {down}, {mid}, {up} is not SDXL-shaped: blocks must be among "
+                         f"{sorted(UNET_BLOCKS)} with a UNetMidBlock2DCrossAttn")
     widths = list(config["block_out_channels"])
     n = len(widths)
     layers = _per(config["layers_per_block"], n)
@@ -150,7 +150,8 @@ def vae_sgm_names(config: dict) -> dict[str, str]:
             _add(names, f"encoder.down_blocks.{level}.resnets.{j}", f"encoder.down.{level}.block.{j}",
                  VAE_RESNET, shortcut=(c_in if j == 0 else width) != width)
         if level < n - 1:
-            names[f"encoder.down_blocks.{level}.downsamplers.0.conv"] = f"encoder.down.{level}.downsample.conv"
+            names[f"encoder.down_blocks.{level}.downsamplers.0.conv"] = (
+                f"encoder.down.{level}.downsample.conv")
     rwidths = widths[::-1]
     for level, width in enumerate(rwidths):
         c_in, ldm = rwidths[max(level - 1, 0)], n - 1 - level
@@ -159,11 +160,7 @@ def vae_sgm_names(config: dict) -> dict[str, str]:
                  VAE_RESNET, shortcut=(c_in if j == 0 else width) != width)
         if level < n - 1:
             names[f"decoder.up_blocks.{level}.upsamplers.0.conv"] = f"decoder.up.{ldm}.upsample.conv"
-    if config.get("use_quant_conv", True):
-        names["quant_conv"] = "quant_conv"
-    if config.get("use_post_quant_conv", True):
-        names["post_quant_conv"] = "post_quant_conv"
-    return names
+    return names | {k: k for k in ("quant_conv", "post_quant_conv") if config.get(f"use_{k}", True)}
 
 
 def _invert(names: dict[str, str]) -> dict[str, str]:
@@ -194,9 +191,9 @@ def unet_diffusers_to_sgm(sd: dict[str, Tensor], config: dict) -> dict[str, Tens
     return _rename(sd, unet_sgm_names(config), "diffusers UNet")
 
 
-def _is_vae_attention_weight(diffusers_key: str) -> bool:
-    return ".attentions." in diffusers_key and diffusers_key.endswith(("to_q.weight", "to_k.weight",
-                                                                        "to_v.weight", "to_out.0.weight"))
+def _is_vae_attention_weight(key: str) -> bool:  # a diffusers key
+    return ".attentions." in key and key.endswith(
+        (".to_q.weight", ".to_k.weight", ".to_v.weight", ".to_out.0.weight"))
 
 
 def vae_sgm_to_diffusers(sd: dict[str, Tensor], config: dict) -> dict[str, Tensor]:
@@ -223,9 +220,8 @@ def _clip_text_prefix() -> str:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     config = CLIPTextConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
-                            num_attention_heads=1, max_position_embeddings=8, bos_token_id=0, eos_token_id=1,
-                            pad_token_id=1)
-    with torch.device("meta"):
+                            num_attention_heads=1, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    with torch.device("meta"):  # no memory, no init cost
         keys = CLIPTextModel(config).state_dict()
     return "text_model." if any(k.startswith("text_model.") for k in keys) else ""
 
@@ -317,6 +313,6 @@ def split_single_file(sd: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
                          "Pass a diffusers model folder (with unet/, vae/, text_encoder/...) or an original "
                          "single-file SDXL .safetensors such as sd_xl_base_1.0.safetensors.")
     if any(k.startswith("conditioner.embedders.0.model.") for k in sd):
-        raise ValueError("this looks like an SDXL refiner checkpoint (OpenCLIP as embedder 0); only SDXL base "
-                         "models (CLIP-L + OpenCLIP-bigG) are supported")
+        raise ValueError("this looks like an SDXL refiner checkpoint (OpenCLIP as embedder 0); "
+                         "only SDXL base models (CLIP-L + OpenCLIP-bigG) are supported")
     return {name: {k[len(p):]: v for k, v in sd.items() if k.startswith(p)} for name, p in PREFIXES.items()}

@@ -53,7 +53,8 @@ class UNetConfig:
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
-            raise ValueError(f"UNet config is not SDXL-shaped: unsupported {', '.join(f'{k}={cfg.get(k)!r}' for k in bad)}")
+            values = ", ".join(f"{k}={cfg.get(k)!r}" for k in bad)
+            raise ValueError(f"UNet config is not SDXL-shaped: unsupported {values}")
 
         def per_level(value):
             return tuple(value) if isinstance(value, (list, tuple)) else (value,) * n
@@ -261,7 +262,9 @@ class UNetBlock(nn.Module):
             )
         else:
             self.attentions = None
-        self.resnets = nn.ModuleList([ResnetBlock2D(i + s, out_ch, temb_dim, g, eps) for i, s in zip(in_chs, skips)])
+        self.resnets = nn.ModuleList(
+            [ResnetBlock2D(i + s, out_ch, temb_dim, g, eps) for i, s in zip(in_chs, skips, strict=True)]
+        )
         if resample == "down":
             self.downsamplers = nn.ModuleList([Downsample2D(out_ch)])
         elif resample == "up":
@@ -344,7 +347,7 @@ class SDXLUNet(nn.Module):
         self.mid_block = UNetMidBlock2DCrossAttn(chs[-1], temb_dim, cfg)
 
         prev = chs[-1]
-        for i, level in enumerate(reversed(range(n))):
+        for level in reversed(range(n)):
             in_chs = [prev] + [chs[level]] * lpb
             skips = [skip_chs.pop() for _ in range(lpb + 1)]
             self.up_blocks.append(

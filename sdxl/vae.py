@@ -56,7 +56,7 @@ class SDXLVAE(torch.nn.Module):
                 "this VAE's config has latents_mean/latents_std (a Playground-style latent "
                 "normalization); SDXL VAEs use scaling_factor only: use an SDXL VAE"
             )
-        self.vae = vae.to(torch.float32).eval().requires_grad_(False)
+        self.vae = vae.float().eval().requires_grad_(False)
         self.vae.use_tiling = False  # our `decode` chooses; `encode` never tiles
         self.downsample = 2 ** (len(cfg.block_out_channels) - 1)  # 8
         sample_size = cfg.sample_size[0] if isinstance(cfg.sample_size, (list, tuple)) else cfg.sample_size

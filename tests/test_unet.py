@@ -47,7 +47,7 @@ def inputs(cfg: UNetConfig, b=2, h=16, w=24, seed=0):
         encoder_hidden_states=torch.randn(b, 77, cfg.cross_attention_dim, generator=g),
         added_cond_kwargs={
             "text_embeds": torch.randn(b, pooled, generator=g),
-            "time_ids": torch.tensor([[h * 8, w * 8, 0, 0, h * 8, w * 8], [1024, 768, 32, 64, h * 8, w * 8]][:b]).float(),
+            "time_ids": torch.tensor([[h * 8, w * 8, 0, 0, h * 8, w * 8], [1024, 768, 32, 64, h * 8, w * 8]][:b]),
         },
     )
 
