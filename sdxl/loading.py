@@ -83,18 +83,28 @@ def unet_folder(path: Path) -> Path:
     raise ValueError(f"{path} is not a diffusers SDXL folder (no unet/config.json); {DOWNLOAD_HINT}")
 
 
-def load_unet(path, dtype=torch.float32, device="cpu") -> SDXLUNet:
-    """Our UNet from a diffusers SDXL folder, a single-file SGM `.safetensors`, or "tiny"."""
+def read_unet_config(folder: Path) -> UNetConfig:
+    try:
+        return UNetConfig.from_diffusers(json.loads((folder / "config.json").read_text()))
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"{folder / 'config.json'}: {e}") from e
+
+
+def load_unet(path, dtype=torch.float32, device="cpu", config_path=None) -> SDXLUNet:
+    """Our UNet from a diffusers SDXL folder, a single-file SGM `.safetensors`, or "tiny".
+
+    `config_path`: for a single file only, a diffusers folder whose unet/config.json describes it
+    (default: SDXL base)."""
     path = resolve_model_path(path)
     if path.is_file():
-        sd, config = read_single_file_unet(path), SDXL_CONFIG
+        from sdxl.sgm import unet_sgm_to_diffusers
+
+        config = read_unet_config(unet_folder(resolve_model_path(config_path))) if config_path else SDXL_CONFIG
+        sd = convert(unet_sgm_to_diffusers, read_single_file(path, "unet"), config.to_diffusers(), path=path)
         source = path
     else:
         folder = unet_folder(path)
-        try:
-            config = UNetConfig.from_diffusers(json.loads((folder / "config.json").read_text()))
-        except (ValueError, KeyError) as e:
-            raise ValueError(f"{folder / 'config.json'}: {e}") from e
+        config = read_unet_config(folder)
         files = find_weights(folder, "diffusion_pytorch_model")
         sd, source = read_safetensors(files), files[0]
     with torch.device("meta"):
@@ -103,27 +113,32 @@ def load_unet(path, dtype=torch.float32, device="cpu") -> SDXLUNet:
     return unet.eval().requires_grad_(False)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Single-file SGM checkpoints (sd_xl_base_1.0.safetensors, CivitAI models): they carry no configs, so
+# these are SDXL base's unless `config_path` names a diffusers folder to take them from.
 
-# SDXL base's VAE and text encoder configs, for single-file checkpoints (which carry no configs).
 SDXL_VAE_CONFIG = {
     "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32,
     "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
     "up_block_types": ["UpDecoderBlock2D"] * 4, "sample_size": 1024, "scaling_factor": 0.13025,
     "force_upcast": True,
-}
-CLIP_L_CONFIG = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-                     hidden_act="quick_gelu", projection_dim=768, vocab_size=49408, max_position_embeddings=77,
-                     bos_token_id=0, eos_token_id=2, pad_token_id=1)
-OPENCLIP_BIGG_CONFIG = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
-                            hidden_act="gelu", projection_dim=1280, vocab_size=49408, max_position_embeddings=77,
-                            bos_token_id=0, eos_token_id=2, pad_token_id=1)
-# Where single-file users' tokenizers come from when no --tokenizer folder is given (HF cache or hub).
+}  # fmt: skip
+CLIP_L_CONFIG = {
+    "hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12,
+    "hidden_act": "quick_gelu", "projection_dim": 768, "vocab_size": 49408, "max_position_embeddings": 77,
+    "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
+}  # fmt: skip
+OPENCLIP_BIGG_CONFIG = {
+    **CLIP_L_CONFIG, "hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 20,
+    "num_hidden_layers": 32, "hidden_act": "gelu", "projection_dim": 1280,
+}  # fmt: skip
+# Tokenizers for a single file when no config_path is given: the Hugging Face cache (downloaded once).
 HUB_TOKENIZERS = ("openai/clip-vit-large-patch14", "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k")
 
 
 def read_single_file(path: Path, part: str) -> dict[str, torch.Tensor]:
     """One model's tensors ("unet", "vae", "text_encoder", "text_encoder_2") of a single-file
-    checkpoint, prefix stripped, still in SGM names."""
+    checkpoint, prefix stripped, still in SGM names. Only that part is read (memory-mapped)."""
     from sdxl.sgm import PREFIXES, split_single_file
 
     if path.suffix != ".safetensors":
@@ -131,30 +146,26 @@ def read_single_file(path: Path, part: str) -> dict[str, torch.Tensor]:
     try:
         with safe_open(path, framework="pt") as f:
             keys = list(f.keys())
-            wanted = [k for k in keys if k.startswith(PREFIXES[part])]
-            sd = {k: f.get_tensor(k) for k in wanted}
+            sd = {k: f.get_tensor(k) for k in keys if k.startswith(PREFIXES[part])}
     except Exception as e:
         raise ValueError(f"cannot read {path}: {e}; the file is corrupt or truncated") from e
     try:
-        # split_single_file checks the layout on the key names alone
-        split_single_file(dict.fromkeys(keys, None))
+        split_single_file(dict.fromkeys(keys))  # checks the layout from the key names
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e
     if not sd:
         raise ValueError(f"{path} has no {part} weights ('{PREFIXES[part]}*' keys)")
-    return split_single_file(sd)[part]
+    return {k[len(PREFIXES[part]) :]: v for k, v in sd.items()}
 
 
-def read_single_file_unet(path: Path) -> dict[str, torch.Tensor]:
-    from sdxl.sgm import unet_sgm_to_diffusers
-
+def convert(fn, sd, *args, path):
     try:
-        return unet_sgm_to_diffusers(read_single_file(path, "unet"), SDXL_CONFIG.to_diffusers())
+        return fn(sd, *args)
     except KeyError as e:
-        raise ValueError(f"{path} is not an SDXL base checkpoint: unknown UNet key {e}") from e
+        raise ValueError(f"{path} is not an SDXL base checkpoint: unknown key {e}") from e
 
 
-def load_vae(path, device="cpu"):
+def load_vae(path, device="cpu", config_path=None):
     """The fp32 SDXL VAE from a diffusers SDXL or VAE folder, a single-file checkpoint, or "tiny"."""
     from diffusers import AutoencoderKL
 
@@ -164,21 +175,21 @@ def load_vae(path, device="cpu"):
     path = resolve_model_path(path)
     if path.is_dir():
         return SDXLVAE.from_pretrained(path, device=device)
-    try:
-        sd = vae_sgm_to_diffusers(read_single_file(path, "vae"), SDXL_VAE_CONFIG)
-    except KeyError as e:
-        raise ValueError(f"{path} is not an SDXL checkpoint: unknown VAE key {e}") from e
+    config = SDXL_VAE_CONFIG
+    if config_path:
+        config = AutoencoderKL.load_config(str(resolve_model_path(config_path) / "vae"))
+    sd = convert(vae_sgm_to_diffusers, read_single_file(path, "vae"), config, path=path)
     with torch.device("meta"):
-        vae = AutoencoderKL(**SDXL_VAE_CONFIG)
+        vae = AutoencoderKL.from_config(config)
     load_state_dict_checked(vae, sd, path, device=device, dtype=torch.float32)
     return SDXLVAE(vae.eval().requires_grad_(False))
 
 
-def load_text_encoder(path, dtype=torch.float32, device="cpu", tokenizer_path=None):
-    """Both CLIP encoders from a diffusers SDXL folder, "tiny", or a single-file checkpoint.
+def load_text_encoder(path, dtype=torch.float32, device="cpu", config_path=None):
+    """Both CLIP encoders with their tokenizers from a diffusers SDXL folder, "tiny", or a single file.
 
-    A single file holds no tokenizers: they come from `tokenizer_path` (a diffusers SDXL folder with
-    tokenizer/ and tokenizer_2/), else from the Hugging Face cache (downloaded once when online)."""
+    A single file holds no tokenizers: they come from `config_path` (a diffusers SDXL folder, whose
+    text_encoder*/config.json also describe the encoders), else from the Hugging Face cache."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from sdxl.sgm import text_encoder_2_openclip_to_hf, text_encoder_sgm_to_hf
@@ -187,26 +198,26 @@ def load_text_encoder(path, dtype=torch.float32, device="cpu", tokenizer_path=No
     path = resolve_model_path(path)
     if path.is_dir():
         return SDXLTextEncoder.from_pretrained(path, dtype=dtype, device=device)
-    try:
-        sd_1 = text_encoder_sgm_to_hf(read_single_file(path, "text_encoder"))
-        sd_2 = text_encoder_2_openclip_to_hf(read_single_file(path, "text_encoder_2"))
-    except KeyError as e:
-        raise ValueError(f"{path} is not an SDXL base checkpoint: unknown text encoder key {e}") from e
-    encoders = []
-    parts = ((CLIPTextModel, CLIP_L_CONFIG, sd_1), (CLIPTextModelWithProjection, OPENCLIP_BIGG_CONFIG, sd_2))
-    for cls, cfg, sd in parts:
-        model = cls(CLIPTextConfig(**cfg))
-        load_state_dict_checked(model, sd, path, dtype=dtype)
-        encoders.append(model)
-    if tokenizer_path is not None:
-        root = resolve_model_path(tokenizer_path)
-        sources = [root / "tokenizer", root / "tokenizer_2"]
+    if config_path:
+        root = resolve_model_path(config_path)
+        configs = [CLIPTextConfig.from_pretrained(str(root / name)) for name in ("text_encoder", "text_encoder_2")]
+        sources = [str(root / "tokenizer"), str(root / "tokenizer_2")]
     else:
+        configs = [CLIPTextConfig(**CLIP_L_CONFIG), CLIPTextConfig(**OPENCLIP_BIGG_CONFIG)]
         sources = list(HUB_TOKENIZERS)
+    sds = [
+        convert(text_encoder_sgm_to_hf, read_single_file(path, "text_encoder"), path=path),
+        convert(text_encoder_2_openclip_to_hf, read_single_file(path, "text_encoder_2"), path=path),
+    ]
+    encoders = []
+    for cls, config, sd in zip((CLIPTextModel, CLIPTextModelWithProjection), configs, sds, strict=True):
+        model = cls(config)
+        load_state_dict_checked(model, sd, path, dtype=dtype)
+        encoders.append(model.to(dtype))
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(str(sources[0]))
-        tokenizer_2 = CLIPTokenizer.from_pretrained(str(sources[1]), pad_token="!")
+        tokenizer = CLIPTokenizer.from_pretrained(sources[0])
+        tokenizer_2 = CLIPTokenizer.from_pretrained(sources[1], pad_token="!")
     except OSError as e:
-        raise ValueError(f"cannot load the CLIP tokenizers from {sources[0]}: {e}; pass a diffusers SDXL folder "
-                         "that has tokenizer/ and tokenizer_2/ as the tokenizer path") from e
+        raise ValueError(f"cannot load the CLIP tokenizers ({sources[0]}): {e}; give a diffusers SDXL folder "
+                         "with tokenizer/ and tokenizer_2/ as the config path") from e
     return SDXLTextEncoder(tokenizer, tokenizer_2, *encoders).to(device)

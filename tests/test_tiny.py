@@ -1,0 +1,62 @@
+"""The embedded tiny SDXL: deterministic, a real diffusers SDXL folder, SDXL-shaped, built once."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import torch
+from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+from sdxl.tiny import build, tiny_model_path
+
+
+def tree(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_two_builds_are_byte_identical(tmp_path):
+    a, b = tree(build(tmp_path / "a")), tree(build(tmp_path / "b"))
+    assert a == b
+    assert {"model_index.json", "unet/config.json", "vae/config.json", "scheduler/scheduler_config.json",
+            "unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
+            "text_encoder_2/model.safetensors", "tokenizer/vocab.json", "tokenizer_2/merges.txt"} <= set(a)
+    assert tree(build(tmp_path / "c", seed=1))["unet/diffusion_pytorch_model.safetensors"] != a[
+        "unet/diffusion_pytorch_model.safetensors"]
+
+
+def test_cli(tmp_path):
+    out = tmp_path / "tiny"
+    run = subprocess.run([sys.executable, "-m", "sdxl.tiny", str(out)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert (out / "model_index.json").is_file()
+    again = subprocess.run([sys.executable, "-m", "sdxl.tiny", str(out)], capture_output=True, text=True)
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_cached_once(tiny_dir):
+    stamp = (tiny_dir / "model_index.json").stat().st_mtime_ns
+    assert tiny_model_path() == tiny_dir
+    assert (tiny_dir / "model_index.json").stat().st_mtime_ns == stamp
+
+
+def test_sdxl_structure_and_scheduler(tiny_dir):
+    unet = json.loads((tiny_dir / "unet/config.json").read_text())
+    assert unet["down_block_types"] == ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
+    assert unet["up_block_types"] == ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]
+    assert unet["addition_embed_type"] == "text_time"
+    vae = json.loads((tiny_dir / "vae/config.json").read_text())
+    assert len(vae["block_out_channels"]) == 4  # three downsamplings: 8x
+    scheduler = EulerDiscreteScheduler.from_pretrained(tiny_dir, subfolder="scheduler")
+    c = scheduler.config
+    assert (c.beta_schedule, c.beta_start, c.beta_end) == ("scaled_linear", 0.00085, 0.012)
+    assert (c.num_train_timesteps, c.timestep_spacing, c.steps_offset) == (1000, "leading", 1)
+
+
+def test_diffusers_pipeline_loads_offline_and_renders(tiny_dir):
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_dir, local_files_only=True)
+    assert isinstance(pipe.scheduler, EulerDiscreteScheduler)
+    image = pipe("a red apple", num_inference_steps=2, height=64, width=96, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.shape == (64, 96, 3)
+    assert np.isfinite(image).all() and image.std() > 0
