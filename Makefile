@@ -1,0 +1,25 @@
+# Set-up, demo and tests. `make demo` and `make test` each install what they need first.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+
+.PHONY: install demo test test-fast lint bench
+
+# torch is a range in pyproject.toml (keep your CUDA build); where none is installed, pin 2.13.0.
+install:
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
+	$(PIP) install -e ".[dev]"
+
+demo: install
+	$(PYTHON) -m sdxl.check --pretrained_model tiny --output outputs/check.png
+
+test: install lint
+	$(PYTHON) -m pytest
+
+test-fast: install
+	$(PYTHON) -m pytest -m "not slow"
+
+lint:
+	ruff check .
+
+bench: install
+	$(PYTHON) benchmarks/bench_unet.py
