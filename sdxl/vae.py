@@ -96,9 +96,6 @@ class SDXLVAE(torch.nn.Module):
 
         return super()._apply(keep_fp32, recurse)
 
-    def _shift(self) -> float:
-        return 0.0 if self.config.shift_factor is None else self.config.shift_factor
-
     @torch.no_grad()
     def encode(self, images: torch.Tensor, sample: bool = True, generator=None) -> torch.Tensor:
         """images (B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, H/8, W/8), fp32."""
