@@ -1,19 +1,35 @@
-"""Train an SDXL LoRA from a folder of captioned images.
+"""Train an SDXL LoRA from a folder of captioned images (or WebDataset shards).
 
-Not implemented yet: this script arrives with issue #3. It exists now so that the layout is
-complete; it says so and exits with status 2 rather than pretend to work.
+    python train_sdxl.py --config configs/tiny_demo.yaml                        # tiny model, CPU, ~1 min
+    python train_sdxl.py --pretrained_model ./weights/sdxl-base-1.0 --data_dir ./my_images \\
+        --output_dir outputs/my_lora --image_size 1024 --lora_rank 16 --max_train_steps 2000 \\
+        --gradient_checkpointing --cache_latents disk --cache_text_embeddings
+
+Writes output_dir/config.yaml, metrics.jsonl, samples/, checkpoints/step_XXXXXX/ and
+lora_final.safetensors (kohya format, loads in ComfyUI, A1111/Forge and diffusers).
 """
 
-import argparse
 import sys
+
+from training.config import parse_or_exit, save_resolved_config
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.parse_known_args(argv)
-    print("train_sdxl.py is not implemented yet (planned in issue #3); see README.md for what works today",
-          file=sys.stderr)
-    return 2
+    args = parse_or_exit(argv)
+    from training.data_loader import DataError
+    from training.train_loop import TrainingError, train
+
+    save_resolved_config(args, args.output_dir)
+    try:
+        summary = train(args)
+    except (DataError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print("done: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
+    return 0
 
 
 if __name__ == "__main__":

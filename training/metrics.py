@@ -1,0 +1,35 @@
+"""What a run reports: `output_dir/metrics.jsonl` (one JSON object per line) and, optionally, W&B."""
+
+import json
+from pathlib import Path
+
+
+class MetricsLog:
+    """Appends JSON lines to metrics.jsonl (flushed per line) and mirrors them to W&B when enabled."""
+
+    def __init__(self, output_dir: Path, wandb_project: str | None = None, wandb_run_name: str | None = None,
+                 config: dict | None = None):
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.file = self.path.open("a")
+        self.wandb = None
+        if wandb_project:
+            import wandb
+
+            self.wandb = wandb.init(project=wandb_project, name=wandb_run_name, config=config, dir=str(output_dir))
+
+    def log(self, record: dict) -> None:
+        self.file.write(json.dumps(record, sort_keys=True) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def log_image(self, step: int, name: str, path: Path) -> None:
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({name: wandb.Image(str(path))}, step=step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
