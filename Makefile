@@ -10,7 +10,7 @@ install:
 	$(PIP) install -e ".[dev]"
 
 demo: install
-	$(PYTHON) -m sdxl.check --pretrained_model tiny --output outputs/check.png
+	$(PYTHON) train_sdxl.py --config configs/tiny_demo.yaml
 
 test: install lint
 	$(PYTHON) -m pytest
