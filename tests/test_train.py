@@ -151,3 +151,64 @@ def test_training_step_matches_diffusers_with_peft(tiny_dir, prediction_type, ga
                               (m.lora_up.weight, ref_modules[name].lora_B["default"].weight)):
             err = (ours_w.grad - ref_w.grad).norm() / ref_w.grad.norm()
             assert err < 1e-4, name
+
+
+@pytest.mark.parametrize("name", ["tiny_demo", "sdxl_lora_512_12gb", "sdxl_lora_1024_24gb", "sdxl_lora_128px"])
+def test_presets_parse(name):
+    from training.config import parse_config
+
+    args = parse_config(["--config", str(ROOT / "configs" / f"{name}.yaml"), "--data_dir", str(DEMO / "train")])
+    assert args.image_size % 64 == 0 and args.lora_rank >= 1
+
+
+def test_trains_on_webdataset_shards(tmp_path):
+    import tarfile
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    files = sorted((DEMO / "train").iterdir())
+    for s in range(2):
+        with tarfile.open(shards / f"data-{s:03d}.tar", "w") as tar:
+            for f in files[s * 12 : s * 12 + 12]:
+                tar.add(f, arcname=f"sample{f.stem}{f.suffix}")
+    common = ["--data_dir", str(shards), "--validation_interval", "0", "--save_interval", "0", "--val_data_dir", ""]
+    run = run_train(tmp_path, *common, "--max_train_steps", "3")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert [m["step"] for m in read_metrics(tmp_path / "out") if "loss" in m] == [1, 2, 3]
+
+
+def test_caches_hit_and_rebuild_bad_entries(tmp_path, caplog):
+    from training.caching import LatentCache, TextEmbeddingCache
+
+    calls = []
+
+    class FakeVAE:
+        def encode(self, pixels, sample=False):
+            calls.append(len(pixels))
+            return pixels[:, :4, ::8, ::8] * 2
+
+    pixels = torch.rand(3, 3, 16, 16)
+    pixels = torch.cat([pixels, pixels[:, :1]], dim=1)[:, :3]
+    batch = {"pixel_values": pixels}
+    cache = LatentCache("disk", tmp_path, "model-a")
+    first = cache.get(batch, FakeVAE())
+    again = LatentCache("disk", tmp_path, "model-a").get(batch, FakeVAE())  # a new run: read from disk
+    assert torch.equal(first, again) and calls == [3]
+    files = sorted((tmp_path / "latents").glob("*.safetensors"))
+    assert len(files) == 3
+    files[0].write_bytes(files[0].read_bytes()[:20])  # truncated entry: rebuilt with a warning
+    with caplog.at_level("WARNING"):
+        rebuilt = LatentCache("disk", tmp_path, "model-a").get(batch, FakeVAE())
+    assert torch.equal(rebuilt, first) and calls == [3, 1] and "unusable" in caplog.text
+    LatentCache("disk", tmp_path, "model-b").get(batch, FakeVAE())  # another model never hits model-a's entries
+    assert calls == [3, 1, 3]
+
+    class FakeText:
+        def encode(self, captions):
+            calls.append(captions)
+            return torch.ones(len(captions), 77, 8), torch.ones(len(captions), 4)
+
+    texts = TextEmbeddingCache("disk", tmp_path, "model-a")
+    texts.get(["a", "b"], FakeText())
+    embeds, pooled = texts.get(["b", "c"], FakeText())
+    assert calls[-1] == ["c"] and embeds.shape == (2, 77, 8) and pooled.shape == (2, 4)

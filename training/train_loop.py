@@ -13,6 +13,7 @@ One optimizer step, written out (`train`):
 
 import math
 import random
+import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,9 +170,13 @@ def train(args) -> dict:
     named = {n: p for n, p in unet.named_parameters() if p.requires_grad}
     optimizer = make_optimizer(params, args)
     accum = args.gradient_accumulation_steps
-    steps_per_epoch = math.ceil(len(data) / accum)
+    # Streamed shards have no length: their epochs end when the shards do, and --max_train_steps is needed.
+    batches_per_epoch = len(data) if hasattr(data, "__len__") else None
+    if batches_per_epoch is None and not args.max_train_steps:
+        raise ValueError(f"{args.data_dir} is streamed from .tar shards: give --max_train_steps")
+    steps_per_epoch = math.ceil(batches_per_epoch / accum) if batches_per_epoch else None
     total_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
-    num_epochs = math.ceil(total_steps / steps_per_epoch)
+    num_epochs = math.ceil(total_steps / steps_per_epoch) if steps_per_epoch else 10**9
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_multiplier(s, args.warmup_steps, total_steps, args.lr_scheduler))
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
@@ -220,7 +225,7 @@ def train(args) -> dict:
             accum_loss += loss.item() / accum
             micro += 1
             samples_since += b
-            if (position + 1) % accum and position != len(data) - 1:  # an epoch's last step may be shorter
+            if (position + 1) % accum and position + 1 != batches_per_epoch:  # an epoch's last step may be shorter
                 continue
 
             # --- the optimizer step -------------------------------------------------------------------
@@ -252,6 +257,8 @@ def train(args) -> dict:
                       "grad_norm": grad_norm, "samples_per_s": samples_since / max(elapsed, 1e-9)}
             if device.type == "cuda":
                 record["peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+            else:  # the process's peak resident memory
+                record["peak_mem_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             if step % args.log_interval == 0 or step == total_steps:
                 log.log(record)
             t_step, samples_since = time.perf_counter(), 0
