@@ -212,3 +212,13 @@ def test_caches_hit_and_rebuild_bad_entries(tmp_path, caplog):
     texts.get(["a", "b"], FakeText())
     embeds, pooled = texts.get(["b", "c"], FakeText())
     assert calls[-1] == ["c"] and embeds.shape == (2, 77, 8) and pooled.shape == (2, 4)
+
+
+def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path):
+    run = run_train(tmp_path, "--learning_rate", "1e12", "--max_grad_norm", "0", "--max_nonfinite_steps", "3",
+                    "--max_train_steps", "40", "--validation_interval", "0", "--save_interval", "0",
+                    "--val_data_dir", "")
+    assert run.returncode == 1
+    assert "non-finite loss or gradient, step skipped" in run.stdout + run.stderr
+    assert "3 non-finite steps in a row at step" in run.stderr.splitlines()[-1]
+    assert not (tmp_path / "out" / "lora_final.safetensors").exists()

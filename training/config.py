@@ -238,6 +238,8 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the derived defaults in place, so the saved config states what the run really used."""
     for name in PATH_FLAGS:
         value = getattr(args, name)
+        if value == "":  # an empty value switches an option off (e.g. a YAML's val_data_dir)
+            setattr(args, name, value := None)
         if value is not None and value != "tiny" and not _is_url(value):
             setattr(args, name, os.path.abspath(os.path.expanduser(value)))
     if args.lora_alpha is None:
@@ -336,6 +338,9 @@ def _check_device(args: argparse.Namespace) -> None:
 
 def validate(args: argparse.Namespace) -> None:
     """Check every resolved value; raise ConfigError naming the flag, the value and what to do."""
+    for name in ("data_dir", "pretrained_model", "output_dir"):
+        if getattr(args, name) is None:
+            _fail(name, None, "is required (on the command line or in the --config file)")
     for name, value in sorted(vars(args).items()):
         if isinstance(value, float) and not math.isfinite(value):
             _fail(name, value, "must be a finite number")
