@@ -15,6 +15,7 @@ import math
 import random
 import resource
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -195,7 +196,7 @@ def train(args) -> dict:
         if val_data is not None:
             log.log({"step": step, "val_loss": validation_loss(models, args, val_data, device, autocast_dtype)})
         if sampler is not None:
-            with ema.applied() if ema else _nullcontext():
+            with ema.applied() if ema else nullcontext():
                 path = sampler.make(step, models)
             log.log_image(step, "samples", path)
         unet.train()
@@ -285,7 +286,7 @@ def train(args) -> dict:
     final = output_dir / "lora_final.safetensors"
     metadata = {"sdxl_lora.training": config_yaml, "ss_steps": str(step), "ss_seed": str(args.seed),
                 "ss_learning_rate": str(args.learning_rate), "ss_resolution": str(args.image_size)}
-    with ema.applied() if ema else _nullcontext():
+    with ema.applied() if ema else nullcontext():
         save_lora(unet, final, lora_config, format=args.save_format, metadata=metadata)
     log.close()
     summary = {
@@ -295,14 +296,6 @@ def train(args) -> dict:
         "metrics": str(log.path), "output_dir": str(output_dir),
     }
     return summary
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 class SampleGrids:
