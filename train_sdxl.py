@@ -7,21 +7,27 @@
 
 Writes output_dir/config.yaml, metrics.jsonl, samples/, checkpoints/step_XXXXXX/ and
 lora_final.safetensors (kohya format, loads in ComfyUI, A1111/Forge and diffusers).
+SIGTERM / Ctrl-C save a checkpoint and exit 143 / 130; continue exactly with
+    python train_sdxl.py --config outputs/my_lora/config.yaml --resume_from latest
 """
 
 import sys
 
-from training.config import parse_or_exit, save_resolved_config
+from training.config import parse_or_exit
 
 
 def main(argv=None) -> int:
     args = parse_or_exit(argv)
     from training.data_loader import DataError
+    from training.signals import Stopped
     from training.train_loop import TrainingError, train
 
-    save_resolved_config(args, args.output_dir)
     try:
         summary = train(args)
+    except Stopped as e:
+        print(f"{e}\ncontinue with: python train_sdxl.py --config {args.output_dir}/config.yaml --resume_from latest",
+              file=sys.stderr)
+        return e.exit_code
     except (DataError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -13,6 +13,9 @@ Files are safetensors in two formats (see DESIGN.md, "LoRA files out"):
   scale 1, so the writer folds alpha / rank into lora_B and records lora_alpha = r in diffusers'
   `lora_adapter_metadata`; every reader then applies the same update.
 `load_lora` reads both, plus kohya files with diffusers-style names, and merges them into the weights.
+Training checkpoints store the LoRA unfolded (`peft_tensors`: lora_B as trained, lora_alpha = alpha in
+the metadata), which is lossless for exact resume and still a diffusers file; `load_lora` also takes
+a checkpoint folder.
 """
 
 import json
@@ -232,6 +235,50 @@ def save_lora(unet, path, config: LoRAConfig, format: Literal["kohya", "diffuser
     return path
 
 
+def peft_tensors(sd: dict[str, torch.Tensor], config: LoRAConfig) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A `lora_state_dict` as a lossless peft file: `unet.<path>.lora_A/B.weight` as trained (alpha not
+    folded), lora_alpha in diffusers' `lora_adapter_metadata`. Returns (tensors, metadata)."""
+    tensors = {}
+    for key, value in sd.items():
+        name, _, part = key.rpartition(".lora_")
+        tensors[f"unet.{name}.lora_{'A' if part == 'down.weight' else 'B'}.weight"] = value.contiguous()
+    modules = sorted({k.rpartition(".lora_")[0] for k in sd})
+    peft_config = {"unet.r": config.rank, "unet.lora_alpha": config.alpha, "unet.target_modules": modules}
+    metadata = {"sdxl_lora.format_version": FORMAT_VERSION, "sdxl_lora.rank": str(config.rank),
+                "sdxl_lora.alpha": str(float(config.alpha)), "sdxl_lora.target_mode": config.target_mode,
+                "sdxl_lora.dropout": str(float(config.dropout)), "format": "pt",
+                "lora_adapter_metadata": json.dumps(peft_config, sort_keys=True)}
+    return tensors, metadata
+
+
+def state_dict_from_peft(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of `peft_tensors`: back to `lora_state_dict` keys (exact, no arithmetic)."""
+    sd = {}
+    for key, value in tensors.items():
+        stripped = key.removeprefix("unet.")
+        suffix = next((s for s in PEFT_SUFFIXES if stripped.endswith(s)), None)
+        if suffix is None or stripped == key:
+            raise ValueError(f"key {key} is not a unet.*.lora_A/lora_B.weight key of a training checkpoint")
+        part = "lora_down" if PEFT_SUFFIXES[suffix] == "down" else "lora_up"
+        sd[f"{stripped.removesuffix(suffix)}.{part}.weight"] = value
+    return sd
+
+
+def lora_file_of(path) -> Path:
+    """A LoRA file, or a training checkpoint folder -> its EMA weights if the run kept them (as
+    `lora_final` does), else its LoRA weights."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    if not (path / "lora.safetensors").is_file():
+        raise FileNotFoundError(f"{path} is a folder but not a training checkpoint (no lora.safetensors in it); "
+                                "give a .safetensors LoRA file or a checkpoints/step_XXXXXX folder")
+    if not (path / "COMPLETE").is_file():
+        raise ValueError(f"checkpoint {path} is incomplete (no COMPLETE marker: its save was interrupted); "
+                         "use an earlier checkpoint")
+    return path / ("ema.safetensors" if (path / "ema.safetensors").is_file() else "lora.safetensors")
+
+
 def _kohya_names(unet_config: dict) -> dict[str, str]:
     """kohya LoRA name (SGM-style and diffusers-style) -> diffusers module path, for one UNet config."""
     names = {}
@@ -254,7 +301,7 @@ def _peft_alpha(metadata: dict[str, str], path) -> tuple:
 
 def _parse(path, unet_config: dict) -> tuple[dict[str, dict], dict[str, str]]:
     """Module path -> {"down", "up", "alpha", "key"} and the file's metadata; see read_lora_file."""
-    path = Path(path)
+    path = lora_file_of(path)
     if not path.is_file():
         raise FileNotFoundError(f"LoRA file {path} does not exist")
     try:
@@ -320,9 +367,9 @@ def read_lora_file(path, unet_config: dict | None = None):
 def load_lora(unet: nn.Module, path, scale: float = 1.0) -> dict[str, str]:
     """Merge `scale * alpha / rank * up @ down` from a LoRA file into the UNet's Linear weights.
 
-    Accepts kohya (SGM or diffusers-style names) and diffusers/peft files. Wrapped layers
-    (LoRALinear) take the update in their frozen base. Every key is checked before any weight
-    changes; loading two files adds both. Returns the file's metadata."""
+    Accepts kohya (SGM or diffusers-style names) and diffusers/peft files, and training checkpoint
+    folders (see `lora_file_of`). Wrapped layers (LoRALinear) take the update in their frozen base.
+    Every key is checked before any weight changes; loading two files adds both. Returns the file's metadata."""
     entries, metadata = _parse(path, unet.config.to_diffusers())
     modules = dict(unet.named_modules())
     plan = []

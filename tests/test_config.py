@@ -79,7 +79,8 @@ def test_defaults(tmp, base):
         min_timestep=0, max_timestep=999, prediction_type="epsilon", min_snr_gamma=0.0, noise_offset=0.0,
         max_nonfinite_steps=5, seed=0, use_ema=False, ema_decay=0.999, precision="bf16",
         gradient_checkpointing=False, cache_latents="none", cache_text_embeddings=False, save_interval=500,
-        save_format="kohya", config=None, validation_prompts=[], validation_interval=100, num_validation_images=4,
+        save_format="kohya", save_every_n_epochs=0, keep_last=0, resume_from=None, overwrite_output_dir=False,
+        config=None, validation_prompts=[], validation_interval=100, num_validation_images=4,
         wandb_project=None, wandb_run_name=None, log_interval=1,
         data_dir=str(tmp / "data"), output_dir=str(tmp / "out"), cache_dir=str(tmp / "out" / "cache"),
     )
@@ -186,7 +187,9 @@ BAD = [  # (extra flags; "{tmp}" is the fixture folder), flag the message must n
     (["--seed", str(2**32)], "seed"), (["--ema_decay", "1.0"], "ema_decay"), (["--ema_decay", "0"], "ema_decay"),
     (["--save_interval", "-1"], "save_interval"), (["--validation_interval", "-1"], "validation_interval"),
     (["--num_validation_images", "0"], "num_validation_images"), (["--log_interval", "0"], "log_interval"),
-    (["--random_flip", "--cache_latents", "disk"], "random_flip"),
+    (["--resume_from", "{tmp}/nope"], "resume_from"), (["--keep_last", "-1"], "keep_last"),
+    (["--save_every_n_epochs", "-1"], "save_every_n_epochs"),
+    (["--resume_from", "latest", "--overwrite_output_dir"], "overwrite_output_dir"),
     (["--shuffle_tags", "--cache_text_embeddings"], "shuffle_tags"),
     (["--precision", "fp16", "--device", "cpu"], "precision"), (["--device", "tpu"], "device"),
     (["--device", "cuda:99"], "device"), (["--optimizer", "adamw8bit"], "optimizer"),
@@ -226,6 +229,20 @@ def test_each_rule_rejects_a_bad_value(tmp, base, no_optional_packages, extra, f
 ])
 def test_good_values_pass(tmp, base, extra):
     check(base + [a.format(tmp=tmp) for a in extra])
+
+
+def test_cached_latents_cache_both_flips_and_crop_the_center(tmp, base):
+    args = check([*base, "--random_flip", "--cache_latents", "disk"])
+    assert args.random_flip and args.center_crop  # the cache is keyed by the pixels: two entries per image
+
+
+def test_resume_from_resolves_and_is_not_saved(tmp, base):
+    (tmp / "ck").mkdir()
+    assert check([*base, "--resume_from", "latest"]).resume_from == "latest"
+    args = check([*base, "--resume_from", str(tmp / "ck")])
+    assert args.resume_from == str(tmp / "ck")
+    saved = yaml.safe_load(save_resolved_config(args, tmp / "out").read_text())
+    assert "resume_from" not in saved and "overwrite_output_dir" not in saved
 
 
 def test_prompts_file_is_read(tmp, base):

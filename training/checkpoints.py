@@ -1,27 +1,57 @@
-"""Training checkpoints: one folder per save, written whole or not at all.
+"""Training checkpoints: one folder per save, written whole or not at all, and exact resume from them.
 
     output_dir/checkpoints/step_000500/
-        lora.safetensors          LoRA weights (our diffusers-path keys, fp32)
-        ema.safetensors           EMA of the LoRA weights, when --use_ema
+        lora.safetensors          the LoRA as trained (peft names, alpha unfolded: a diffusers LoRA file too)
+        ema.safetensors           EMA of the LoRA weights, when --use_ema (same format)
         training_state.pt         optimizer, LR scheduler, grad scaler, step/epoch/position, RNG states
-        config.yaml               the resolved run config
+        config.yaml               the resolved run config (`train_sdxl.py --config` it to resume)
         COMPLETE                  written last: a folder without it is never used
 
 A checkpoint is written into a temporary folder beside its final name, every file fsync'd, then
-renamed into place, so a crash mid-save never leaves a folder that looks complete. The state file
-holds only tensors and plain Python values and loads with `torch.load(weights_only=True)`.
+renamed into place, so a crash (or a second signal) mid-save never leaves a folder that looks
+complete; older checkpoints are removed (marker first) only after the new one is committed. The
+state file holds only tensors and plain Python values and loads with `torch.load(weights_only=True)`:
+a pickle that would run code is refused. `latest` is the newest complete checkpoint that loads.
 """
 
+import json
+import logging
 import os
+import random
 import shutil
 import tempfile
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+import yaml
+from safetensors import safe_open
 from safetensors.torch import save_file
+
+from sdxl.lora import LoRAConfig, peft_tensors, state_dict_from_peft
+
+logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 MARKER = "COMPLETE"
+FILES = {"lora": "lora.safetensors", "ema": "ema.safetensors", "state": "training_state.pt", "config": "config.yaml"}
+# Settings that change what a resumed run computes: they must equal the checkpoint's.
+# May differ: max_train_steps / num_epochs (the LR schedule's length), saving, validation, logging, caching, device.
+MUST_MATCH = (
+    "pretrained_model", "vae_model", "data_dir", "image_size", "bucketing", "center_crop", "random_flip",
+    "caption_dropout", "shuffle_tags", "keep_tokens", "batch_size", "gradient_accumulation_steps", "seed",
+    "lora_rank", "lora_alpha", "lora_dropout", "lora_target_mode", "precision", "prediction_type",
+    "min_snr_gamma", "noise_offset", "min_timestep", "max_timestep", "optimizer", "learning_rate", "weight_decay",
+    "adam_beta1", "adam_beta2", "adam_epsilon", "lr_scheduler", "warmup_steps", "max_grad_norm", "use_ema",
+    "ema_decay",
+)
+RUN_OUTPUTS = ("checkpoints", "samples", "metrics.jsonl", "lora_final.safetensors")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be written or used; the message names the path and what to do."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -36,38 +66,233 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(output_dir: Path, step: int, lora: dict, state: dict, config_yaml: str,
-                    ema: dict | None = None) -> Path:
-    """Write checkpoints/step_{step:06d}/ atomically and return its path. Refuses non-finite tensors."""
+def _remove(folder: Path) -> None:
+    """Delete a checkpoint folder, its marker first, so a half-deleted folder never counts as complete."""
+    (folder / MARKER).unlink(missing_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def save_checkpoint(output_dir, step: int, lora: dict, state: dict, config_yaml: str, lora_config: LoRAConfig,
+                    ema: dict | None = None, keep_last: int = 0) -> Path:
+    """Write checkpoints/step_{step:06d}/ atomically and return its path; then keep only the newest
+    `keep_last` (0 = all). Refuses non-finite tensors; a disk error leaves earlier checkpoints intact."""
     bad = [k for k, v in {**lora, **(ema or {})}.items() if not torch.isfinite(v).all()]
     if bad:
-        raise ValueError(f"not saving a checkpoint at step {step}: non-finite values in {bad[0]}")
+        raise CheckpointError(f"not saving a checkpoint at step {step}: non-finite values in {bad[0]}")
     root = Path(output_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+    tmp = None
     try:
-        save_file({k: v.contiguous() for k, v in lora.items()}, tmp / "lora.safetensors")
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".step_*.tmp-*"):  # left by a process killed mid-save
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+        tensors, metadata = peft_tensors(lora, lora_config)
+        save_file(tensors, tmp / FILES["lora"], metadata=metadata)
         if ema is not None:
-            save_file({k: v.contiguous() for k, v in ema.items()}, tmp / "ema.safetensors")
-        torch.save({"schema_version": SCHEMA_VERSION, **state}, tmp / "training_state.pt")
-        (tmp / "config.yaml").write_text(config_yaml)
+            save_file(peft_tensors(ema, lora_config)[0], tmp / FILES["ema"], metadata=metadata)
+        torch.save({"schema_version": SCHEMA_VERSION, **state}, tmp / FILES["state"])
+        (tmp / FILES["config"]).write_text(config_yaml, encoding="utf-8")
         (tmp / MARKER).write_text(f"schema_version: {SCHEMA_VERSION}\nstep: {step}\n")
         for f in tmp.iterdir():
             _fsync(f)
-        if final.exists():  # a stale folder of the same step (e.g. from before a resume): replace it
-            shutil.rmtree(final)
-        tmp.rename(final)
+        if final.exists():  # the same step saved before (e.g. by a run resumed from an earlier checkpoint)
+            old = final.with_name(f".{final.name}.tmp-old")
+            final.rename(old)
+            tmp.rename(final)
+            _remove(old)
+        else:
+            tmp.rename(final)
         _fsync(root)
+    except OSError as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        earlier = complete_checkpoints(output_dir)
+        kept = f"; the latest complete checkpoint {earlier[-1]} is intact" if earlier else ""
+        raise CheckpointError(f"cannot write checkpoint {final}: {e.strerror or e}{kept}; free disk space or fix "
+                              "the folder's permissions, then resume with --resume_from latest") from e
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if keep_last > 0:
+        for old in complete_checkpoints(output_dir)[:-keep_last]:
+            _remove(old)
     return final
 
 
-def complete_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoint folders, oldest first."""
+def complete_checkpoints(output_dir) -> list[Path]:
+    """Complete checkpoint folders under output_dir/checkpoints, oldest first."""
     root = Path(output_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.glob("step_*") if (p / MARKER).is_file())
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and (p / MARKER).is_file())
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    lora: dict[str, torch.Tensor]  # lora_state_dict keys
+    ema: dict[str, torch.Tensor] | None
+    state: dict  # training_state.pt
+    config: dict  # the resolved config.yaml
+    metadata: dict[str, str]  # of lora.safetensors (rank, alpha, target mode)
+
+    @property
+    def lora_config(self) -> LoRAConfig:
+        m = self.metadata
+        return LoRAConfig(int(m["sdxl_lora.rank"]), float(m["sdxl_lora.alpha"]), float(m["sdxl_lora.dropout"]),
+                          m["sdxl_lora.target_mode"])
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except Exception as e:  # safetensors raises its own types for truncated or corrupt files
+        raise CheckpointError(f"{path} does not load ({e}); the file is damaged: use an earlier checkpoint") from e
+
+
+def upgrade_state(state: dict, path: Path) -> dict:
+    """Bring an older training_state.pt to the current schema (there is only version 1 so far)."""
+    version = state.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise CheckpointError(f"{path} has schema version {version}; this trainer reads version {SCHEMA_VERSION}")
+    return state
+
+
+def load_checkpoint(path) -> Checkpoint:
+    """Read a checkpoint folder; any missing, truncated or unsafe file is a CheckpointError naming it."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is not a folder; give a checkpoints/step_XXXXXX folder or 'latest'")
+    if not (path / MARKER).is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {MARKER} marker: not one of ours, or its "
+                              "save was interrupted); give another checkpoints/step_XXXXXX folder")
+    for name in ("lora", "state", "config"):
+        if not (path / FILES[name]).is_file():
+            raise CheckpointError(f"checkpoint {path} lacks {FILES[name]}; use an earlier checkpoint")
+    lora, metadata = _read_safetensors(path / FILES["lora"])
+    ema = _read_safetensors(path / FILES["ema"])[0] if (path / FILES["ema"]).is_file() else None
+    try:
+        with warnings.catch_warnings():  # torch warns on stderr before raising for an unsafe pickle
+            warnings.simplefilter("ignore")
+            state = torch.load(path / FILES["state"], map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError (unsafe pickle), EOFError/RuntimeError (truncated)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path / FILES['state']} does not load safely ({reason}); it is damaged or was "
+                              "not written by this trainer: use an earlier checkpoint") from e
+    try:
+        config = yaml.safe_load((path / FILES["config"]).read_text(encoding="utf-8")) or {}
+        lora_sd = state_dict_from_peft(lora)
+        ema_sd = state_dict_from_peft(ema) if ema is not None else None
+    except (yaml.YAMLError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} is damaged ({e}); use an earlier checkpoint") from e
+    if not isinstance(state, dict) or not isinstance(config, dict):
+        raise CheckpointError(f"checkpoint {path} is damaged (unexpected contents); use an earlier checkpoint")
+    return Checkpoint(path, lora_sd, ema_sd, upgrade_state(state, path), config, metadata)
+
+
+def find_latest(output_dir) -> Checkpoint | None:
+    """The newest complete checkpoint that loads; damaged newer ones are skipped with a warning."""
+    for path in reversed(complete_checkpoints(output_dir)):
+        try:
+            return load_checkpoint(path)
+        except CheckpointError as e:
+            logger.warning("skipping %s: %s", path.name, e)
+    return None
+
+
+def settings_differences(saved: dict, current: dict, keys=MUST_MATCH) -> list[str]:
+    """`name: checkpoint X, now Y` for each setting in `keys` that differs."""
+    def plain(v):
+        return str(v) if isinstance(v, Path) else v
+
+    return [f"{k}: checkpoint {plain(saved.get(k))!r}, now {plain(current.get(k))!r}" for k in keys
+            if plain(saved.get(k)) != plain(current.get(k))]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Resuming.
+
+
+def capture_rng() -> dict:
+    """Every global RNG state (LoRA dropout draws from torch's), as tensors/ints/floats for weights_only loading."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(mt), gauss], "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos,
+                                                             has_gauss, cached], "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def start_or_resume(args) -> Checkpoint | None:
+    """The checkpoint `--resume_from` names (None: a fresh run). A fresh run never silently replaces a previous
+    run's outputs: it needs --overwrite_output_dir, which deletes them."""
+    output_dir = Path(args.output_dir)
+    if args.resume_from == "latest":
+        checkpoint = find_latest(output_dir)
+        if checkpoint is None:
+            print(f"--resume_from latest: no complete checkpoint in {output_dir / 'checkpoints'}; starting a new run")
+    elif args.resume_from:
+        checkpoint = load_checkpoint(args.resume_from)
+    else:
+        checkpoint = None
+    if checkpoint is not None:
+        newer = [p.name for p in complete_checkpoints(output_dir) if p.name > checkpoint.path.name]
+        if newer:
+            logger.warning("resuming from %s: the newer %s will be replaced as the run reaches them",
+                           checkpoint.path.name, ", ".join(newer))
+        return checkpoint
+    previous = [name for name in RUN_OUTPUTS[2:] if (output_dir / name).exists()]
+    previous += ["checkpoints"] if complete_checkpoints(output_dir) else []
+    if previous and not args.overwrite_output_dir:
+        raise CheckpointError(f"--output_dir {output_dir} holds a previous run ({', '.join(previous)}); continue it "
+                              "with --resume_from latest, start over with --overwrite_output_dir, or give another "
+                              "--output_dir")
+    for name in RUN_OUTPUTS:
+        path = output_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    return None
+
+
+def check_resumable(checkpoint: Checkpoint, args, data_fingerprint: str) -> None:
+    """Refuse to resume with settings or data that would change the result; the message lists every difference."""
+    diffs = settings_differences(checkpoint.config, vars(args))
+    if checkpoint.state.get("data_fingerprint", "") != data_fingerprint:
+        diffs.append(f"the images or captions in {args.data_dir} changed since the checkpoint")
+    if diffs:
+        raise CheckpointError(f"cannot resume from {checkpoint.path} exactly: " + "; ".join(diffs) + " (use the "
+                              f"checkpoint's settings: --config {checkpoint.path / FILES['config']})")
+
+
+def rewind_metrics(output_dir, step: int) -> None:
+    """Drop metrics.jsonl records after `step` (logged by the interrupted run after its last checkpoint)."""
+    path = Path(output_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:  # a line cut off by a crash
+            continue
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)

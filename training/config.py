@@ -12,8 +12,9 @@ value with a one-line message naming the flag; `save_resolved_config` writes OUT
 given back to `--config` yields the same Namespace.
 
 Decisions: image_size is a multiple of 64 in every mode (the VAE divides by 8, the UNet halves twice more,
-buckets step by 64). bf16 is allowed on CPU (CPU autocast supports it), fp16 is refused there. Random flips
-exclude cached latents, shuffled tags exclude cached text embeddings (a cache would freeze one variant).
+buckets step by 64). bf16 is allowed on CPU (CPU autocast supports it), fp16 is refused there. Cached latents
+mean center crops (a random crop would never hit the cache; both flips are cached, as the cache is keyed by
+the exact pixels); shuffled tags exclude cached text embeddings (a cache would freeze one variant).
 """
 
 import argparse
@@ -61,8 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add(g, "image_size", "training size in pixels, a multiple of 64; buckets hold about image_size^2 pixels "
          "(default: 1024)", type=int, default=1024, metavar="PX")
     _add(g, "bucketing", "aspect-ratio buckets instead of square crops (default: on)", action=flag, default=True)
-    _add(g, "center_crop", "center crops instead of random crops (default: off)", action=flag, default=False)
-    _add(g, "random_flip", "horizontal flips; not with cached latents (default: off)", action=flag, default=False)
+    _add(g, "center_crop", "center crops instead of random crops; always on with --cache_latents (default: off)",
+         action=flag, default=False)
+    _add(g, "random_flip", "horizontal flips; with cached latents both flips are cached (default: off)", action=flag,
+         default=False)
     _add(g, "caption_dropout", "chance of an empty caption (CFG) (default: 0.0)", type=float, default=0.0, metavar="P")
     _add(g, "shuffle_tags", "shuffle the comma-separated tags of a caption each time it is used; not with "
          "--cache_text_embeddings (default: off)", action=flag, default=False)
@@ -131,6 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add(g, "output_dir", f"LoRA, checkpoints/, config.yaml, logs {req}", required=True, metavar="DIR")
     _add(g, "save_interval", "resumable checkpoint every N optimizer steps; 0 = only the final LoRA (default: 500)",
          type=int, default=500, metavar="N")
+    _add(g, "save_every_n_epochs", "also a checkpoint after every N epochs; 0 = off (default: 0)", type=int,
+         default=0, metavar="N")
+    _add(g, "keep_last", "keep only the newest N checkpoints; 0 = keep all (default: 0)", type=int, default=0,
+         metavar="N")
+    _add(g, "resume_from", "continue a run exactly from a checkpoints/step_XXXXXX folder, or 'latest' (the newest "
+         "complete one in OUTPUT_DIR; starts fresh if there is none) (default: none)", metavar="PATH|latest")
+    _add(g, "overwrite_output_dir", "start afresh in an OUTPUT_DIR that holds a previous run, deleting its "
+         "checkpoints, samples, metrics and LoRA (default: off: such a folder is an error)", action=flag,
+         default=False)
     _add(g, "save_format", "kohya keys (ComfyUI, A1111, kohya, diffusers) or diffusers/peft keys (default: kohya)",
          choices=["kohya", "diffusers"], default="kohya")
     _add(g, "config", "YAML of flag: value defaults; flags given here win (default: none)", metavar="FILE.yaml")
@@ -242,6 +254,11 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
             setattr(args, name, value := None)
         if value is not None and value != "tiny" and not _is_url(value):
             setattr(args, name, os.path.abspath(os.path.expanduser(value)))
+    if args.resume_from not in (None, "", "latest"):
+        args.resume_from = os.path.abspath(os.path.expanduser(args.resume_from))
+    args.resume_from = args.resume_from or None
+    if args.cache_latents != "none":  # a random crop would make every epoch's latents new: crop the center
+        args.center_crop = True
     if args.lora_alpha is None:
         args.lora_alpha = float(args.lora_rank)
     if args.cache_dir is None:
@@ -270,7 +287,8 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
 RULES = [
     (("lora_rank", "batch_size", "gradient_accumulation_steps", "num_epochs", "num_validation_images",
       "log_interval"), lambda v: v >= 1, ">= 1"),
-    (("keep_tokens", "num_workers", "warmup_steps", "max_nonfinite_steps", "save_interval", "validation_interval",
+    (("keep_tokens", "num_workers", "save_every_n_epochs", "keep_last", "warmup_steps", "max_nonfinite_steps",
+      "save_interval", "validation_interval",
       "weight_decay", "max_grad_norm", "min_snr_gamma", "noise_offset"), lambda v: v >= 0, ">= 0"),
     (("learning_rate", "lora_alpha", "adam_epsilon"), lambda v: v > 0, "> 0"),
     (("caption_dropout", "lora_dropout", "adam_beta1", "adam_beta2"), lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -350,9 +368,11 @@ def validate(args: argparse.Namespace) -> None:
                 _fail(name, getattr(args, name), f"must be {what}")
     if args.min_timestep > args.max_timestep:
         _fail("min_timestep", args.min_timestep, f"must be <= --max_timestep {args.max_timestep}")
-    if args.random_flip and args.cache_latents != "none":
-        _fail("random_flip", None, f"cannot be combined with --cache_latents {args.cache_latents} (a cached latent "
-              "cannot be flipped); drop one of them")
+    if args.resume_from is not None and args.resume_from != "latest" and not Path(args.resume_from).is_dir():
+        _fail("resume_from", args.resume_from, "is not a checkpoint folder; give OUTPUT_DIR/checkpoints/step_XXXXXX "
+              "or 'latest'")
+    if args.resume_from is not None and args.overwrite_output_dir:
+        _fail("overwrite_output_dir", None, "cannot be combined with --resume_from (it would delete the checkpoints)")
     if args.shuffle_tags and args.cache_text_embeddings:
         _fail("shuffle_tags", None, "cannot be combined with --cache_text_embeddings (a cached embedding cannot be "
               "reshuffled); drop one of them")
@@ -389,15 +409,19 @@ def parse_or_exit(argv=None) -> argparse.Namespace:
     return args
 
 
-def save_resolved_config(args: argparse.Namespace, output_dir) -> Path:
-    """Write every flag's resolved value to OUTPUT_DIR/config.yaml (sorted; `--config` that file to reproduce)."""
-    keys = _actions(build_parser())
+def resolved_config_yaml(args: argparse.Namespace) -> str:
+    """Every flag's resolved value as YAML (sorted), minus the one-off actions resume_from/overwrite_output_dir."""
+    keys = set(_actions(build_parser())) - {"resume_from", "overwrite_output_dir"}
     values = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k in keys}
+    return ("# Resolved config of train_sdxl.py; reproduce the run with --config this_file\n"
+            + yaml.safe_dump(values, sort_keys=True, default_flow_style=False, allow_unicode=True))
+
+
+def save_resolved_config(args: argparse.Namespace, output_dir) -> Path:
+    """Write `resolved_config_yaml` to OUTPUT_DIR/config.yaml (`--config` that file to reproduce the run)."""
     path = Path(output_dir) / "config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("# Resolved config of train_sdxl.py; reproduce the run with --config this_file\n"
-                   + yaml.safe_dump(values, sort_keys=True, default_flow_style=False, allow_unicode=True),
-                   encoding="utf-8")
+    tmp.write_text(resolved_config_yaml(args), encoding="utf-8")
     os.replace(tmp, path)  # never leave a half-written config.yaml
     return path

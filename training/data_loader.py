@@ -64,6 +64,7 @@ from training.buckets import (
     plan_global_batches,
     rank_share,
 )
+from training.signals import ignore_stop_signals
 
 logger = logging.getLogger(__name__)
 
@@ -399,6 +400,12 @@ def collate(samples: list[dict]) -> dict:
 # Folder source: a map-style dataset with a reproducible batch plan
 
 
+def own_generator(seed: int, epoch: int) -> torch.Generator:
+    """For a DataLoader's base seed, which it would otherwise draw from torch's global RNG each time an
+    epoch starts (shifting LoRA dropout's random numbers, so a resumed run would differ)."""
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
 class FolderDataset(torch.utils.data.Dataset):
     """Scanned images, bucketed; batches of epoch e are `batches_for_epoch(e)`, loaded by `iter_epoch`.
 
@@ -478,7 +485,8 @@ class FolderDataset(torch.utils.data.Dataset):
             raise ValueError(f"start must be a batch position in 0..{len(self)}, got {start}")
         batches = [[(epoch, i) for i in batch] for batch in self.batches_for_epoch(epoch)[start:]]
         return torch.utils.data.DataLoader(
-            self, batch_sampler=batches, collate_fn=collate, num_workers=num_workers, **kwargs
+            self, batch_sampler=batches, collate_fn=collate, num_workers=num_workers,
+            worker_init_fn=ignore_stop_signals, generator=own_generator(self.aug.seed, epoch), **kwargs
         )
 
     def iter_epoch(self, epoch: int, start: int = 0, num_workers: int = 0, **kwargs) -> Iterator[dict]:
@@ -630,7 +638,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
     def iter_epoch(self, epoch: int, start: int = 0, num_workers: int = 0, **kwargs) -> Iterator[dict]:
         """Collated batches of the epoch, skipping the first `start` (decoded again; same num_workers needed)."""
         self.set_epoch(epoch)
-        loader = torch.utils.data.DataLoader(self, batch_size=None, num_workers=num_workers, **kwargs)
+        loader = torch.utils.data.DataLoader(self, batch_size=None, num_workers=num_workers,
+                                             worker_init_fn=ignore_stop_signals,
+                                             generator=own_generator(self.aug.seed, epoch), **kwargs)
         return islice(iter(loader), start, None)
 
     def summary(self) -> dict:

@@ -17,22 +17,33 @@ import resource
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from tqdm import tqdm
 
 from sdxl.diffusion import add_noise, alphas_cumprod, min_snr_weights, v_target
 from sdxl.loading import load_text_encoder, load_unet, load_vae
-from sdxl.lora import LoRAConfig, apply_lora, lora_parameters, lora_state_dict, save_lora
+from sdxl.lora import LoRAConfig, apply_lora, load_lora_state_dict, lora_parameters, lora_state_dict, save_lora
 from training.caching import LatentCache, TextEmbeddingCache
-from training.checkpoints import save_checkpoint
+from training.checkpoints import (
+    CheckpointError,
+    capture_rng,
+    check_resumable,
+    checkpoint_name,
+    restore_rng,
+    rewind_metrics,
+    save_checkpoint,
+    start_or_resume,
+)
+from training.config import resolved_config_yaml, save_resolved_config
 from training.data_loader import build_dataset
 from training.ema import EMA
 from training.metrics import MetricsLog
+from training.signals import Stopped, StopRequest
 
 WEIGHT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 VALIDATION_TIMESTEPS = 5  # fixed timesteps per validation image, spread over [min_timestep, max_timestep]
@@ -123,24 +134,15 @@ def validation_loss(models: Models, args, val_data, device, autocast_dtype) -> f
     return total / max(1, count)
 
 
-def capture_rng() -> dict:
-    """Global RNG states (LoRA dropout draws from torch's); stored as tensors/ints for weights_only loading."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(),
-             "python": list(random.getstate()[1])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
 def train(args) -> dict:
-    """Run a whole training job from a validated config (see training/config.py). Returns a summary."""
+    """Run a whole training job from a validated config (see training/config.py). Returns a summary.
+
+    Raises `Stopped` after saving a checkpoint when SIGTERM/SIGINT arrive (training/signals.py)."""
     t_start = time.time()
     device = torch.device(args.device)
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
+    resume = start_or_resume(args)  # before anything is written: a previous run is never clobbered
+    save_resolved_config(args, output_dir)
     weight_dtype = WEIGHT_DTYPES[args.precision]
 
     # Data first: a bad dataset stops the run before any model is loaded.
@@ -150,8 +152,13 @@ def train(args) -> dict:
                          keep_tokens=args.keep_tokens, max_bad_fraction=args.max_bad_fraction, **data_kwargs)
     val_data = build_dataset(args.val_data_dir, center_crop=True, **data_kwargs) if args.val_data_dir else None
     data_summary = data.summary()
+    if resume is not None:
+        check_resumable(resume, args, data_summary.get("fingerprint", ""))
 
     unet = load_unet(args.pretrained_model, dtype=weight_dtype, device=device)
+    torch.manual_seed(args.seed)  # here, so that the LoRA init and dropout do not depend on how the model loaded
+    random.seed(args.seed)
+    np.random.seed(args.seed)
     lora_config = LoRAConfig(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target_mode)
     apply_lora(unet, lora_config)
     unet.set_gradient_checkpointing(args.gradient_checkpointing)
@@ -178,12 +185,33 @@ def train(args) -> dict:
     steps_per_epoch = math.ceil(batches_per_epoch / accum) if batches_per_epoch else None
     total_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
     num_epochs = math.ceil(total_steps / steps_per_epoch) if steps_per_epoch else 10**9
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_multiplier(s, args.warmup_steps, total_steps, args.lr_scheduler))
+    schedule = partial(lr_multiplier, warmup=args.warmup_steps, total=total_steps, kind=args.lr_scheduler)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     ema = EMA(named, args.ema_decay) if args.use_ema else None
     autocast_dtype = weight_dtype
-    config_yaml = yaml.safe_dump({k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items())})
+    config_yaml = resolved_config_yaml(args)
+
+    # Where the run starts: step 0, or exactly where the checkpoint left off.
+    step, epoch, position, micro, last_loss, nonfinite_total = 0, 0, 0, 0, float("nan"), 0
+    if resume is not None:
+        st = resume.state
+        load_lora_state_dict(unet, resume.lora)
+        if ema is not None:
+            ema.load_state_dict(resume.ema)
+        optimizer.load_state_dict(st["optimizer"])
+        scheduler.load_state_dict(st["lr_scheduler"])
+        # this run's schedule (--max_train_steps may differ): the same value when it does not
+        for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+            group["lr"] = base_lr * schedule(scheduler.last_epoch)
+        scaler.load_state_dict(st["grad_scaler"])
+        restore_rng(st["rng"])
+        step, epoch, position, micro = st["step"], st["epoch"], st["position"], st["micro_step"]
+        last_loss, nonfinite_total = st["last_loss"], st["nonfinite_steps"]
+        if batches_per_epoch is not None and position >= batches_per_epoch:
+            epoch, position = epoch + 1, 0
+        rewind_metrics(output_dir, step)
+        print(f"resuming from {resume.path} at step {step} (epoch {epoch}, batch {position})")
 
     log = MetricsLog(output_dir, args.wandb_project, args.wandb_run_name, config=vars(args))
     sampler = SampleGrids(args, output_dir, device) if args.validation_prompts else None
@@ -201,88 +229,104 @@ def train(args) -> dict:
             log.log_image(step, "samples", path)
         unet.train()
 
-    validate(0)
-    step, micro, nonfinite_total, nonfinite_run = 0, 0, 0, 0
-    last_loss, accum_loss = float("nan"), 0.0
-    bar = tqdm(total=total_steps, desc="training", unit="step", dynamic_ncols=True)
+    def save(step: int, epoch: int, position: int) -> Path:
+        state = {"step": step, "epoch": epoch, "position": position, "micro_step": micro,
+                 "optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(),
+                 "grad_scaler": scaler.state_dict(), "rng": capture_rng(), "last_loss": last_loss,
+                 "nonfinite_steps": nonfinite_total, "data_fingerprint": data_summary.get("fingerprint", "")}
+        try:
+            path = save_checkpoint(output_dir, step, lora_state_dict(unet), state, config_yaml, lora_config,
+                                   ema=ema.state_dict() if ema else None, keep_last=args.keep_last)
+        except CheckpointError as e:
+            raise TrainingError(str(e)) from e
+        tqdm.write(f"saved checkpoint {path}")
+        return path
+
+    if resume is None:
+        validate(0)
+    nonfinite_run, accum_loss, pending = 0, 0.0, 0
+    saved_at, resume_point = (step if resume is not None else None), (epoch, position)
+    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", dynamic_ncols=True)
     t_step, samples_since = time.perf_counter(), 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    done = False
-    for epoch in range(num_epochs):
-        for position, batch in enumerate(data.iter_epoch(epoch, num_workers=args.num_workers)):
-            # --- one micro-batch: forward and backward ------------------------------------------------
-            g = step_generator(args.seed, micro)
-            x0, embeds, pooled = models.encode(batch, device)
-            b = x0.shape[0]
-            t = torch.randint(args.min_timestep, args.max_timestep + 1, (b,), generator=g).to(device)
-            noise = torch.randn(x0.shape, generator=g)
-            if args.noise_offset > 0:  # shifts each channel's mean: lets the model learn very dark/bright images
-                noise = noise + args.noise_offset * torch.randn((b, x0.shape[1], 1, 1), generator=g)
-            time_ids = time_ids_of(batch).to(device)
-            loss = diffusion_loss(models, args, x0, embeds, pooled, time_ids, t, noise.to(device), autocast_dtype)
-            loss = loss.mean()
-            scaler.scale(loss / accum).backward()
-            accum_loss += loss.item() / accum
-            micro += 1
-            samples_since += b
-            if (position + 1) % accum and position + 1 != batches_per_epoch:  # an epoch's last step may be shorter
-                continue
+    with StopRequest() as stop:
+        while step < total_steps and epoch < num_epochs:
+            first = position
+            for position, batch in enumerate(data.iter_epoch(epoch, first, args.num_workers), start=first):
+                # --- one micro-batch: forward and backward --------------------------------------------
+                g = step_generator(args.seed, micro)
+                x0, embeds, pooled = models.encode(batch, device)
+                b = x0.shape[0]
+                t = torch.randint(args.min_timestep, args.max_timestep + 1, (b,), generator=g).to(device)
+                noise = torch.randn(x0.shape, generator=g)
+                if args.noise_offset > 0:  # shifts each channel's mean: lets the model learn very dark/bright images
+                    noise = noise + args.noise_offset * torch.randn((b, x0.shape[1], 1, 1), generator=g)
+                time_ids = time_ids_of(batch).to(device)
+                loss = diffusion_loss(models, args, x0, embeds, pooled, time_ids, t, noise.to(device), autocast_dtype)
+                loss = loss.mean()
+                scaler.scale(loss / accum).backward()
+                accum_loss += loss.item() / accum
+                micro, pending, samples_since = micro + 1, pending + 1, samples_since + b
+                epoch_end = position + 1 == batches_per_epoch
+                if pending < accum and not epoch_end:  # an epoch's last step may have fewer micro-batches
+                    continue
+                pending = 0
 
-            # --- the optimizer step -------------------------------------------------------------------
-            scaler.unscale_(optimizer)
-            max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
-            if not (math.isfinite(accum_loss) and math.isfinite(grad_norm)):
+                # --- the optimizer step ---------------------------------------------------------------
+                scaler.unscale_(optimizer)
+                max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+                if not (math.isfinite(accum_loss) and math.isfinite(grad_norm)):
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.update()  # fp16: lowers the loss scale; otherwise a no-op
+                    nonfinite_total, nonfinite_run = nonfinite_total + 1, nonfinite_run + 1
+                    tqdm.write(f"step {step + 1}: non-finite loss or gradient, step skipped ({nonfinite_run} in a row)")
+                    accum_loss = 0.0
+                    if nonfinite_run >= args.max_nonfinite_steps:
+                        bar.close()
+                        raise TrainingError(f"{nonfinite_run} non-finite steps in a row at step {step + 1}: "
+                                            "lower --learning_rate, use --precision bf16/fp32, or check the data")
+                    continue
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                scaler.update()  # fp16: lowers the loss scale; otherwise a no-op
-                nonfinite_total, nonfinite_run = nonfinite_total + 1, nonfinite_run + 1
-                tqdm.write(f"step {step + 1}: non-finite loss or gradient, step skipped ({nonfinite_run} in a row)")
-                accum_loss = 0.0
-                if nonfinite_run >= args.max_nonfinite_steps:
-                    bar.close()
-                    raise TrainingError(f"{nonfinite_run} non-finite steps in a row at step {step + 1}: "
-                                        "lower --learning_rate, use --precision bf16/fp32, or check the data")
-                continue
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update()
-            step, nonfinite_run, last_loss, accum_loss = step + 1, 0, accum_loss, 0.0
+                if ema is not None:
+                    ema.update()
+                step, nonfinite_run, last_loss, accum_loss = step + 1, 0, accum_loss, 0.0
+                resume_point = (epoch, position + 1)  # what a checkpoint of this step records
 
-            # --- report, validate, save ---------------------------------------------------------------
-            elapsed = time.perf_counter() - t_step
-            record = {"step": step, "epoch": epoch, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
-                      "grad_norm": grad_norm, "samples_per_s": samples_since / max(elapsed, 1e-9)}
-            if device.type == "cuda":
-                record["peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-            else:  # the process's peak resident memory
-                record["peak_mem_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            if step % args.log_interval == 0 or step == total_steps:
-                log.log(record)
-            t_step, samples_since = time.perf_counter(), 0
-            bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.2e}")
-            bar.update(1)
-            if args.validation_interval and step % args.validation_interval == 0 and step < total_steps:
-                validate(step)
-            if args.save_interval and step % args.save_interval == 0:
-                state = {"step": step, "epoch": epoch, "position": position + 1, "micro_step": micro,
-                         "optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(),
-                         "grad_scaler": scaler.state_dict(), "rng": capture_rng(), "last_loss": last_loss,
-                         "data_fingerprint": data_summary.get("fingerprint", "")}
-                path = save_checkpoint(output_dir, step, lora_state_dict(unet), state, config_yaml,
-                                       ema=ema.state_dict() if ema else None)
-                tqdm.write(f"saved checkpoint {path}")
-            if step >= total_steps:
-                done = True
-                break
-        if done:
-            break
+                # --- report, validate, save -----------------------------------------------------------
+                elapsed = time.perf_counter() - t_step
+                record = {"step": step, "epoch": epoch, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
+                          "grad_norm": grad_norm, "samples_per_s": samples_since / max(elapsed, 1e-9),
+                          "peak_mem_mib": peak_memory_mib(device)}
+                if step % args.log_interval == 0 or step == total_steps:
+                    log.log(record)
+                t_step, samples_since = time.perf_counter(), 0
+                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.2e}")
+                bar.update(1)
+                if args.validation_interval and step % args.validation_interval == 0 and step < total_steps:
+                    validate(step)
+                due = (args.save_interval and step % args.save_interval == 0) or (
+                    epoch_end and args.save_every_n_epochs and (epoch + 1) % args.save_every_n_epochs == 0)
+                if due or stop.signum is not None:
+                    save(step, *resume_point)
+                    saved_at = step
+                if stop.signum is not None:
+                    bar.close()
+                    log.close()
+                    raise Stopped(stop.signum, output_dir / "checkpoints" / checkpoint_name(step))
+                if step >= total_steps:
+                    break
+            else:  # the epoch ran out (not cut by the last step)
+                epoch, position = epoch + 1, 0
     bar.close()
 
     validate(step)
+    if saved_at != step and (args.save_interval or args.save_every_n_epochs):  # so a longer run can continue it
+        save(step, *resume_point)
     final = output_dir / "lora_final.safetensors"
     metadata = {"sdxl_lora.training": config_yaml, "ss_steps": str(step), "ss_seed": str(args.seed),
                 "ss_learning_rate": str(args.learning_rate), "ss_resolution": str(args.image_size)}
@@ -296,6 +340,13 @@ def train(args) -> dict:
         "metrics": str(log.path), "output_dir": str(output_dir),
     }
     return summary
+
+
+def peak_memory_mib(device) -> float:
+    """CUDA: peak allocated tensor memory; CPU: the process's peak resident memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class SampleGrids:

@@ -1,0 +1,119 @@
+"""Checkpoint folders: atomic writes, keep_last, disk errors, RNG states, settings checks (in-process, fast)."""
+
+import errno
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import training.checkpoints as ck
+from sdxl.loading import load_unet
+from sdxl.lora import LoRAConfig, apply_lora, load_lora, lora_state_dict
+
+CONFIG = LoRAConfig(rank=4, alpha=2.0, dropout=0.0, target_mode="attention")
+
+
+@pytest.fixture(scope="module")
+def lora():
+    torch.manual_seed(0)
+    unet = load_unet("tiny")
+    for m in apply_lora(unet, CONFIG).values():
+        torch.nn.init.normal_(m.lora_up.weight, std=0.1)
+    return lora_state_dict(unet)
+
+
+def save(out, step, lora, **kw):
+    state = {"step": step, "optimizer": {"state": {0: {"exp_avg": torch.ones(3)}}}, "rng": ck.capture_rng()}
+    return ck.save_checkpoint(out, step, lora, state, "seed: 0\n", CONFIG, **kw)
+
+
+def test_round_trip_is_exact_and_the_lora_file_loads_as_a_lora(tmp_path, lora):
+    path = save(tmp_path, 7, lora, ema={k: v * 0.5 for k, v in lora.items()})
+    assert path == tmp_path / "checkpoints/step_000007"
+    got = ck.load_checkpoint(path)
+    assert got.lora.keys() == lora.keys() and all(torch.equal(got.lora[k], lora[k]) for k in lora)
+    assert all(torch.equal(got.ema[k], lora[k] * 0.5) for k in lora)
+    assert got.state["step"] == 7 and got.state["schema_version"] == ck.SCHEMA_VERSION
+    assert got.config == {"seed": 0} and got.lora_config == CONFIG
+    # the folder is a LoRA too: load_lora takes its EMA weights (as lora_final would be)
+    a, b = load_unet("tiny"), load_unet("tiny")
+    load_lora(a, path)
+    load_lora(b, path / "ema.safetensors")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000007"]  # no temp folders
+
+
+def test_keep_last_and_incomplete_folders(tmp_path, lora):
+    for step in (1, 2, 3, 4):
+        save(tmp_path, step, lora, keep_last=2)
+    assert [p.name for p in ck.complete_checkpoints(tmp_path)] == ["step_000003", "step_000004"]
+    (tmp_path / "checkpoints/step_000009").mkdir()  # a save that never finished: no marker
+    assert ck.find_latest(tmp_path).path.name == "step_000004"
+    (tmp_path / "checkpoints/.step_000005.tmp-x").mkdir()  # left by a killed process: swept by the next save
+    save(tmp_path, 5, lora)
+    assert not (tmp_path / "checkpoints/.step_000005.tmp-x").exists()
+
+
+def test_same_step_is_replaced_whole(tmp_path, lora):
+    save(tmp_path, 3, lora)
+    save(tmp_path, 3, {k: v + 1 for k, v in lora.items()})
+    got = ck.load_checkpoint(tmp_path / "checkpoints/step_000003")
+    assert all(torch.equal(got.lora[k], lora[k] + 1) for k in lora)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_000003"]
+
+
+def test_non_finite_tensors_are_never_saved(tmp_path, lora):
+    bad = dict(lora)
+    key = next(iter(bad))
+    bad[key] = bad[key].clone()
+    bad[key][0, 0] = float("nan")
+    with pytest.raises(ck.CheckpointError, match=key):
+        save(tmp_path, 1, bad)
+    assert ck.complete_checkpoints(tmp_path) == []
+
+
+@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EACCES])
+@pytest.mark.parametrize("writer", ["save_file", "torch_save"])
+def test_disk_errors_leave_the_previous_checkpoint_intact(tmp_path, lora, monkeypatch, error, writer):
+    save(tmp_path, 1, lora)
+
+    def fail(*args, **kwargs):
+        raise OSError(error, "simulated: " + errno.errorcode[error])
+
+    if writer == "save_file":
+        monkeypatch.setattr(ck, "save_file", fail)
+    else:
+        monkeypatch.setattr(ck.torch, "save", fail)
+    with pytest.raises(ck.CheckpointError) as e:
+        save(tmp_path, 2, lora)
+    message = str(e.value)
+    assert "step_000002" in message and "step_000001 is intact" in message and "\n" not in message
+    monkeypatch.undo()
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_000001"]  # no temp folder left
+    assert ck.find_latest(tmp_path).state["step"] == 1
+
+
+def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    random.random(), np.random.randn(), torch.randn(1)  # mid-stream, with numpy's cached gaussian set
+    state = ck.capture_rng()
+    torch.save(state, tmp_path / "rng.pt")
+    expected = (random.random(), np.random.randn(), np.random.randn(), torch.randn(3))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    ck.restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True))
+    got = (random.random(), np.random.randn(), np.random.randn(), torch.randn(3))
+    assert got[:3] == expected[:3] and torch.equal(got[3], expected[3])
+
+
+def test_settings_differences_and_metrics_rewind(tmp_path):
+    saved = {"lora_rank": 16, "lora_alpha": 16.0, "seed": 0, "data_dir": "/d"}
+    now = {"lora_rank": 8, "lora_alpha": 16, "seed": 0, "data_dir": "/d", "max_train_steps": 99}
+    assert ck.settings_differences(saved, now) == ["lora_rank: checkpoint 16, now 8"]
+    lines = [{"step": 0, "val_loss": 1.0}, {"step": 1, "loss": 2.0}, {"step": 2, "loss": 3.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 3, "lo')
+    ck.rewind_metrics(tmp_path, 1)
+    assert [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == lines[:2]

@@ -1,0 +1,176 @@
+"""Exact resume, end to end in subprocesses (DESIGN.md oracle 6): a run stopped by SIGTERM, resumed, stopped
+by SIGINT, resumed again, equals a run that was never stopped, bit for bit (CPU, tiny model)."""
+
+import json
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from training.checkpoints import CheckpointError, find_latest, load_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = 24  # 36 images, batch 2, accumulation 2: 9 optimizer steps per epoch, so the run crosses two epochs
+FLAGS = ["--config", str(ROOT / "configs/tiny_demo.yaml"), "--image_size", "64", "--batch_size", "2",
+         "--gradient_accumulation_steps", "2", "--max_train_steps", str(STEPS), "--lr_scheduler", "cosine",
+         "--warmup_steps", "3", "--random_flip", "--caption_dropout", "0.2", "--noise_offset", "0.05",
+         "--lora_dropout", "0.1", "--use_ema", "--bucketing", "--validation_prompts", "--val_data_dir", "",
+         "--save_interval", "100", "--log_interval", "1"]
+
+
+def command(out: Path, *extra) -> list[str]:
+    return [sys.executable, str(ROOT / "train_sdxl.py"), *FLAGS, "--output_dir", str(out), *extra]
+
+
+def losses(out: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == sorted(set(steps)), "metrics.jsonl repeats or reorders steps"
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def logged_steps(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def stop_after(cmd: list[str], out: Path, at_least: int, signum: int, twice: bool = False) -> tuple[int, str]:
+    """Run `cmd`, send `signum` once `at_least` new steps are logged; return (exit code, stderr)."""
+    before = logged_steps(out)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.time() + 300
+    while logged_steps(out) < before + at_least and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signum)
+    if twice:  # a second signal while the step finishes / the checkpoint is written
+        time.sleep(0.05)
+        proc.send_signal(signum)
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, err
+
+
+def optimizer_tensors(checkpoint: Path) -> list[torch.Tensor]:
+    state = torch.load(checkpoint / "training_state.pt", weights_only=True)
+    return [t for s in state["optimizer"]["state"].values() for t in s.values() if torch.is_tensor(t)]
+
+
+def test_stopped_and_resumed_run_equals_uninterrupted_run(tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    run = subprocess.run(command(full), capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    code, err = stop_after(command(cut), cut, 3, signal.SIGTERM, twice=True)
+    assert code == 143, err[-3000:]
+    first = sorted(p.name for p in (cut / "checkpoints").iterdir())
+    assert len(first) == 1 and first[0] < f"step_{STEPS:06d}" and first[0] in err  # path printed
+    code, err = stop_after(command(cut, "--resume_from", "latest"), cut, 6, signal.SIGINT)
+    assert code == 130, err[-3000:]
+    run = subprocess.run(command(cut, "--resume_from", "latest"), capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "resuming from" in run.stdout
+
+    assert losses(cut) == losses(full)  # every step's loss, bit for bit
+    assert list(losses(full)) == list(range(1, STEPS + 1))
+    for name in ("lora_final.safetensors", f"checkpoints/step_{STEPS:06d}/lora.safetensors",
+                 f"checkpoints/step_{STEPS:06d}/ema.safetensors"):
+        a, b = load_file(full / name), load_file(cut / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    last = f"checkpoints/step_{STEPS:06d}"
+    a, b = optimizer_tensors(full / last), optimizer_tensors(cut / last)
+    assert len(a) == len(b) > 0 and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_resume_refuses_changed_settings_and_fresh_runs_keep_old_outputs(tmp_path):
+    out = tmp_path / "out"
+    run = subprocess.run(command(out, "--max_train_steps", "2"), capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    before = (out / "lora_final.safetensors").read_bytes()
+
+    run = subprocess.run(command(out, "--resume_from", "latest", "--lora_rank", "8", "--seed", "3"),
+                         capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
+    assert "lora_rank: checkpoint 16, now 8" in run.stderr and "seed: checkpoint 0, now 3" in run.stderr
+
+    run = subprocess.run(command(out, "--max_train_steps", "2"), capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 2 and "--overwrite_output_dir" in run.stderr and run.stderr.count("\n") == 1
+    assert (out / "lora_final.safetensors").read_bytes() == before  # nothing lost
+
+    # a longer run continues the finished one (--max_train_steps may change)
+    run = subprocess.run(command(out, "--resume_from", "latest", "--max_train_steps", "3"),
+                         capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert list(losses(out)) == [1, 2, 3]
+
+    run = subprocess.run(command(out, "--max_train_steps", "1", "--overwrite_output_dir"),
+                         capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert list(losses(out)) == [1] and [p.name for p in (out / "checkpoints").iterdir()] == ["step_000001"]
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("two") / "out"
+    run = subprocess.run(command(out, "--max_train_steps", "2", "--save_interval", "1"), capture_output=True,
+                         text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return out
+
+
+class Evil:
+    """A pickle whose loading would create a file."""
+
+    def __init__(self, witness: Path):
+        self.witness = str(witness)
+
+    def __reduce__(self):
+        return (open, (self.witness, "w"))
+
+
+def damage(folder: Path, how: str, witness: Path) -> None:
+    if how == "truncated_state":
+        data = (folder / "training_state.pt").read_bytes()
+        (folder / "training_state.pt").write_bytes(data[: len(data) // 2])
+    elif how == "malicious_state":
+        (folder / "training_state.pt").write_bytes(pickle.dumps(Evil(witness)))
+    elif how == "truncated_lora":
+        (folder / "lora.safetensors").write_bytes((folder / "lora.safetensors").read_bytes()[:100])
+    elif how == "no_marker":
+        (folder / "COMPLETE").unlink()
+    elif how == "no_state":
+        (folder / "training_state.pt").unlink()
+
+
+@pytest.mark.parametrize("how", ["truncated_state", "malicious_state", "truncated_lora", "no_marker", "no_state"])
+def test_damaged_checkpoint_is_a_clear_error_and_latest_falls_back(two_checkpoints, tmp_path, how):
+    out, witness = tmp_path / "out", tmp_path / "pwned"
+    shutil.copytree(two_checkpoints, out)
+    newest = out / "checkpoints/step_000002"
+    damage(newest, how, witness)
+    with pytest.raises(CheckpointError, match=str(newest)) as error:
+        load_checkpoint(newest)
+    assert "\n" not in str(error.value)
+    assert find_latest(out).path.name == "step_000001"
+    assert not witness.exists()
+
+
+def test_resume_from_a_malicious_checkpoint_exits_2_then_latest_continues(two_checkpoints, tmp_path):
+    out, witness = tmp_path / "out", tmp_path / "pwned"
+    shutil.copytree(two_checkpoints, out)
+    newest = out / "checkpoints/step_000002"
+    damage(newest, "malicious_state", witness)
+    run = subprocess.run(command(out, "--resume_from", str(newest)), capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and str(newest) in run.stderr, run.stderr
+    assert not witness.exists()
+    run = subprocess.run(command(out, "--resume_from", "latest", "--max_train_steps", "2", "--save_interval", "1"),
+                         capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "resuming from" in run.stdout and "step_000001" in run.stdout
+    assert torch.load(newest / "training_state.pt", weights_only=True)["step"] == 2  # replaced by a good one
+    assert not witness.exists()
