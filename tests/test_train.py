@@ -222,3 +222,25 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path):
     assert "non-finite loss or gradient, step skipped" in run.stdout + run.stderr
     assert "3 non-finite steps in a row at step" in run.stderr.splitlines()[-1]
     assert not (tmp_path / "out" / "lora_final.safetensors").exists()
+
+
+def test_cached_latents_with_random_flips_cache_both_flips(tmp_path):
+    """With center crops, an image has exactly two pixel variants (flipped or not): the cache holds at most two
+    entries per image and, once both were seen, never runs the VAE for it again."""
+    from training.caching import LatentCache
+    from training.data_loader import build_dataset
+
+    encoded = []
+
+    class FakeVAE:
+        def encode(self, pixels, sample=False):
+            encoded.append(len(pixels))
+            return pixels[:, :4, ::8, ::8]
+
+    data = build_dataset(DEMO / "train", resolution=64, batch_size=4, center_crop=True, random_flip=True)
+    cache, seen = LatentCache("memory", tmp_path, "m"), set()
+    for epoch in range(6):
+        for batch in data.iter_epoch(epoch):
+            cache.get(batch, FakeVAE())
+            seen |= set(zip(batch["keys"], batch["flipped"].tolist(), strict=True))
+    assert sum(encoded) == len(seen) <= 2 * 36 and len(seen) > 36  # both flips of many images, each encoded once

@@ -255,7 +255,9 @@ def start_or_resume(args) -> Checkpoint | None:
             logger.warning("resuming from %s: the newer %s will be replaced as the run reaches them",
                            checkpoint.path.name, ", ".join(newer))
         return checkpoint
-    previous = [name for name in RUN_OUTPUTS[2:] if (output_dir / name).exists()]
+    # A re-queued `--resume_from latest` of a run killed before its first checkpoint just starts over.
+    kept = RUN_OUTPUTS[3:] if args.resume_from == "latest" else RUN_OUTPUTS[2:]
+    previous = [name for name in kept if (output_dir / name).exists()]
     previous += ["checkpoints"] if complete_checkpoints(output_dir) else []
     if previous and not args.overwrite_output_dir:
         raise CheckpointError(f"--output_dir {output_dir} holds a previous run ({', '.join(previous)}); continue it "
