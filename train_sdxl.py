@@ -4,13 +4,16 @@
     python train_sdxl.py --pretrained_model ./weights/sdxl-base-1.0 --data_dir ./my_images \\
         --output_dir outputs/my_lora --image_size 1024 --lora_rank 16 --max_train_steps 2000 \\
         --gradient_checkpointing --cache_latents disk --cache_text_embeddings
+    torchrun --nproc_per_node 4 train_sdxl.py --config my_run.yaml              # 4 GPUs (batch_size per GPU)
 
 Writes output_dir/config.yaml, metrics.jsonl, samples/, checkpoints/step_XXXXXX/ and
 lora_final.safetensors (kohya format, loads in ComfyUI, A1111/Forge and diffusers).
+
 SIGTERM / Ctrl-C save a checkpoint and exit 143 / 130; continue exactly with
     python train_sdxl.py --config outputs/my_lora/config.yaml --resume_from latest
 """
 
+import os
 import sys
 
 from training.config import parse_or_exit
@@ -34,7 +37,8 @@ def main(argv=None) -> int:
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print("done: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
+        print("done: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
     return 0
 
 

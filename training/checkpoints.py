@@ -237,13 +237,13 @@ def restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def start_or_resume(args) -> Checkpoint | None:
+def start_or_resume(args, clear: bool = True) -> Checkpoint | None:
     """The checkpoint `--resume_from` names (None: a fresh run). A fresh run never silently replaces a previous
-    run's outputs: it needs --overwrite_output_dir, which deletes them."""
+    run's outputs: it needs --overwrite_output_dir, which deletes them (only where `clear`: rank 0)."""
     output_dir = Path(args.output_dir)
     if args.resume_from == "latest":
         checkpoint = find_latest(output_dir)
-        if checkpoint is None:
+        if checkpoint is None and clear:
             print(f"--resume_from latest: no complete checkpoint in {output_dir / 'checkpoints'}; starting a new run")
     elif args.resume_from:
         checkpoint = load_checkpoint(args.resume_from)
@@ -263,7 +263,7 @@ def start_or_resume(args) -> Checkpoint | None:
         raise CheckpointError(f"--output_dir {output_dir} holds a previous run ({', '.join(previous)}); continue it "
                               "with --resume_from latest, start over with --overwrite_output_dir, or give another "
                               "--output_dir")
-    for name in RUN_OUTPUTS:
+    for name in RUN_OUTPUTS if clear else ():
         path = output_dir / name
         if path.is_dir():
             shutil.rmtree(path)

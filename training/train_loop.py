@@ -14,6 +14,7 @@ One optimizer step, written out (`train`):
 import math
 import random
 import resource
+import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from training.checkpoints import (
 )
 from training.config import resolved_config_yaml, save_resolved_config
 from training.data_loader import build_dataset
+from training.distributed import close_world, init_world
 from training.ema import EMA
 from training.metrics import MetricsLog
 from training.signals import Stopped, StopRequest
@@ -139,18 +141,23 @@ def train(args) -> dict:
 
     Raises `Stopped` after saving a checkpoint when SIGTERM/SIGINT arrive (training/signals.py)."""
     t_start = time.time()
-    device = torch.device(args.device)
+    world, device_name = init_world(args.device)  # one process, or one rank of torchrun
+    device = torch.device(device_name)
     output_dir = Path(args.output_dir)
-    resume = start_or_resume(args)  # before anything is written: a previous run is never clobbered
-    save_resolved_config(args, output_dir)
+    resume = start_or_resume(args, clear=world.main)  # before anything is written: never clobbers a previous run
+    if world.main:
+        save_resolved_config(args, output_dir)
     weight_dtype = WEIGHT_DTYPES[args.precision]
 
     # Data first: a bad dataset stops the run before any model is loaded.
     data_kwargs = dict(resolution=args.image_size, batch_size=args.batch_size, bucketing=args.bucketing, seed=args.seed)
     data = build_dataset(args.data_dir, center_crop=args.center_crop, random_flip=args.random_flip,
                          caption_dropout=args.caption_dropout, shuffle_tags=args.shuffle_tags,
-                         keep_tokens=args.keep_tokens, max_bad_fraction=args.max_bad_fraction, **data_kwargs)
-    val_data = build_dataset(args.val_data_dir, center_crop=True, **data_kwargs) if args.val_data_dir else None
+                         keep_tokens=args.keep_tokens, max_bad_fraction=args.max_bad_fraction,
+                         rank=world.rank, world_size=world.size, **data_kwargs)
+    val_data = None
+    if args.val_data_dir and world.main:
+        val_data = build_dataset(args.val_data_dir, center_crop=True, **data_kwargs)
     data_summary = data.summary()
     if resume is not None:
         check_resumable(resume, args, data_summary.get("fingerprint", ""))
@@ -192,6 +199,10 @@ def train(args) -> dict:
     autocast_dtype = weight_dtype
     config_yaml = resolved_config_yaml(args)
 
+    def say(message: str) -> None:
+        if world.main:
+            print(message)
+
     # Where the run starts: step 0, or exactly where the checkpoint left off.
     step, epoch, position, micro, last_loss, nonfinite_total = 0, 0, 0, 0, float("nan"), 0
     if resume is not None:
@@ -210,16 +221,20 @@ def train(args) -> dict:
         last_loss, nonfinite_total = st["last_loss"], st["nonfinite_steps"]
         if batches_per_epoch is not None and position >= batches_per_epoch:
             epoch, position = epoch + 1, 0
-        rewind_metrics(output_dir, step)
-        print(f"resuming from {resume.path} at step {step} (epoch {epoch}, batch {position})")
+        if world.main:
+            rewind_metrics(output_dir, step)
+        say(f"resuming from {resume.path} at step {step} (epoch {epoch}, batch {position})")
 
-    log = MetricsLog(output_dir, args.wandb_project, args.wandb_run_name, config=vars(args))
-    sampler = SampleGrids(args, output_dir, device) if args.validation_prompts else None
+    log = MetricsLog(output_dir, args.wandb_project, args.wandb_run_name, config=vars(args)) if world.main else None
+    sampler = SampleGrids(args, output_dir, device) if args.validation_prompts and world.main else None
     n_params = sum(p.numel() for p in params)
-    print(f"training {n_params:,} LoRA parameters ({lora_config.target_mode}, rank {lora_config.rank}) on "
-          f"{data_summary['num_images']} images, {total_steps} steps, device {device}, {args.precision}")
+    say(f"training {n_params:,} LoRA parameters ({lora_config.target_mode}, rank {lora_config.rank}) on "
+          f"{data_summary['num_images']} images, {total_steps} steps, device {device}, {args.precision}"
+          + (f", {world.size} processes" if world.size > 1 else ""))
 
     def validate(step: int) -> None:
+        if not world.main:  # the other ranks wait in the next gradient all-reduce
+            return
         unet.eval()
         if val_data is not None:
             log.log({"step": step, "val_loss": validation_loss(models, args, val_data, device, autocast_dtype)})
@@ -230,6 +245,10 @@ def train(args) -> dict:
         unet.train()
 
     def save(step: int, epoch: int, position: int) -> Path:
+        path = output_dir / "checkpoints" / checkpoint_name(step)
+        if not world.main:
+            world.barrier()
+            return path
         state = {"step": step, "epoch": epoch, "position": position, "micro_step": micro,
                  "optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(),
                  "grad_scaler": scaler.state_dict(), "rng": capture_rng(), "last_loss": last_loss,
@@ -240,13 +259,15 @@ def train(args) -> dict:
         except CheckpointError as e:
             raise TrainingError(str(e)) from e
         tqdm.write(f"saved checkpoint {path}")
+        world.barrier()
         return path
 
     if resume is None:
         validate(0)
     nonfinite_run, accum_loss, pending = 0, 0.0, 0
     saved_at, resume_point = (step if resume is not None else None), (epoch, position)
-    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", dynamic_ncols=True,
+               disable=not world.main)
     t_step, samples_since = time.perf_counter(), 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -257,11 +278,13 @@ def train(args) -> dict:
                 # --- one micro-batch: forward and backward --------------------------------------------
                 g = step_generator(args.seed, micro)
                 x0, embeds, pooled = models.encode(batch, device)
-                b = x0.shape[0]
-                t = torch.randint(args.min_timestep, args.max_timestep + 1, (b,), generator=g).to(device)
-                noise = torch.randn(x0.shape, generator=g)
+                b, c = x0.shape[:2]
+                mine = slice(world.rank * b, (world.rank + 1) * b)  # this rank's rows of the global batch's draws
+                t = torch.randint(args.min_timestep, args.max_timestep + 1, (b * world.size,), generator=g)[mine]
+                noise = torch.randn((b * world.size, *x0.shape[1:]), generator=g)[mine]
                 if args.noise_offset > 0:  # shifts each channel's mean: lets the model learn very dark/bright images
-                    noise = noise + args.noise_offset * torch.randn((b, x0.shape[1], 1, 1), generator=g)
+                    noise = noise + args.noise_offset * torch.randn((b * world.size, c, 1, 1), generator=g)[mine]
+                t = t.to(device)
                 time_ids = time_ids_of(batch).to(device)
                 loss = diffusion_loss(models, args, x0, embeds, pooled, time_ids, t, noise.to(device), autocast_dtype)
                 loss = loss.mean()
@@ -274,6 +297,9 @@ def train(args) -> dict:
                 pending = 0
 
                 # --- the optimizer step ---------------------------------------------------------------
+                reduced = torch.tensor([accum_loss], device=device)
+                world.mean([p.grad for p in params if p.grad is not None] + [reduced])  # average over ranks
+                accum_loss = reduced.item()
                 scaler.unscale_(optimizer)
                 max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
@@ -302,7 +328,7 @@ def train(args) -> dict:
                 record = {"step": step, "epoch": epoch, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
                           "grad_norm": grad_norm, "samples_per_s": samples_since / max(elapsed, 1e-9),
                           "peak_mem_mib": peak_memory_mib(device)}
-                if step % args.log_interval == 0 or step == total_steps:
+                if world.main and (step % args.log_interval == 0 or step == total_steps):
                     log.log(record)
                 t_step, samples_since = time.perf_counter(), 0
                 bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.2e}")
@@ -311,13 +337,16 @@ def train(args) -> dict:
                     validate(step)
                 due = (args.save_interval and step % args.save_interval == 0) or (
                     epoch_end and args.save_every_n_epochs and (epoch + 1) % args.save_every_n_epochs == 0)
-                if due or stop.signum is not None:
+                stopping = world.any(stop.signum is not None, device)  # every rank stops at the same step
+                if due or stopping:
                     save(step, *resume_point)
                     saved_at = step
-                if stop.signum is not None:
+                if stopping:
                     bar.close()
-                    log.close()
-                    raise Stopped(stop.signum, output_dir / "checkpoints" / checkpoint_name(step))
+                    if log is not None:
+                        log.close()
+                    close_world(world)
+                    raise Stopped(stop.signum or signal.SIGTERM, output_dir / "checkpoints" / checkpoint_name(step))
                 if step >= total_steps:
                     break
             else:  # the epoch ran out (not cut by the last step)
@@ -330,14 +359,17 @@ def train(args) -> dict:
     final = output_dir / "lora_final.safetensors"
     metadata = {"sdxl_lora.training": config_yaml, "ss_steps": str(step), "ss_seed": str(args.seed),
                 "ss_learning_rate": str(args.learning_rate), "ss_resolution": str(args.image_size)}
-    with ema.applied() if ema else nullcontext():
-        save_lora(unet, final, lora_config, format=args.save_format, metadata=metadata)
-    log.close()
+    if world.main:
+        with ema.applied() if ema else nullcontext():
+            save_lora(unet, final, lora_config, format=args.save_format, metadata=metadata)
+        log.close()
+    world.barrier()
+    close_world(world)
     summary = {
         "steps": step, "time_s": round(time.time() - t_start, 1), "final_loss": last_loss,
         "nonfinite_steps": nonfinite_total, "bad_files": len(data_summary.get("bad_files", [])),
         "missing_captions": len(data_summary.get("missing_captions", [])), "lora": str(final),
-        "metrics": str(log.path), "output_dir": str(output_dir),
+        "metrics": str(output_dir / "metrics.jsonl"), "output_dir": str(output_dir),
     }
     return summary
 
