@@ -244,3 +244,15 @@ def test_cached_latents_with_random_flips_cache_both_flips(tmp_path):
             cache.get(batch, FakeVAE())
             seen |= set(zip(batch["keys"], batch["flipped"].tolist(), strict=True))
     assert sum(encoded) == len(seen) <= 2 * 36 and len(seen) > 36  # both flips of many images, each encoded once
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_trains_on_cuda_in_half_precision(tmp_path, precision):
+    """bf16 autocast, and fp16 with its GradScaler, over the frozen base: finite losses, LoRA weights saved."""
+    run = run_train(tmp_path, "--device", "cuda", "--precision", precision, "--max_train_steps", "4",
+                    "--gradient_checkpointing", "--validation_interval", "0", "--save_interval", "2")
+    assert run.returncode == 0, run.stderr[-3000:]
+    losses = [m["loss"] for m in read_metrics(tmp_path / "out") if "loss" in m]
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    assert all(m["peak_mem_mib"] > 0 for m in read_metrics(tmp_path / "out") if "loss" in m)
