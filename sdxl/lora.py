@@ -276,6 +276,9 @@ def lora_file_of(path) -> Path:
     if not (path / "COMPLETE").is_file():
         raise ValueError(f"checkpoint {path} is incomplete (no COMPLETE marker: its save was interrupted); "
                          "use an earlier checkpoint")
+    if "schema_version: 1\n" in (path / "COMPLETE").read_text():
+        raise ValueError(f"checkpoint {path} was written by an older version of this trainer; make a LoRA file of "
+                         f"it with: python extract_lora_weights.py {path} -o lora.safetensors")
     return path / ("ema.safetensors" if (path / "ema.safetensors").is_file() else "lora.safetensors")
 
 

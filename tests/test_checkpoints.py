@@ -117,3 +117,23 @@ def test_settings_differences_and_metrics_rewind(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 3, "lo')
     ck.rewind_metrics(tmp_path, 1)
     assert [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == lines[:2]
+
+
+def test_schema_1_checkpoints_are_upgraded_on_load(tmp_path, lora):
+    """Version 1 (our own key names, no metadata, partial numpy/python RNG states) still resumes."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "checkpoints/step_000003"
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in lora.items()}, folder / "lora.safetensors")
+    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(),
+           "python": list(random.getstate()[1])}
+    torch.save({"schema_version": 1, "step": 3, "rng": rng}, folder / "training_state.pt")
+    (folder / "config.yaml").write_text("lora_rank: 4\nlora_alpha: 2.0\nlora_target_mode: attention\n")
+    (folder / "COMPLETE").write_text("schema_version: 1\nstep: 3\n")
+    got = ck.find_latest(tmp_path)
+    assert got.state["schema_version"] == ck.SCHEMA_VERSION and got.lora_config == CONFIG
+    assert all(torch.equal(got.lora[k], lora[k]) for k in lora)
+    ck.restore_rng(got.state["rng"])
+    with pytest.raises(ValueError, match="extract_lora_weights.py"):
+        load_lora(load_unet("tiny"), folder)

@@ -34,7 +34,7 @@ from sdxl.lora import LoRAConfig, peft_tensors, state_dict_from_peft
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 1: LoRA under our own key names, RNG states partly saved (upgraded on load)
 MARKER = "COMPLETE"
 FILES = {"lora": "lora.safetensors", "ema": "ema.safetensors", "state": "training_state.pt", "config": "config.yaml"}
 # Settings that change what a resumed run computes: they must equal the checkpoint's.
@@ -153,12 +153,27 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         raise CheckpointError(f"{path} does not load ({e}); the file is damaged: use an earlier checkpoint") from e
 
 
-def upgrade_state(state: dict, path: Path) -> dict:
-    """Bring an older training_state.pt to the current schema (there is only version 1 so far)."""
+def upgrade(state: dict, config: dict, tensors: dict, metadata: dict, path: Path) -> tuple[dict, dict, dict]:
+    """(state, lora file tensors, metadata) of an older schema -> the current one, in this one place.
+
+    Version 1 stored the LoRA under `lora_state_dict` names without metadata (rank/alpha are in config.yaml)
+    and only the key arrays of numpy's and python's RNGs, which the loop never draws from (its own noise,
+    data and dropout RNGs were saved whole)."""
     version = state.get("schema_version")
+    if version == 1:
+        rng = state["rng"]
+        rng["numpy"] = ["MT19937", torch.tensor(rng["numpy"], dtype=torch.int64), 624, 0, 0.0]
+        rng["python"] = [3, list(rng["python"]), None]
+        state.setdefault("nonfinite_steps", 0)
+        rank = int(config["lora_rank"])
+        config_ = LoRAConfig(rank, float(config.get("lora_alpha") or rank), float(config.get("lora_dropout", 0.0)),
+                             config["lora_target_mode"])
+        tensors, metadata = peft_tensors(tensors, config_)
+        state["schema_version"] = version = 2
     if version != SCHEMA_VERSION:
-        raise CheckpointError(f"{path} has schema version {version}; this trainer reads version {SCHEMA_VERSION}")
-    return state
+        raise CheckpointError(f"{path} has schema version {version}; this trainer reads versions 1 to "
+                              f"{SCHEMA_VERSION}: update sdxl-lora")
+    return state, tensors, metadata
 
 
 def load_checkpoint(path) -> Checkpoint:
@@ -184,13 +199,17 @@ def load_checkpoint(path) -> Checkpoint:
                               "not written by this trainer: use an earlier checkpoint") from e
     try:
         config = yaml.safe_load((path / FILES["config"]).read_text(encoding="utf-8")) or {}
+        if not isinstance(state, dict) or not isinstance(config, dict):
+            raise ValueError("unexpected contents")
+        old = state.get("schema_version") == 1
+        state, lora, metadata = upgrade(state, config, lora, metadata, path)
         lora_sd = state_dict_from_peft(lora)
-        ema_sd = state_dict_from_peft(ema) if ema is not None else None
-    except (yaml.YAMLError, ValueError) as e:
+        ema_sd = None if ema is None else ema if old else state_dict_from_peft(ema)
+    except (yaml.YAMLError, ValueError, KeyError, TypeError) as e:
+        if isinstance(e, CheckpointError):
+            raise
         raise CheckpointError(f"checkpoint {path} is damaged ({e}); use an earlier checkpoint") from e
-    if not isinstance(state, dict) or not isinstance(config, dict):
-        raise CheckpointError(f"checkpoint {path} is damaged (unexpected contents); use an earlier checkpoint")
-    return Checkpoint(path, lora_sd, ema_sd, upgrade_state(state, path), config, metadata)
+    return Checkpoint(path, lora_sd, ema_sd, state, config, metadata)
 
 
 def find_latest(output_dir) -> Checkpoint | None:
