@@ -1,19 +1,109 @@
-"""Extract a weights-only LoRA file from a training checkpoint, or convert a LoRA between formats.
+"""Extract a weights-only LoRA file from a training checkpoint, or convert a LoRA file between formats.
 
-Not implemented yet: this script arrives with issue #4. It exists now so that the layout is
-complete; it says so and exits with status 2 rather than pretend to work.
+    python extract_lora_weights.py outputs/tiny_demo/checkpoints/step_000090 -o demo_lora.safetensors
+    python extract_lora_weights.py outputs/tiny_demo/checkpoints/step_000090 -o demo_fp16.safetensors \\
+        --format diffusers --dtype fp16
+    python extract_lora_weights.py demo_lora.safetensors -o demo_diffusers.safetensors --format diffusers
+    python extract_lora_weights.py demo_diffusers.safetensors --info
+
+CHECKPOINT is a `checkpoints/step_XXXXXX` folder (its LoRA weights; `--ema` for its EMA weights, which is
+what lora_final.safetensors and `load_lora(folder)` use when the run kept them) or a LoRA file in any
+format `sdxl.lora.load_lora` reads (kohya with SGM or diffusers-style names, diffusers/peft). Formats:
+`kohya` (ComfyUI, A1111/Forge, kohya, diffusers) and `diffusers` (peft names, alpha / rank folded into
+lora_B). The UNet a file belongs to (SDXL base or the tiny model) is found from its keys and shapes;
+`--base` names it (e.g. a diffusers folder of another SDXL-shaped model). Built on the meta device: an
+SDXL LoRA converts in the memory of the LoRA alone. The output is written to a temporary file and
+renamed into place; an existing file is kept unless `--overwrite`.
+
+Exit status: 0 done; 2 bad input (one line `error: ...` on stderr).
 """
 
 import argparse
 import sys
+from pathlib import Path
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other error of these scripts
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="extract_lora_weights.py", description=__doc__.splitlines()[0])
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoints/step_XXXXXX folder or a .safetensors "
+                   "LoRA file (kohya or diffusers format)")
+    p.add_argument("-o", "--output", metavar="OUT.safetensors", help="the LoRA file to write (not needed "
+                   "with --info)")
+    p.add_argument("--format", choices=["kohya", "diffusers"], default="kohya", help="kohya: lora_unet_* keys "
+                   "with SGM names (ComfyUI, A1111/Forge, kohya, diffusers); diffusers: peft unet.*.lora_A/B keys "
+                   "(diffusers' load_lora_weights) (default: kohya)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="tensor type of the output; "
+                   "fp32 keeps the trained weights exactly, fp16/bf16 halve the file (default: fp32)")
+    p.add_argument("--ema", action="store_true", help="from a checkpoint folder: its EMA weights instead of the "
+                   "trained LoRA weights (an error if the run had no --use_ema)")
+    p.add_argument("--base", metavar="tiny|sdxl|PATH", help="the UNet the LoRA is for: tiny, sdxl (SDXL base) or a "
+                   "diffusers model folder (default: a checkpoint's pretrained_model; for a file, found from its "
+                   "shapes)")
+    p.add_argument("--info", action="store_true", help="print rank, alpha, targets, module count, base and "
+                   "metadata of CHECKPOINT (and write -o only if given)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file (default: refuse)")
+    return p
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.parse_known_args(argv)
-    print("extract_lora_weights.py is not implemented yet (planned in issue #4); see README.md for what works today",
-          file=sys.stderr)
-    return 2
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    source = Path(args.checkpoint)
+    out = Path(args.output) if args.output else None
+    if out is None and not args.info:
+        parser.error("give -o OUT.safetensors (or --info to only describe CHECKPOINT)")
+    if out is not None and out.suffix != ".safetensors":
+        parser.error(f"-o {out}: the output must be a .safetensors file")
+    if args.base and args.base not in ("tiny", "sdxl") and not Path(args.base).is_dir():
+        parser.error(f"--base {args.base}: give tiny, sdxl or a diffusers model folder (with unet/config.json)")
+    if out is not None and out.exists() and (out.is_dir() or not args.overwrite):
+        what = "is a folder" if out.is_dir() else "already exists; add --overwrite to replace it"
+        print(f"error: -o {out} {what}", file=sys.stderr)
+        return 2
+
+    # imported here, so that --help and argument errors answer at once (torch takes seconds to import)
+    from sdxl.convert import DTYPES, read_checkpoint, read_lora, summary, write_lora
+    from training.checkpoints import CheckpointError, complete_checkpoints, load_checkpoint
+
+    try:
+        if not source.exists():
+            raise FileNotFoundError(f"{source} does not exist; give a checkpoints/step_XXXXXX folder or a "
+                                    ".safetensors LoRA file")
+        checkpoint = None
+        if source.is_dir():
+            if (source / "checkpoints").is_dir():
+                latest = complete_checkpoints(source)
+                hint = f", e.g. {latest[-1]} (the latest)" if latest else ""
+                raise CheckpointError(f"{source} is a training output folder, not a checkpoint: give one of its "
+                                      f"checkpoints/step_XXXXXX folders{hint}")
+            checkpoint = load_checkpoint(source)
+            weights = read_checkpoint(checkpoint, ema=args.ema, base=args.base)
+        else:
+            if args.ema:
+                raise ValueError(f"--ema is for checkpoint folders; {source} is a LoRA file")
+            weights = read_lora(source, base=args.base)
+        if args.info:
+            print(f"{source}\n{summary(weights)}")
+        if out is not None:
+            try:
+                write_lora(weights, out, format=args.format, dtype=DTYPES[args.dtype])
+            except OSError as e:
+                raise ValueError(f"cannot write {out}: {e.strerror or e}; check the folder's permissions and free "
+                                 "disk space") from e
+            print(f"wrote {out} ({args.format} format, {args.dtype}, {len(weights.modules)} LoRA layers, "
+                  f"{weights.source} of {source})")
+        if checkpoint is not None and checkpoint.ema is not None and not args.ema:
+            print("note: this checkpoint also holds EMA weights (what lora_final.safetensors and load_lora(folder) "
+                  "use); add --ema for those")
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

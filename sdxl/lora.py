@@ -230,8 +230,12 @@ def save_lora(unet, path, config: LoRAConfig, format: Literal["kohya", "diffuser
         raise ValueError(f"unknown LoRA file format {format!r}; use 'kohya' or 'diffusers'")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")  # renamed into place: a crash never leaves half a file
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -338,6 +342,8 @@ def _parse(path, unet_config: dict) -> tuple[dict[str, dict], dict[str, str]]:
         entry = entries.setdefault(module, {"key": key})
         if part in entry:
             raise ValueError(f"{path}: key {key} repeats the {part} weight of {entry['key']}")
+        if part == "alpha" and tensor.numel() != 1:
+            raise ValueError(f"{path}: key {key} should be one number (alpha), not shape {tuple(tensor.shape)}")
         entry[part] = tensor
     lora_alpha, alpha_pattern, rslora = _peft_alpha(metadata, path)
     for module, entry in entries.items():
