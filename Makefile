@@ -10,7 +10,7 @@ install:
 	$(PIP) install -e ".[dev]"
 
 demo: install
-	$(PYTHON) train_sdxl.py --config configs/tiny_demo.yaml
+	$(PYTHON) train_sdxl.py --config configs/tiny_demo.yaml --overwrite_output_dir
 
 test: install lint
 	$(PYTHON) -m pytest
@@ -23,3 +23,5 @@ lint:
 
 bench: install
 	$(PYTHON) benchmarks/bench_unet.py
+	$(PYTHON) benchmarks/bench_train.py
+	$(PYTHON) benchmarks/bench_sample.py

@@ -1,4 +1,8 @@
-"""What a run reports: `output_dir/metrics.jsonl` (one JSON object per line) and, optionally, W&B."""
+"""What a run reports: `output_dir/metrics.jsonl` (one JSON object per line) and, optionally, W&B.
+
+W&B follows its own environment variables: `WANDB_MODE=offline` writes the run under
+`output_dir/wandb/offline-run-*/` without an account or network (upload later with `wandb sync DIR`).
+"""
 
 import json
 from pathlib import Path
@@ -15,7 +19,14 @@ class MetricsLog:
         if wandb_project:
             import wandb
 
-            self.wandb = wandb.init(project=wandb_project, name=wandb_run_name, config=config, dir=str(output_dir))
+            try:
+                self.wandb = wandb.init(project=wandb_project, name=wandb_run_name, config=config,
+                                        dir=str(output_dir))
+            except wandb.errors.Error as e:  # e.g. no API key: a message to act on, not a traceback
+                self.file.close()
+                raise ValueError(f"--wandb_project {wandb_project}: W&B could not start a run ({e}); run "
+                                 "`wandb login`, or set WANDB_MODE=offline to log into output_dir/wandb/, "
+                                 "or leave --wandb_project out") from e
 
     def log(self, record: dict) -> None:
         self.file.write(json.dumps(record, sort_keys=True) + "\n")
@@ -33,3 +44,4 @@ class MetricsLog:
         self.file.close()
         if self.wandb is not None:
             self.wandb.finish()
+            self.wandb = None

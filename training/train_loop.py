@@ -311,6 +311,8 @@ def train(args) -> dict:
                     accum_loss = 0.0
                     if nonfinite_run >= args.max_nonfinite_steps:
                         bar.close()
+                        if log is not None:
+                            log.close()
                         raise TrainingError(f"{nonfinite_run} non-finite steps in a row at step {step + 1}: "
                                             "lower --learning_rate, use --precision bf16/fp32, or check the data")
                     continue
