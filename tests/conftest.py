@@ -28,3 +28,20 @@ def tiny_dir():
     from sdxl.tiny import tiny_model_path
 
     return tiny_model_path()
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_dir):
+    """diffusers' StableDiffusionXLPipeline on the tiny model (the real client), fresh per test module."""
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline.from_pretrained(tiny_dir)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is as fast, and on a busy machine far faster (no spinning workers)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -29,18 +29,10 @@ from sdxl.tiny import TINY_UNET_CONFIG
 from sdxl.unet import SDXL_CONFIG, SDXLUNet
 from training.checkpoints import save_checkpoint
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 CONFIG = LoRAConfig(rank=4, alpha=2.0, dropout=0.1, target_mode="attention_out")
 RUN_CONFIG = "pretrained_model: tiny\nseed: 3\nlearning_rate: 0.0001\nimage_size: 64\n"
 TINY = TINY_UNET_CONFIG.to_diffusers()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is as fast, and on a busy machine far faster (no spinning workers)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_unet() -> SDXLUNet:

@@ -50,17 +50,9 @@ from sdxl.tiny import TINY_UNET_CONFIG
 from sdxl.unet import SDXL_CONFIG, SDXLUNet
 from training.checkpoints import load_checkpoint, save_checkpoint
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 CONFIG = LoRAConfig(rank=4, alpha=2.0, target_mode="all")  # alpha != rank: the scale must travel with the file
 TINY = TINY_UNET_CONFIG.to_diffusers()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is as fast, and on a busy machine far faster (no spinning workers)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def rel_err(a, b):
@@ -94,11 +86,6 @@ def checkpoint(tiny_dir, tmp_path_factory):
     state = {"step": 5, "epoch": 0, "position": 5, "micro_step": 5, "last_loss": 0.5}
     return save_checkpoint(tmp_path_factory.mktemp("run"), 5, lora, state, "pretrained_model: tiny\n", CONFIG,
                            ema=ema)
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_dir):
-    return StableDiffusionXLPipeline.from_pretrained(tiny_dir)
 
 
 class Records(logging.Handler):

@@ -18,7 +18,7 @@ import warnings
 
 import pytest
 import torch
-from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 from peft import LoraConfig
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -272,11 +272,6 @@ def test_other_spellings_and_scales(tmp_path):
     load_lora(twice, tmp_path / "0.safetensors", scale=0.5)
     load_lora(twice, tmp_path / "1.safetensors", scale=0.5)
     assert rel_err(output(twice), expected) < 1e-5
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_dir):
-    return StableDiffusionXLPipeline.from_pretrained(tiny_dir)
 
 
 class Records(logging.Handler):
