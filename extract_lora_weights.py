@@ -20,12 +20,10 @@ Exit status: 0 done; 2 bad input (one line `error: ...` on stderr).
 
 import argparse
 import sys
+from collections import Counter
 from pathlib import Path
 
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, like every other error of these scripts
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+from common.cli import Parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +48,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def summary(weights, max_value: int = 100) -> str:
+    """What --info prints: rank, alpha, targets, module count, base, dtype, metadata."""
+    def counted(c: Counter) -> str:
+        return ", ".join(f"{v:g}" + (f" ({n} layers)" if len(c) > 1 else "") for v, n in sorted(c.items()))
+
+    alpha = counted(weights.alphas)
+    trained = weights.metadata.get("sdxl_lora.alpha")
+    if weights.source == "diffusers file" and trained and {float(trained)} != set(weights.alphas):
+        alpha += f" (alpha / rank folded into lora_B; trained with alpha {float(trained):g})"
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for d, u, _ in weights.modules.values() for t in (d, u)})
+    rows = [
+        ("weights", weights.source),
+        ("base", weights.base),
+        ("rank", counted(weights.ranks)),
+        ("alpha", alpha),
+        ("targets", weights.target_mode),
+        ("modules", str(len(weights.modules))),
+        ("dtype", ", ".join(dtypes)),
+        ("metadata", f"{len(weights.metadata)} keys"),
+    ]
+    lines = [f"{label:<10}{value}" for label, value in rows]
+    for key in sorted(weights.metadata):
+        value = weights.metadata[key]
+        if len(value) > max_value or "\n" in value:
+            first = value.splitlines()[0] if value.strip() else ""
+            value = f"{first[:max_value]}... ({len(value)} characters, {len(value.splitlines())} lines)"
+        lines.append(f"  {key}: {value}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -67,8 +95,9 @@ def main(argv=None) -> int:
         return 2
 
     # imported here, so that --help and argument errors answer at once (torch takes seconds to import)
-    from sdxl.convert import DTYPES, read_checkpoint, read_lora, summary, write_lora
-    from training.checkpoints import CheckpointError, complete_checkpoints, load_checkpoint
+    from common.runtime import DTYPES
+    from sdxl.lora_files import read_lora, write_lora
+    from training.checkpoints import CheckpointError, checkpoint_lora, complete_checkpoints, load_checkpoint
 
     try:
         if not source.exists():
@@ -82,7 +111,7 @@ def main(argv=None) -> int:
                 raise CheckpointError(f"{source} is a training output folder, not a checkpoint: give one of its "
                                       f"checkpoints/step_XXXXXX folders{hint}")
             checkpoint = load_checkpoint(source)
-            weights = read_checkpoint(checkpoint, ema=args.ema, base=args.base)
+            weights = checkpoint_lora(checkpoint, ema=args.ema, base=args.base)
         else:
             if args.ema:
                 raise ValueError(f"--ema is for checkpoint folders; {source} is a LoRA file")

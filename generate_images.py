@@ -7,12 +7,33 @@
     torchrun --nproc_per_node 8 generate_images.py ...                       # shard the images over 8 GPUs
 
 Re-running the same command makes only the images still missing; `--overwrite` remakes them all.
-Flags, file formats and the checks: `python generate_images.py --help` and sampling/cli.py.
+Flags and their checks: `python generate_images.py --help` and sampling/config.py; the run: sampling/generate.py.
 """
 
 import sys
 
-from sampling.cli import main
+from common.cli import print_error
+from common.runtime import close_world, init_world
+from sampling.config import parse_args
+from sampling.generate import generate
+from training.checkpoints import lora_file_of
+
+
+def main(argv=None) -> int:
+    try:
+        args = parse_args(argv)
+        lora_files = [(str(lora_file_of(path)), scale) for path, scale in args.loras]  # a checkpoint -> its file
+    except (ValueError, FileNotFoundError) as e:  # ConfigError, PromptError, a damaged checkpoint folder
+        return print_error(str(e))
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # "Loading weights" bars of the text encoders
+    world = init_world(args.device)
+    try:
+        return generate(args, world, lora_files)
+    finally:
+        close_world(world)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -25,8 +25,9 @@ import os
 import sys
 from pathlib import Path
 
+from common.cli import Parser
 from training.checkpoints import CheckpointError
-from training.inspect import (
+from training.run_folder import (
     NoCheckpoint,
     describe,
     finished,
@@ -36,11 +37,6 @@ from training.inspect import (
     script_path,
     shell,
 )
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, like every other error of these scripts
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

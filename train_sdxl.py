@@ -21,7 +21,7 @@ from training.config import parse_or_exit
 
 def main(argv=None) -> int:
     args = parse_or_exit(argv)
-    from training.data_loader import DataError
+    from training.scan import DataError
     from training.signals import Stopped
     from training.train_loop import TrainingError, train
 

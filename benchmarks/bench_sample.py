@@ -33,7 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sampling.inference import SDXLGenerator  # noqa: E402
-from sdxl.tiny import SDXL_SCHEDULER_CONFIG  # noqa: E402
+from sdxl.configs import unet_config_from_diffusers, unet_config_to_diffusers  # noqa: E402
+from sdxl.diffusion import SDXL_SCHEDULER_CONFIG  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROMPT = "a photo of an astronaut riding a horse on the moon, highly detailed"
@@ -63,13 +64,14 @@ def full_pipeline(device, dtype):
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from sdxl.loading import CLIP_L_CONFIG, OPENCLIP_BIGG_CONFIG, SDXL_VAE_CONFIG
-    from sdxl.text_encoders import build_clip_tokenizer
+    from sdxl.configs import CLIP_L_CONFIG, OPENCLIP_BIGG_CONFIG, SDXL_VAE_CONFIG
+    from sdxl.tiny import build_clip_tokenizer
     from sdxl.unet import SDXL_CONFIG
 
     torch.manual_seed(0)
     with torch.device(device):
-        unet = UNet2DConditionModel(**{k: v for k, v in SDXL_CONFIG.to_diffusers().items() if not k.startswith("_")})
+        config = {k: v for k, v in unet_config_to_diffusers(SDXL_CONFIG).items() if not k.startswith("_")}
+        unet = UNet2DConditionModel(**config)
         text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_L_CONFIG))
         text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**OPENCLIP_BIGG_CONFIG))
         vae = AutoencoderKL(**SDXL_VAE_CONFIG)
@@ -82,11 +84,11 @@ def full_pipeline(device, dtype):
 def ours_from(pipe) -> SDXLGenerator:
     """Our generator on the pipeline's UNet and text-encoder tensors (shared, not copied); a fp32 VAE copy."""
     from sdxl.text_encoders import SDXLTextEncoder
-    from sdxl.unet import SDXLUNet, UNetConfig
+    from sdxl.unet import SDXLUNet
     from sdxl.vae import SDXLVAE
 
     with torch.device("meta"):
-        unet = SDXLUNet(UNetConfig.from_diffusers(dict(pipe.unet.config)))
+        unet = SDXLUNet(unet_config_from_diffusers(dict(pipe.unet.config)))
     unet.load_state_dict(pipe.unet.state_dict(), strict=True, assign=True)
     text_encoder = SDXLTextEncoder(pipe.tokenizer, pipe.tokenizer_2, pipe.text_encoder, pipe.text_encoder_2)
     vae = SDXLVAE(copy.deepcopy(pipe.vae))  # SDXLVAE makes its VAE fp32; the pipeline keeps its own dtype

@@ -3,7 +3,7 @@
 Our side: `SDXLUNet` with our `LoRALinear`s (sdxl/lora.py). Reference: diffusers' `UNet2DConditionModel`
 with `add_adapter(peft.LoraConfig(...))` on the same target modules, trainable params cast to fp32 as
 diffusers' train_text_to_image_lora_sdxl.py does. Both: the same base weights (shared tensors), the same
-LoRA A/B values, batch, noise and timesteps; the loss of training/train_loop.py `diffusion_loss` under
+LoRA A/B values, batch, noise and timesteps; the loss of training/loss.py `diffusion_loss` under
 autocast over the --precision base weights; backward; clip; AdamW step. Prints a table with the ratio
 ours/diffusers (below 1 = we are faster / smaller) and the first step's loss of each (equal in fp32).
 Time: ms per optimizer step, the best of --rounds rounds of --steps steps that alternate the two models.
@@ -19,7 +19,6 @@ import platform
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -27,11 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_unet import SavedBytes, sync  # noqa: E402
 
+from common.runtime import DTYPES  # noqa: E402
+from sdxl.configs import unet_config_to_diffusers  # noqa: E402
 from sdxl.diffusion import alphas_cumprod  # noqa: E402
 from sdxl.lora import LoRAConfig, apply_lora  # noqa: E402
 from sdxl.tiny import TINY_UNET_CONFIG  # noqa: E402
 from sdxl.unet import SDXL_CONFIG, SDXLUNet, UNetConfig  # noqa: E402
-from training.train_loop import WEIGHT_DTYPES, diffusion_loss  # noqa: E402
+from training.loss import diffusion_loss  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -87,7 +88,7 @@ def build(cfg: UNetConfig, args, device, dtype):
 
     logging.set_verbosity_error()  # not the `to(dtype)` advice: the bench casts on purpose
     torch.manual_seed(0)
-    ref = UNet2DConditionModel(**{k: v for k, v in cfg.to_diffusers().items() if not k.startswith("_")})
+    ref = UNet2DConditionModel(**{k: v for k, v in unet_config_to_diffusers(cfg).items() if not k.startswith("_")})
     ref = ref.to(device=device, dtype=dtype).train()
     with torch.device("meta"):
         ours = SDXLUNet(cfg)
@@ -117,13 +118,13 @@ class Side:
         self.name, self.x, self.dtype = name, x, dtype
         self.params = [p for p in unet.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-4, weight_decay=1e-2)
-        self.models = SimpleNamespace(unet=unet, ac=alphas_cumprod().to(device))
+        self.unet, self.ac = unet, alphas_cumprod().to(device)
         self.losses, self.times_ms = [], []
 
     def loss(self):
-        x, args = self.x, SimpleNamespace(prediction_type="epsilon", min_snr_gamma=0.0)
-        return diffusion_loss(self.models, args, x["x0"], x["embeds"], x["pooled"], x["time_ids"], x["t"],
-                              x["noise"], self.dtype).mean()
+        x = self.x
+        return diffusion_loss(self.unet, x["x0"], x["embeds"], x["pooled"], x["time_ids"], x["t"], x["noise"],
+                              alphas_cumprod=self.ac, autocast_dtype=self.dtype).mean()
 
     def step(self):
         loss = self.loss()
@@ -174,7 +175,7 @@ def bench(sides, device, args):
 
 def main(argv=None):
     args = parse_args(argv)
-    device, dtype = torch.device(args.device), WEIGHT_DTYPES[args.precision]
+    device, dtype = torch.device(args.device), DTYPES[args.precision]
     cfg = SDXL_CONFIG if args.full else TINY_UNET_CONFIG
     ref, ours = build(cfg, args, device, dtype)
     x = make_batch(cfg, args, device)

@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from sdxl.configs import unet_config_to_diffusers  # noqa: E402
 from sdxl.tiny import TINY_UNET_CONFIG  # noqa: E402
 from sdxl.unet import SDXL_CONFIG, SDXLUNet, UNetConfig  # noqa: E402
 
@@ -126,7 +127,7 @@ def main(argv=None):
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     cfg = SDXL_CONFIG if args.config == "sdxl" else TINY_UNET_CONFIG
     torch.manual_seed(0)
-    ref = UNet2DConditionModel(**{k: v for k, v in cfg.to_diffusers().items() if not k.startswith("_")})
+    ref = UNet2DConditionModel(**{k: v for k, v in unet_config_to_diffusers(cfg).items() if not k.startswith("_")})
     ref = ref.to(device=device, dtype=dtype).train()
     with torch.device("meta"):
         ours = SDXLUNet(cfg)

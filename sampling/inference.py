@@ -7,7 +7,7 @@ the same model, LoRA, scheduler, guidance, size and `generator=torch.Generator("
 
 Each image i has its own CPU generator seeded `seeds[i]`; its initial latents are
 `torch.randn((1, 4, H/8, W/8), generator=g)` scaled by the sampler's initial sigma, and an ancestral
-sampler draws its per-step noise from the same generator (DESIGN.md "Seeds and noise"), so any image
+sampler draws its per-step noise from the same generator (docs/ARCHITECTURE.md, "Seeds"), so any image
 can be reproduced alone, with any batch size. An empty negative prompt is SDXL base's zero embedding
 (`force_zeros_for_empty_prompt`), a non-empty one is encoded. Micro-conditioning: original size =
 target size, crop (0, 0). LoRAs are merged into the fp32 UNet weights, which are then cast once to the
@@ -24,7 +24,9 @@ import torch
 from PIL import Image
 
 from sampling.samplers import get_sampler, init_noise_sigma, schedule_from_config
-from sdxl.tiny import SDXL_SCHEDULER_CONFIG
+from sdxl.diffusion import SDXL_SCHEDULER_CONFIG
+from sdxl.loading import load_text_encoder, load_unet, load_vae, resolve_model_path
+from sdxl.lora_files import load_lora
 
 # Defaults of `generate`/`generate_unique_batch` and of generate_images.py (SDXL base's usual settings).
 DEFAULTS = {"width": 1024, "height": 1024, "steps": 30, "guidance_scale": 5.0, "sampler": "euler"}
@@ -99,6 +101,21 @@ def images_to_grid(images: torch.Tensor, rows: int) -> Image.Image:
     return grid
 
 
+@torch.no_grad()
+def sample_grid(unet, vae, embeds, pooled, *, images_per_prompt: int, height: int, width: int, steps: int = 20,
+                guidance_scale: float = 5.0) -> Image.Image:
+    """The sample grid of a training run: one row per prompt (embeds (P, 77, ctx), pooled (P, pooled)), its
+    images seeded 0, 1, ..., so grids of successive validations show the same noise turned into pictures."""
+    rows = []
+    for p in range(embeds.shape[0]):
+        n = images_per_prompt
+        latents = generate_latents(unet, embeds[p : p + 1].expand(n, -1, -1), pooled[p : p + 1].expand(n, -1),
+                                   seeds=list(range(n)), height=height, width=width, steps=steps,
+                                   guidance_scale=guidance_scale)
+        rows.append(vae.decode(latents))
+    return images_to_grid(torch.cat(rows), rows=len(rows))
+
+
 def read_scheduler_config(model_path: Path) -> dict:
     """The model folder's scheduler/scheduler_config.json, else SDXL base's (single files carry none)."""
     path = Path(model_path) / "scheduler" / "scheduler_config.json"
@@ -124,11 +141,8 @@ class SDXLGenerator:
     @classmethod
     def from_pretrained(cls, model, vae_model=None, loras=(), device="cpu", dtype=torch.float32) -> "SDXLGenerator":
         """Load SDXL base (a diffusers folder, a single-file .safetensors, or "tiny"), the VAE of `vae_model`
-        (default: the model's), and merge each `(path, scale)` of `loras` (any file or training checkpoint
-        folder `sdxl.lora.load_lora` accepts). The UNet and text encoders run in `dtype`, the VAE in fp32."""
-        from sdxl.loading import load_text_encoder, load_unet, load_vae, resolve_model_path
-        from sdxl.lora import load_lora
-
+        (default: the model's), and merge each `(path, scale)` of `loras` (any LoRA file `sdxl.lora_files.load_lora`
+        reads). The UNet and text encoders run in `dtype`, the VAE in fp32."""
         path = resolve_model_path(model)
         # Merged in fp32 (on the CPU, so the device never holds an fp32 UNet), then cast once: one rounding.
         unet = load_unet(path, dtype=torch.float32 if loras else dtype, device="cpu" if loras else device)

@@ -7,7 +7,7 @@ Prompt files (one prompt per image, cycled when more images are asked for):
 
 Image `i` takes prompt `order[i % P]` of the P prompts (`order` is the file order, or one
 permutation drawn from `random.Random(seed)` under `--shuffle-prompts`). Its seed is
-`base_seed + i` (DESIGN.md "Seeds and noise"), unless its JSONL line gives one: then the line's
+`base_seed + i` (docs/ARCHITECTURE.md, "Seeds"), unless its JSONL line gives one: then the line's
 seed on the first pass over the prompts, seed + 1 on the second, and so on, so cycled images differ.
 """
 

@@ -17,7 +17,7 @@ guidance is not a sampler's business: the caller's model function batches cond/u
 
 Ancestral noise: at every step, image i draws `torch.randn(x.shape[1:], generator=generators[i])`
 from its own CPU generator, as diffusers' pipeline does for a single image seeded the same way, so a
-batch of 4 equals four batches of 1 and any image can be reproduced alone (DESIGN.md "Seeds and noise").
+batch of 4 equals four batches of 1 and any image can be reproduced alone (docs/ARCHITECTURE.md, "Seeds").
 """
 
 import math
@@ -28,7 +28,7 @@ import torch
 from sdxl.diffusion import alphas_cumprod
 
 __all__ = [
-    "alphas_cumprod", "timesteps_for", "sigma_table", "sigmas_for", "karras_sigmas", "sigma_to_t",
+    "alphas_cumprod", "timesteps_for", "sigma_table", "karras_sigmas", "sigma_to_t",
     "schedule_from_config", "init_noise_sigma",
     "euler", "euler_a", "ddim", "dpmpp_2m", "SAMPLERS", "get_sampler", "sampler_names",
 ]  # fmt: skip
@@ -83,12 +83,6 @@ def _interp(t: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     t, table = t.double().clamp(0, len(table) - 1), table.double()
     lo = t.floor().long().clamp(0, len(table) - 2)
     return table[lo] + (table[lo + 1] - table[lo]) * (t - lo)
-
-
-def sigmas_for(timesteps: torch.Tensor, ac: torch.Tensor, final_sigma: float = 0.0) -> torch.Tensor:
-    """The sigmas at `timesteps` (interpolated in t) followed by `final_sigma`; float32, (n + 1,)."""
-    sigmas = _interp(timesteps, sigma_table(ac))
-    return torch.cat([sigmas, torch.tensor([final_sigma], dtype=torch.float64)]).float()
 
 
 def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> torch.Tensor:

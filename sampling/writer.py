@@ -1,4 +1,4 @@
-"""The COCO-style output folder: one group of files per image index (DESIGN.md "Generation output").
+"""The COCO-style output folder: one group of files per image index (docs/ARCHITECTURE.md, "Generation output").
 
     OUTPUT_DIR/00000.png    the image
     OUTPUT_DIR/00000.json   prompt, negative_prompt, seed, num_inference_steps, guidance_scale, sampler,
@@ -6,17 +6,18 @@
                             (left out with --no-save-metadata)
     OUTPUT_DIR/00000.txt    the prompt; written last, it marks the group complete
 
-Every file is first written under a hidden temporary name (`.00000.png.tmp`) and fsync'd, then renamed
-into place with `os.replace` in the order png, json, txt. A crash at any point leaves either a complete
-group or one without its `.txt`, which counts as missing and is regenerated (its leftovers replaced).
+Every file is first written under a hidden temporary name (`.00000.png.tmp-PID`) and fsync'd, then renamed
+into place (common/files.py) in the order png, json, txt, the old `.txt` removed first. A crash at any point
+leaves either a complete group or one without its `.txt`, which counts as missing and is regenerated (its
+leftovers replaced).
 Complete groups are never touched again unless `--overwrite`; one made with other settings than the
 current run is an error (`SettingsMismatch`), so a folder never mixes two runs silently.
 """
 
 import json
-import os
 from pathlib import Path
 
+from common.files import atomic_write
 from sampling.prompts import ImageJob
 
 FORMAT_VERSION = 1  # of the .json sidecar
@@ -80,22 +81,11 @@ def _check(path: Path, found: dict, expected: dict) -> None:
 def write_group(out_dir: Path, index: int, image, prompt: str, meta: dict | None) -> None:
     """Write index's png (+ json) + txt so that the group appears complete or not at all."""
     out_dir = Path(out_dir)
-    files = [(".png", lambda f: image.save(f, format="PNG"))]
-    if meta is not None:
-        files.append((".json", lambda f: f.write((json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode())))
-    files.append((".txt", lambda f: f.write(prompt.encode("utf-8"))))  # last: the completion marker
-    staged = []
-    for ext, write in files:
-        final = out_dir / f"{stem(index)}{ext}"
-        tmp = out_dir / f".{final.name}.tmp"
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        staged.append((tmp, final))
-    marker, stale_meta = out_dir / f"{stem(index)}.txt", out_dir / f"{stem(index)}.json"
-    marker.unlink(missing_ok=True)  # an old group (--overwrite) stops counting as complete first
+    (out_dir / f"{stem(index)}.txt").unlink(missing_ok=True)  # an old group (--overwrite) stops counting first
+    atomic_write(out_dir / f"{stem(index)}.png", lambda tmp: image.save(tmp, format="PNG"))
     if meta is None:
-        stale_meta.unlink(missing_ok=True)
-    for tmp, final in staged:
-        os.replace(tmp, final)
+        (out_dir / f"{stem(index)}.json").unlink(missing_ok=True)
+    else:
+        text = json.dumps(meta, indent=2, ensure_ascii=False) + "\n"
+        atomic_write(out_dir / f"{stem(index)}.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write(out_dir / f"{stem(index)}.txt", lambda tmp: tmp.write_bytes(prompt.encode("utf-8")))  # the marker

@@ -13,7 +13,19 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from sdxl import sgm
+from sdxl.configs import (
+    CLIP_L_CONFIG,
+    HUB_TOKENIZERS,
+    OPENCLIP_BIGG_CONFIG,
+    SDXL_VAE_CONFIG,
+    unet_config_from_diffusers,
+    unet_config_to_diffusers,
+)
+from sdxl.text_encoders import SDXLTextEncoder
+from sdxl.tiny import tiny_model_path
 from sdxl.unet import SDXL_CONFIG, SDXLUNet, UNetConfig
+from sdxl.vae import SDXLVAE
 
 DOWNLOAD_HINT = "download SDXL with ./download_weights.sh, or use --pretrained_model tiny"
 
@@ -21,13 +33,36 @@ DOWNLOAD_HINT = "download SDXL with ./download_weights.sh, or use --pretrained_m
 def resolve_model_path(path) -> Path:
     """`tiny` -> the cached tiny model (built on first use); anything else must exist."""
     if str(path) == "tiny":
-        from sdxl.tiny import tiny_model_path
-
         return tiny_model_path()
     p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"model path {p} does not exist; {DOWNLOAD_HINT}")
     return p
+
+
+def model_path_problem(path) -> str | None:
+    """Why `path` cannot be a `--pretrained_model` (what the flag's error says), or None if it can.
+    Checked by both command lines before anything loads."""
+    if str(path) == "tiny":
+        return None
+    model = Path(path).expanduser()
+    if not model.exists():
+        return f"does not exist; {DOWNLOAD_HINT}"
+    if model.is_file() and model.suffix != ".safetensors":
+        return ("only .safetensors single files are loaded (never pickled .ckpt/.bin); convert it to .safetensors "
+                "or give a diffusers folder")
+    if model.is_dir() and not (model / "unet" / "config.json").is_file():
+        return f"is not a diffusers SDXL folder (no unet/config.json); {DOWNLOAD_HINT}"
+    return None
+
+
+def vae_path_problem(path) -> str | None:
+    """Why `path` cannot be a `--vae_model` (a diffusers VAE folder), or None if it can."""
+    vae = Path(path).expanduser()
+    if (vae / "config.json").is_file() or (vae / "vae" / "config.json").is_file():
+        return None
+    return ("is not an existing diffusers VAE folder (no config.json); give one such as ./weights/sdxl-vae-fp16-fix "
+            "(./download_weights.sh --vae-fp16-fix), or leave the flag out")
 
 
 def find_weights(folder: Path, stem: str) -> list[Path]:
@@ -85,7 +120,7 @@ def unet_folder(path: Path) -> Path:
 
 def read_unet_config(folder: Path) -> UNetConfig:
     try:
-        return UNetConfig.from_diffusers(json.loads((folder / "config.json").read_text()))
+        return unet_config_from_diffusers(json.loads((folder / "config.json").read_text()))
     except (ValueError, KeyError) as e:
         raise ValueError(f"{folder / 'config.json'}: {e}") from e
 
@@ -97,10 +132,9 @@ def load_unet(path, dtype=torch.float32, device="cpu", config_path=None) -> SDXL
     (default: SDXL base)."""
     path = resolve_model_path(path)
     if path.is_file():
-        from sdxl.sgm import unet_sgm_to_diffusers
-
         config = read_unet_config(unet_folder(resolve_model_path(config_path))) if config_path else SDXL_CONFIG
-        sd = convert(unet_sgm_to_diffusers, read_single_file(path, "unet"), config.to_diffusers(), path=path)
+        sd = convert(sgm.unet_sgm_to_diffusers, read_single_file(path, "unet"), unet_config_to_diffusers(config),
+                     path=path)
         source = path
     else:
         folder = unet_folder(path)
@@ -115,47 +149,27 @@ def load_unet(path, dtype=torch.float32, device="cpu", config_path=None) -> SDXL
 
 # ---------------------------------------------------------------------------------------------------
 # Single-file SGM checkpoints (sd_xl_base_1.0.safetensors, CivitAI models): they carry no configs, so
-# these are SDXL base's unless `config_path` names a diffusers folder to take them from.
-
-SDXL_VAE_CONFIG = {
-    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32,
-    "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4, "sample_size": 1024, "scaling_factor": 0.13025,
-    "force_upcast": True,
-}  # fmt: skip
-CLIP_L_CONFIG = {
-    "hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12,
-    "hidden_act": "quick_gelu", "projection_dim": 768, "vocab_size": 49408, "max_position_embeddings": 77,
-    "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
-}  # fmt: skip
-OPENCLIP_BIGG_CONFIG = {
-    **CLIP_L_CONFIG, "hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 20,
-    "num_hidden_layers": 32, "hidden_act": "gelu", "projection_dim": 1280,
-}  # fmt: skip
-# Tokenizers for a single file when no config_path is given: the Hugging Face cache (downloaded once).
-HUB_TOKENIZERS = ("openai/clip-vit-large-patch14", "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k")
+# these are SDXL base's (sdxl/configs.py) unless `config_path` names a diffusers folder to take them from.
 
 
 def read_single_file(path: Path, part: str) -> dict[str, torch.Tensor]:
     """One model's tensors ("unet", "vae", "text_encoder", "text_encoder_2") of a single-file
     checkpoint, prefix stripped, still in SGM names. Only that part is read (memory-mapped)."""
-    from sdxl.sgm import PREFIXES, split_single_file
-
     if path.suffix != ".safetensors":
         raise ValueError(f"{path} is not a .safetensors file; pickled checkpoints (.ckpt, .bin) are not loaded")
     try:
         with safe_open(path, framework="pt") as f:
             keys = list(f.keys())
-            sd = {k: f.get_tensor(k) for k in keys if k.startswith(PREFIXES[part])}
+            sd = {k: f.get_tensor(k) for k in keys if k.startswith(sgm.PREFIXES[part])}
     except Exception as e:
         raise ValueError(f"cannot read {path}: {e}; the file is corrupt or truncated") from e
     try:
-        split_single_file(dict.fromkeys(keys))  # checks the layout from the key names
+        sgm.split_single_file(dict.fromkeys(keys))  # checks the layout from the key names
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e
     if not sd:
-        raise ValueError(f"{path} has no {part} weights ('{PREFIXES[part]}*' keys)")
-    return {k[len(PREFIXES[part]) :]: v for k, v in sd.items()}
+        raise ValueError(f"{path} has no {part} weights ('{sgm.PREFIXES[part]}*' keys)")
+    return {k[len(sgm.PREFIXES[part]) :]: v for k, v in sd.items()}
 
 
 def convert(fn, sd, *args, path):
@@ -169,16 +183,13 @@ def load_vae(path, device="cpu", config_path=None):
     """The fp32 SDXL VAE from a diffusers SDXL or VAE folder, a single-file checkpoint, or "tiny"."""
     from diffusers import AutoencoderKL
 
-    from sdxl.sgm import vae_sgm_to_diffusers
-    from sdxl.vae import SDXLVAE
-
     path = resolve_model_path(path)
     if path.is_dir():
         return SDXLVAE.from_pretrained(path, device=device)
     config = SDXL_VAE_CONFIG
     if config_path:
         config = AutoencoderKL.load_config(str(resolve_model_path(config_path) / "vae"))
-    sd = convert(vae_sgm_to_diffusers, read_single_file(path, "vae"), config, path=path)
+    sd = convert(sgm.vae_sgm_to_diffusers, read_single_file(path, "vae"), config, path=path)
     with torch.device("meta"):
         vae = AutoencoderKL.from_config(config)
     load_state_dict_checked(vae, sd, path, device=device, dtype=torch.float32)
@@ -192,9 +203,6 @@ def load_text_encoder(path, dtype=torch.float32, device="cpu", config_path=None)
     text_encoder*/config.json also describe the encoders), else from the Hugging Face cache."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from sdxl.sgm import text_encoder_2_openclip_to_hf, text_encoder_sgm_to_hf
-    from sdxl.text_encoders import SDXLTextEncoder
-
     path = resolve_model_path(path)
     if path.is_dir():
         return SDXLTextEncoder.from_pretrained(path, dtype=dtype, device=device)
@@ -206,8 +214,8 @@ def load_text_encoder(path, dtype=torch.float32, device="cpu", config_path=None)
         configs = [CLIPTextConfig(**CLIP_L_CONFIG), CLIPTextConfig(**OPENCLIP_BIGG_CONFIG)]
         sources = list(HUB_TOKENIZERS)
     sds = [
-        convert(text_encoder_sgm_to_hf, read_single_file(path, "text_encoder"), path=path),
-        convert(text_encoder_2_openclip_to_hf, read_single_file(path, "text_encoder_2"), path=path),
+        convert(sgm.text_encoder_sgm_to_hf, read_single_file(path, "text_encoder"), path=path),
+        convert(sgm.text_encoder_2_openclip_to_hf, read_single_file(path, "text_encoder_2"), path=path),
     ]
     encoders = []
     for cls, config, sd in zip((CLIPTextModel, CLIPTextModelWithProjection), configs, sds, strict=True):

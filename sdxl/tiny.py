@@ -4,8 +4,10 @@
 text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/, model_index.json), which
 diffusers' `StableDiffusionXLPipeline.from_pretrained` also loads. It has SDXL's block structure
 (3 levels, DownBlock2D first, cross-attention in levels 2-3, mid block, text_time embedding, 8x VAE)
-at small widths, and locally built byte-level CLIP tokenizers, so nothing is downloaded.
-`--pretrained_model tiny` anywhere calls `tiny_model_path()`, which builds it once into a cache.
+at small widths, and locally built byte-level CLIP tokenizers (every byte is a symbol, so any text,
+emoji included, tokenizes without unknown tokens), so nothing is downloaded.
+`--pretrained_model tiny` anywhere calls `tiny_model_path()` (through sdxl/loading.py), which builds it
+once into a cache.
 
 Two builds are byte-identical (fixed seeds, sorted JSON); `TINY_VERSION` names the cache folder
 and changes whenever what is written changes.
@@ -14,14 +16,18 @@ and changes whenever what is written changes.
 import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL
 from safetensors.torch import save_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from common.files import atomic_write
+from sdxl.configs import unet_config_to_diffusers
+from sdxl.diffusion import SDXL_SCHEDULER_CONFIG
 from sdxl.unet import SDXLUNet, UNetConfig
 
 TINY_VERSION = 1
@@ -37,23 +43,18 @@ TINY_UNET_CONFIG = UNetConfig(
     projection_class_embeddings_input_dim=80,
 )
 
-# SDXL base's scheduler (stabilityai/stable-diffusion-xl-base-1.0, scheduler/scheduler_config.json).
-SDXL_SCHEDULER_CONFIG = {
-    "_class_name": "EulerDiscreteScheduler",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "interpolation_type": "linear",
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "sample_max_value": 1.0,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "trained_betas": None,
-    "use_karras_sigmas": False,
+TINY_VAE_CONFIG = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [32, 32, 64, 64],
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 128,
+    "scaling_factor": 0.13025,
+    "force_upcast": True,
 }
 
 MODEL_INDEX = {
@@ -72,6 +73,118 @@ MODEL_INDEX = {
 }
 
 
+
+# ---------------------------------------------------------------------------------------------------
+# Locally built CLIP BPE tokenizers (no download)
+
+# A few merges so the BPE path is exercised; CLIP's real merges.txt has 48894.
+TINY_MERGES = (("t", "h"), ("th", "e</w>"), ("i", "n"), ("a", "n"), ("an", "d</w>"), ("o", "f</w>"))
+
+
+def _bytes_to_unicode() -> list[str]:
+    """CLIP/GPT-2's byte -> printable symbol table, in vocabulary order (printable bytes first)."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    others = [b for b in range(256) if b not in printable]
+    # Printable bytes map to themselves; the others to 256, 257, ... so no symbol is whitespace/control.
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
+
+
+def _write_vocab_files(folder: Path) -> None:
+    """Write CLIP-style vocab.json and merges.txt: bytes, bytes + "</w>", merges, then the special tokens."""
+    symbols = _bytes_to_unicode()
+    tokens = symbols + [s + "</w>" for s in symbols] + [a + b for a, b in TINY_MERGES]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {token: i for i, token in enumerate(tokens)}
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    merges = "".join(f"{a} {b}\n" for a, b in TINY_MERGES)
+    (folder / "merges.txt").write_text("#version: 0.2\n" + merges, encoding="utf-8")
+
+
+def build_clip_tokenizer(pad_token: str) -> CLIPTokenizer:
+    """A CLIP BPE tokenizer with a byte-level vocabulary, built locally.
+
+    SDXL's tokenizer 1 pads with "<|endoftext|>", tokenizer 2 with "!".
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        _write_vocab_files(Path(tmp))
+        # vocab.json + merges.txt is the layout both transformers 4 (slow tokenizer) and 5 (converted
+        # to a `tokenizers` BPE on load) read; once loaded the tokenizer needs no files.
+        tokenizer = CLIPTokenizer.from_pretrained(
+            tmp,
+            local_files_only=True,
+            model_max_length=77,
+            bos_token="<|startoftext|>",
+            eos_token="<|endoftext|>",
+            unk_token="<|endoftext|>",
+            pad_token=pad_token,
+        )
+    # transformers 5 records how it was loaded and would write it into tokenizer_config.json.
+    for loader_key in ("is_local", "local_files_only", "vocab_file", "merges_file"):
+        tokenizer.init_kwargs.pop(loader_key, None)
+    return tokenizer
+
+
+TINY_TEXT_ENCODER_CONFIG = dict(  # CLIP ViT-L in SDXL: 768 wide, 3072 MLP, 12 heads, 12 layers
+    hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=3,
+    hidden_act="quick_gelu", projection_dim=32, max_position_embeddings=77,
+)  # fmt: skip
+TINY_TEXT_ENCODER_2_CONFIG = dict(  # OpenCLIP bigG in SDXL: 1280 wide, 5120 MLP, 20 heads, 32 layers
+    hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=3,
+    hidden_act="gelu", projection_dim=32, max_position_embeddings=77,
+)  # fmt: skip
+
+
+def tiny_text_encoder_configs(tokenizer, tokenizer_2) -> tuple[CLIPTextConfig, CLIPTextConfig]:
+    """CLIPTextConfigs of the tiny encoders, with vocab size and special-token ids from the tokenizers."""
+    configs = []
+    for sizes, tok in ((TINY_TEXT_ENCODER_CONFIG, tokenizer), (TINY_TEXT_ENCODER_2_CONFIG, tokenizer_2)):
+        # eos_token_id must be the tokenizer's real one: with any value but 2, CLIP pools the hidden
+        # state at the first position holding eos_token_id (the legacy value 2 means "argmax of ids").
+        ids = dict(
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+        )
+        configs.append(CLIPTextConfig(vocab_size=len(tok), **sizes, **ids))
+    return configs[0], configs[1]
+
+
+def write_tiny_text_encoders(root: Path, seed: int = 0) -> None:
+    """Write root/{text_encoder, text_encoder_2, tokenizer, tokenizer_2}; same seed -> identical bytes."""
+    root = Path(root)
+    tokenizer, tokenizer_2 = build_clip_tokenizer("<|endoftext|>"), build_clip_tokenizer("!")
+    config, config_2 = tiny_text_encoder_configs(tokenizer, tokenizer_2)
+    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG state untouched
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(config)
+        torch.manual_seed(seed + 1)
+        text_encoder_2 = CLIPTextModelWithProjection(config_2)
+    text_encoder.save_pretrained(root / "text_encoder", safe_serialization=True)
+    text_encoder_2.save_pretrained(root / "text_encoder_2", safe_serialization=True)
+    for name, tok in (("tokenizer", tokenizer), ("tokenizer_2", tokenizer_2)):
+        tok.save_pretrained(root / name)
+        # transformers 5 saves only tokenizer.json; vocab.json + merges.txt (as in SDXL's own folders)
+        # keep the folder loadable by transformers 4's slow CLIPTokenizer too.
+        _write_vocab_files(root / name)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The model folder
+
+
+def write_tiny_vae(root: Path, seed: int = 0) -> Path:
+    """Write a random SDXL-shaped VAE (`TINY_VAE_CONFIG`) to root/vae/; byte-identical per seed."""
+    with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(**TINY_VAE_CONFIG)
+    out = Path(root) / "vae"
+    vae.save_pretrained(out, safe_serialization=True)
+    return out
+
+
 def write_json(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
@@ -79,9 +192,6 @@ def write_json(path: Path, obj: dict) -> None:
 
 def build(out_dir: Path, seed: int = 0) -> Path:
     """Write the tiny SDXL into `out_dir` (created; must be empty or absent)."""
-    from sdxl.text_encoders import write_tiny_text_encoders
-    from sdxl.vae import write_tiny_vae
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -89,7 +199,7 @@ def build(out_dir: Path, seed: int = 0) -> Path:
     (out_dir / "unet").mkdir(exist_ok=True)
     save_file({k: v.contiguous() for k, v in unet.state_dict().items()},
               out_dir / "unet" / "diffusion_pytorch_model.safetensors")
-    write_json(out_dir / "unet" / "config.json", TINY_UNET_CONFIG.to_diffusers())
+    write_json(out_dir / "unet" / "config.json", unet_config_to_diffusers(TINY_UNET_CONFIG))
     write_tiny_vae(out_dir, seed=seed + 1)
     write_tiny_text_encoders(out_dir, seed=seed + 2)
     write_json(out_dir / "scheduler" / "scheduler_config.json", SDXL_SCHEDULER_CONFIG)
@@ -105,22 +215,12 @@ def cache_dir() -> Path:
 
 
 def tiny_model_path() -> Path:
-    """The tiny model's folder, built on first use. Built in a temporary folder and renamed into
-    place, so a crash or a concurrent process never leaves a half-written model behind."""
+    """The tiny model's folder, built on first use, through a temporary folder renamed into place, so a crash
+    or a concurrent process never leaves a half-written model behind."""
     final = cache_dir() / f"tiny-v{TINY_VERSION}"
-    if (final / "model_index.json").is_file():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=final.parent))
-    try:
-        build(tmp)
-        try:
-            tmp.rename(final)
-        except OSError:  # another process finished first
-            if not (final / "model_index.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if not (final / "model_index.json").is_file():
+        final.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(final, build, folder=True, replace=False)
     return final
 
 

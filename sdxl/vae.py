@@ -1,7 +1,7 @@
 """SDXL's VAE: a thin fp32 wrapper around diffusers' `AutoencoderKL` (the 8x KL autoencoder of
 Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models").
 
-The VAE is diffusers' own by design (see DESIGN.md); this file only fixes the conventions the rest
+The VAE is diffusers' own by design (docs/ARCHITECTURE.md); this file only fixes the conventions the rest
 of the project relies on:
 - always fp32: SDXL's original VAE overflows in fp16 (its config says `force_upcast`), and a dtype
   change asked of this module (`.to(torch.bfloat16)`, `.half()`) only moves the device;
@@ -20,20 +20,6 @@ from diffusers import AutoencoderKL
 # 1536x640, ...) has at most that area and decodes in one exact pass, while a config's smaller
 # `sample_size` (madebyollin/sdxl-vae-fp16-fix says 512) would tile, and blur, ordinary images.
 MIN_AUTO_TILE = 1024
-
-TINY_VAE_CONFIG = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [32, 32, 64, 64],
-    "layers_per_block": 1,
-    "latent_channels": 4,
-    "norm_num_groups": 32,
-    "sample_size": 128,
-    "scaling_factor": 0.13025,
-    "force_upcast": True,
-}
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 WEIGHTS_FP16 = "diffusion_pytorch_model.fp16.safetensors"
@@ -68,7 +54,8 @@ class SDXLVAE(torch.nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device="cpu", tile_size: int | None = None) -> "SDXLVAE":
-        """Load from a diffusers SDXL folder (its `vae/`), a VAE folder, or the word "tiny"."""
+        """Load from a diffusers SDXL folder (its `vae/`) or a VAE folder; `sdxl.loading.load_vae` also takes
+        single files and the word "tiny"."""
         folder = find_vae_folder(path)
         if (folder / WEIGHTS).is_file():
             variant = None
@@ -124,11 +111,7 @@ class SDXLVAE(torch.nn.Module):
 
 
 def find_vae_folder(path: str | Path) -> Path:
-    """The folder holding the VAE's config.json: `path/vae`, `path` itself, or the tiny model's."""
-    if str(path) == "tiny":
-        from sdxl.tiny import tiny_model_path  # lazy: builds the tiny model on first use
-
-        path = tiny_model_path()
+    """The folder holding the VAE's config.json: `path/vae` or `path` itself."""
     root = Path(path).expanduser()
     if not root.exists():
         raise FileNotFoundError(
@@ -150,13 +133,3 @@ def find_vae_folder(path: str | Path) -> Path:
         f"no VAE in {root}: expected {root / 'vae' / 'config.json'} (diffusers SDXL folder) or "
         f"{root / 'config.json'} (VAE folder); pass --vae_model or a complete SDXL folder"
     )
-
-
-def write_tiny_vae(root: Path, seed: int = 0) -> Path:
-    """Write a random SDXL-shaped VAE (`TINY_VAE_CONFIG`) to root/vae/; byte-identical per seed."""
-    with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
-        torch.manual_seed(seed)
-        vae = AutoencoderKL(**TINY_VAE_CONFIG)
-    out = Path(root) / "vae"
-    vae.save_pretrained(out, safe_serialization=True)
-    return out

@@ -10,7 +10,8 @@ import torch
 
 import training.checkpoints as ck
 from sdxl.loading import load_unet
-from sdxl.lora import LoRAConfig, apply_lora, load_lora, lora_state_dict
+from sdxl.lora import LoRAConfig, apply_lora, lora_state_dict
+from sdxl.lora_files import load_lora
 
 CONFIG = LoRAConfig(rank=4, alpha=2.0, dropout=0.0, target_mode="attention")
 
@@ -37,9 +38,9 @@ def test_round_trip_is_exact_and_the_lora_file_loads_as_a_lora(tmp_path, lora):
     assert all(torch.equal(got.ema[k], lora[k] * 0.5) for k in lora)
     assert got.state["step"] == 7 and got.state["schema_version"] == ck.SCHEMA_VERSION
     assert got.config == {"seed": 0} and got.lora_config == CONFIG
-    # the folder is a LoRA too: load_lora takes its EMA weights (as lora_final would be)
+    # the folder is a LoRA too: its LoRA file is the EMA weights (as lora_final would be)
     a, b = load_unet("tiny"), load_unet("tiny")
-    load_lora(a, path)
+    load_lora(a, ck.lora_file_of(path))
     load_lora(b, path / "ema.safetensors")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000007"]  # no temp folders
@@ -136,4 +137,4 @@ def test_schema_1_checkpoints_are_upgraded_on_load(tmp_path, lora):
     assert all(torch.equal(got.lora[k], lora[k]) for k in lora)
     ck.restore_rng(got.state["rng"])
     with pytest.raises(ValueError, match="extract_lora_weights.py"):
-        load_lora(load_unet("tiny"), folder)
+        ck.lora_file_of(folder)

@@ -15,16 +15,9 @@ import torch
 from PIL import Image
 
 from training.buckets import closest_bucket, cover_size, make_buckets, plan_global_batches
-from training.data_loader import (
-    DataError,
-    FolderDataset,
-    ShardDataset,
-    build_dataset,
-    sample_rng,
-    scan_folder,
-    to_tensor,
-    transform_caption,
-)
+from training.datasets import FolderDataset, ShardDataset, build_dataset
+from training.images import sample_rng, to_tensor, transform_caption
+from training.scan import DataError, scan_folder
 
 
 def gradient(width: int, height: int) -> Image.Image:

@@ -4,8 +4,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from sdxl.diffusion import add_noise, alphas_cumprod, min_snr_weights, v_target
-from sdxl.tiny import SDXL_SCHEDULER_CONFIG
+from sdxl.diffusion import SDXL_SCHEDULER_CONFIG, add_noise, alphas_cumprod, min_snr_weights, v_target
 from training.ema import EMA
 
 

@@ -1,5 +1,6 @@
-"""Data-parallel training (DESIGN.md oracle 7): 2 gloo processes under torchrun with batch_size 2 compute what one
-process with batch_size 4 computes: the same global batches, noise and timesteps, gradients averaged over ranks."""
+"""Data-parallel training (docs/ARCHITECTURE.md, "Seeds"): 2 gloo processes under torchrun with batch_size 2
+compute what one process with batch_size 4 computes: the same global batches, noise and timesteps, gradients
+averaged over ranks."""
 
 import json
 import socket

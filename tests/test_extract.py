@@ -15,24 +15,23 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import extract_lora_weights
-from sdxl.convert import LoRAWeights, meta_unet, write_lora
+from sdxl.configs import unet_config_to_diffusers
 from sdxl.lora import (
     LoRAConfig,
     apply_lora,
-    load_lora,
     lora_parameters,
     lora_state_dict,
     lora_target_names,
-    read_lora_file,
 )
+from sdxl.lora_files import LoRAWeights, load_lora, meta_unet, read_lora_file, write_lora
 from sdxl.tiny import TINY_UNET_CONFIG
 from sdxl.unet import SDXL_CONFIG, SDXLUNet
-from training.checkpoints import save_checkpoint
+from training.checkpoints import lora_file_of, save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CONFIG = LoRAConfig(rank=4, alpha=2.0, dropout=0.1, target_mode="attention_out")
 RUN_CONFIG = "pretrained_model: tiny\nseed: 3\nlearning_rate: 0.0001\nimage_size: 64\n"
-TINY = TINY_UNET_CONFIG.to_diffusers()
+TINY = unet_config_to_diffusers(TINY_UNET_CONFIG)
 
 
 def tiny_unet() -> SDXLUNet:
@@ -78,10 +77,11 @@ def base_unet() -> tuple[SDXLUNet, dict[str, torch.Tensor]]:
 
 
 def merged(path) -> dict[str, torch.Tensor]:
-    """The tiny UNet's weights after `load_lora(path)` (one UNet, reset each time: fast)."""
+    """The tiny UNet's weights after `load_lora` of a file, or of a checkpoint folder's `lora_file_of` (one UNet,
+    reset each time: fast)."""
     unet, weights = base_unet()
     unet.load_state_dict(weights)
-    load_lora(unet, path)
+    load_lora(unet, lora_file_of(path))
     return {k: v.clone() for k, v in unet.state_dict().items()}
 
 
@@ -113,7 +113,7 @@ def test_checkpoint_to_file_loads_like_the_checkpoint(checkpoint, tmp_path, caps
     printed = capsys.readouterr().out
     assert f"wrote {out}" in printed and ("add --ema" in printed) != ema  # the checkpoint has EMA weights
     source = checkpoint / ("ema.safetensors" if ema else "lora.safetensors")
-    # load_lora(folder) takes the EMA weights when there are some (as lora_final does)
+    # a checkpoint folder's LoRA file is its EMA weights when there are some (as lora_final is)
     assert_same_weights(merged(out), reference(checkpoint if ema else source), exact=fmt == "kohya")
     meta = metadata(out)
     assert meta["sdxl_lora.rank"] == "4" and meta["sdxl_lora.target_mode"] == "attention_out"

@@ -1,7 +1,7 @@
 """generate_images.py end to end on the tiny model (CPU): prompt files, the COCO-style folder, resume,
 settings checks, bad input, and 2 gloo processes under torchrun == 1 process, byte for byte.
 
-The CLI runs in-process (`sampling.cli.main(argv)`) except for the torchrun test. Images are 64x48
+The CLI runs in-process (`generate_images.main(argv)`) except for the torchrun test. Images are 64x48
 (width != height catches a swapped size), 3 steps: the point is the bookkeeping, not the pictures;
 pixel parity with diffusers is tests/test_inference.py's.
 """
@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sampling import cli
+import generate_images
+from sampling.config import build_parser, parse_args
 from sampling.inference import SDXLGenerator
 from sampling.prompts import ImageJob, PromptError, PromptSpec, plan_images, read_prompt_file
 from sampling.writer import is_complete, missing_jobs, write_group
@@ -28,8 +29,8 @@ FAST = ["--pretrained-model", "tiny", "--image-size", "64x48", "--num-inference-
 
 def run(capsys, *argv) -> tuple[int, str, str]:
     try:
-        status = cli.main([*FAST, *map(str, argv)])
-    except SystemExit as e:  # argparse's own errors (sampling.cli._Parser.error): one line, exit 2
+        status = generate_images.main([*FAST, *map(str, argv)])
+    except SystemExit as e:  # argparse's own errors (common.cli.Parser.error): one line, exit 2
         status = e.code
     out, err = capsys.readouterr()
     return status, out, err
@@ -198,20 +199,20 @@ def test_jsonl_prompts_without_metadata(tmp_path, capsys):
 
 
 def test_underscore_and_dash_spellings_are_the_same_flags(tmp_path, lora):
-    dashed = cli.parse_args(["--pretrained-model", "tiny", "--prompt", "x", "--lora-checkpoint", str(lora),
+    dashed = parse_args(["--pretrained-model", "tiny", "--prompt", "x", "--lora-checkpoint", str(lora),
                              "--lora-scale", "0.5", "--num-images", "2", "--image-size", "64", "--output-dir",
                              str(tmp_path), "--num-inference-steps", "2", "--guidance-scale", "3", "--shuffle-prompts",
                              "--no-save-metadata", "--batch-size", "2", "--negative-prompt", "n", "--seed", "4",
                              "--device", "cpu", "--precision", "fp32", "--scheduler", "ddim", "--overwrite"])
-    under = cli.parse_args(["--pretrained_model", "tiny", "--prompt", "x", "--lora_checkpoint", str(lora),
+    under = parse_args(["--pretrained_model", "tiny", "--prompt", "x", "--lora_checkpoint", str(lora),
                             "--lora_scale", "0.5", "--num_images", "2", "--image_size", "64", "--output_dir",
                             str(tmp_path), "--num_inference_steps", "2", "--guidance_scale", "3", "--shuffle_prompts",
                             "--no-save_metadata", "--batch_size", "2", "--negative_prompt", "n", "--seed", "4",
                             "--device", "cpu", "--precision", "fp32", "--scheduler", "ddim", "--overwrite"])
     assert vars(dashed) == vars(under)
     assert (dashed.width, dashed.height, dashed.loras, dashed.save_metadata) == (64, 64, [(str(lora), 0.5)], False)
-    help_text = cli.build_parser().format_help()
-    assert all(a.help for a in cli.build_parser()._actions)  # help= on every flag
+    help_text = build_parser().format_help()
+    assert all(a.help for a in build_parser()._actions)  # help= on every flag
     for group in ("model:", "prompts:", "sampling:", "output:", "hardware:"):
         assert group in help_text
 

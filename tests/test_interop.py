@@ -34,25 +34,23 @@ from diffusers.utils import convert_unet_state_dict_to_peft
 from safetensors.torch import load_file, save_file
 
 import extract_lora_weights
-from sdxl.convert import LoRAWeights, meta_unet, write_lora
+from sdxl.configs import unet_config_to_diffusers
 from sdxl.loading import load_unet
 from sdxl.lora import (
     LoRAConfig,
     apply_lora,
-    load_lora,
     lora_parameters,
     lora_state_dict,
     lora_target_names,
-    read_lora_file,
-    save_lora,
 )
+from sdxl.lora_files import LoRAWeights, load_lora, meta_unet, read_lora_file, save_lora, write_lora
 from sdxl.tiny import TINY_UNET_CONFIG
 from sdxl.unet import SDXL_CONFIG, SDXLUNet
-from training.checkpoints import load_checkpoint, save_checkpoint
+from training.checkpoints import load_checkpoint, lora_file_of, save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CONFIG = LoRAConfig(rank=4, alpha=2.0, target_mode="all")  # alpha != rank: the scale must travel with the file
-TINY = TINY_UNET_CONFIG.to_diffusers()
+TINY = unet_config_to_diffusers(TINY_UNET_CONFIG)
 
 
 def rel_err(a, b):
@@ -122,9 +120,9 @@ def test_checkpoint_loras_load_in_diffusers(checkpoint, pipe, tiny_dir, tmp_path
         ours_from = checkpoint / "lora.safetensors"
     else:
         path = checkpoint / which
-        ours_from = checkpoint if which == "ema.safetensors" else path  # load_lora(folder) takes the EMA weights
+        ours_from = checkpoint if which == "ema.safetensors" else path  # a folder's LoRA file: its EMA weights
     ours = load_unet(tiny_dir)
-    load_lora(ours, ours_from)
+    load_lora(ours, lora_file_of(ours_from))
     problems = load_in_diffusers(pipe, path)
     try:
         assert not problems
@@ -155,7 +153,7 @@ def test_full_sdxl_kohya_names_map_back_through_diffusers(tmp_path):
     assert len(names) == 722 and len(keys) == 3 * len(names)
     assert all(k.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_"))
                for k in keys)
-    sdxl_config = FrozenDict(SDXL_CONFIG.to_diffusers())
+    sdxl_config = FrozenDict(unet_config_to_diffusers(SDXL_CONFIG))
     sd, alphas = StableDiffusionXLPipeline.lora_state_dict(str(path), unet_config=sdxl_config)
     ours, _ = read_lora_file(path)  # our reader, default config: SDXL base
     peft = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in sd.items()})

@@ -13,14 +13,14 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
 from sdxl.loading import load_text_encoder, load_unet, load_vae
-from sdxl.sgm import (
-    PREFIXES,
+from sdxl.sgm import PREFIXES
+from sdxl.tiny import TINY_UNET_CONFIG
+from tests.sgm_writers import (
     text_encoder_2_hf_to_openclip,
     text_encoder_hf_to_sgm,
     unet_diffusers_to_sgm,
     vae_diffusers_to_sgm,
 )
-from sdxl.tiny import TINY_UNET_CONFIG
 from tests.test_unet import inputs, rel_err
 
 

@@ -23,20 +23,19 @@ from peft import LoraConfig
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from sdxl.configs import unet_config_to_diffusers
 from sdxl.loading import load_unet
 from sdxl.lora import (
     LoRAConfig,
     LoRALinear,
     apply_lora,
-    load_lora,
     load_lora_state_dict,
     lora_modules,
     lora_parameters,
     lora_state_dict,
     lora_target_names,
-    read_lora_file,
-    save_lora,
 )
+from sdxl.lora_files import load_lora, read_lora_file, save_lora
 from sdxl.tiny import TINY_UNET_CONFIG
 from sdxl.unet import SDXLUNet, UNetConfig
 
@@ -124,7 +123,7 @@ def test_target_modes_pick_the_documented_layers():
 @pytest.mark.parametrize("mode", MODES)
 def test_matches_peft(mode):
     """Same weights, same LoRA values: our wrapper == peft's LoRA on diffusers' UNet, output and grads."""
-    cfg = {k: v for k, v in TINY_UNET_CONFIG.to_diffusers().items() if not k.startswith("_")}
+    cfg = {k: v for k, v in unet_config_to_diffusers(TINY_UNET_CONFIG).items() if not k.startswith("_")}
     torch.manual_seed(0)
     ref = UNet2DConditionModel(**cfg).eval()
     ours = SDXLUNet(TINY_UNET_CONFIG).eval()
@@ -180,7 +179,10 @@ def test_merge_unmerge():
     after = unet.state_dict()
     for k, v in before.items():  # one fp32 rounding of W + dW, then of (W + dW) - dW
         assert torch.allclose(after[k], v, rtol=0, atol=1e-6), k
-    assert rel_err(output(unet), unmerged) < 1e-6
+    # Each weight now carries at most 2 roundings, relative 2u (u = 2^-24 = 6e-8); relative errors add along the
+    # ~40 Linear layers of the UNet's longest path: <= 40 * 2u = 4.8e-6, so 1e-5 (and the forward's own rounding,
+    # summation order differs with the thread count, is far below that).
+    assert rel_err(output(unet), unmerged) < 1e-5
 
 
 def test_bf16_base_under_autocast():
@@ -230,7 +232,7 @@ def test_save_load_round_trip(tmp_path, fmt, mode):
     apply_lora(wrapped, config)
     load_lora(wrapped, path)
     assert rel_err(output(wrapped), output(unet)) < 1e-5
-    entries, _ = read_lora_file(path, TINY_UNET_CONFIG.to_diffusers())
+    entries, _ = read_lora_file(path, unet_config_to_diffusers(TINY_UNET_CONFIG))
     assert sorted(entries) == sorted(lora_modules(unet))
 
 

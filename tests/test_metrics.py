@@ -4,6 +4,7 @@ import json
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,17 @@ def offline_run_file(output_dir: Path) -> Path:
     files = list(runs[0].glob("run-*.wandb"))
     assert len(files) == 1 and files[0].stat().st_size > 0, files
     return files[0]
+
+
+def logged_rows(output_dir: Path, steps, timeout: float = 60.0) -> dict[int, dict]:
+    """The rows of the run's .wandb file once it holds every step in `steps`: W&B's writer is a background
+    process that may still be appending after `finish()` returns, so poll (a row that never arrives fails)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = history_rows(offline_run_file(output_dir))
+        if set(steps) <= set(rows) or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.1)
 
 
 def history_rows(run_file: Path) -> dict[int, dict]:
@@ -87,7 +99,7 @@ def test_wandb_offline_logs_scalars_and_image(tmp_path, wandb_offline):
     log.log_image(2, "samples", image)
     log.close()
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
-    rows = history_rows(offline_run_file(out))
+    rows = logged_rows(out, [1, 2])
     assert rows[1]["loss"] == 0.5 and rows[2]["loss"] == 0.25 and rows[2]["lr"] == 2e-4
     assert rows[2]["samples/_type"] == "image-file" and (rows[2]["samples/width"], rows[2]["samples/height"]) == (16, 8)
     assert list(out.glob("wandb/offline-run-*/files/media/images/samples_2_*.png"))
@@ -112,7 +124,7 @@ def test_training_run_logs_to_wandb_offline(tmp_path, wandb_offline):
            "--wandb_project", "test", "--wandb_run_name", "r1"]
     run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
-    rows = history_rows(offline_run_file(out))
+    rows = logged_rows(out, [0, 1, 2])
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = {m["step"]: m["loss"] for m in metrics if "loss" in m}
     assert {s: rows[s]["loss"] for s in (1, 2)} == losses  # W&B got the same numbers as metrics.jsonl

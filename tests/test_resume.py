@@ -1,4 +1,4 @@
-"""Exact resume, end to end in subprocesses (DESIGN.md oracle 6): a run stopped by SIGTERM, resumed, stopped
+"""Exact resume, end to end in subprocesses (docs/ARCHITECTURE.md, "Seeds"): a run stopped by SIGTERM, resumed, stopped
 by SIGINT, resumed again, equals a run that was never stopped, bit for bit (CPU, tiny model)."""
 
 import json

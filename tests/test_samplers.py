@@ -32,7 +32,7 @@ from sampling.samplers import (
     sigma_table,
     sigma_to_t,
 )
-from sdxl.tiny import SDXL_SCHEDULER_CONFIG
+from sdxl.diffusion import SDXL_SCHEDULER_CONFIG
 
 TOL = 1e-4
 SCHEDULERS = {
@@ -167,7 +167,10 @@ def test_ancestral_batch_equals_single_images(unet):
                   "added_cond_kwargs": {k: v[i : i + 1] for k, v in cond["added_cond_kwargs"].items()}}
         one = SAMPLERS["euler_a"](model_fn(unet), x[i : i + 1], sigmas, timesteps=timesteps, extra_args=cond_i,
                                   generators=[torch.Generator().manual_seed(s + 1000)])
-        assert (both[i : i + 1] - one).abs().max() < 1e-5  # batched vs single UNet rounding only
+        # Batched vs single UNet calls differ by float rounding only (BLAS blocks the batch differently):
+        # relative u = 6e-8 per op, adding up over the ~60 ops of the UNet's longest path (~4e-6 per call)
+        # and over the 8 steps (~3e-5); bound the largest difference relative to the values' scale.
+        assert (both[i : i + 1] - one).abs().max() < 1e-4 * one.abs().max()
     with pytest.raises(ValueError, match="one per image"):
         SAMPLERS["euler_a"](model_fn(unet), x, sigmas, timesteps=timesteps, extra_args=cond,
                             generators=[torch.Generator()])

@@ -19,16 +19,18 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from sdxl.sgm import (
     PREFIXES,
     split_single_file,
-    text_encoder_2_hf_to_openclip,
     text_encoder_2_openclip_to_hf,
-    text_encoder_hf_to_sgm,
     text_encoder_sgm_to_hf,
-    unet_diffusers_to_sgm,
     unet_sgm_names,
     unet_sgm_to_diffusers,
-    vae_diffusers_to_sgm,
     vae_sgm_names,
     vae_sgm_to_diffusers,
+)
+from tests.sgm_writers import (
+    text_encoder_2_hf_to_openclip,
+    text_encoder_hf_to_sgm,
+    unet_diffusers_to_sgm,
+    vae_diffusers_to_sgm,
 )
 
 TINY_UNET = dict(

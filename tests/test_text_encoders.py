@@ -14,11 +14,9 @@ import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-from sdxl.text_encoders import (
-    SDXLTextEncoder,
-    build_clip_tokenizer,
-    write_tiny_text_encoders,
-)
+from sdxl.loading import load_text_encoder
+from sdxl.text_encoders import SDXLTextEncoder
+from sdxl.tiny import build_clip_tokenizer, write_tiny_text_encoders
 
 SHORT = "a photo of a cat"
 LONG = " ".join(f"word{i}" for i in range(100))  # > 77 tokens: truncated, EOS kept at position 76
@@ -136,7 +134,7 @@ def test_tiny_word_uses_sdxl_tiny(tiny_root, monkeypatch):
     fake = types.ModuleType("sdxl.tiny")
     fake.tiny_model_path = lambda: tiny_root
     monkeypatch.setitem(sys.modules, "sdxl.tiny", fake)
-    embeds, pooled = SDXLTextEncoder.from_pretrained("tiny").encode([SHORT])
+    embeds, pooled = load_text_encoder("tiny").encode([SHORT])
     assert embeds.shape == (1, 77, 96) and pooled.shape == (1, 32)
 
 

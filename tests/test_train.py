@@ -13,8 +13,10 @@ from safetensors.torch import load_file
 
 from sdxl.diffusion import alphas_cumprod
 from sdxl.loading import load_unet
-from sdxl.lora import LoRAConfig, apply_lora, load_lora, lora_modules
-from training.train_loop import diffusion_loss, lr_multiplier
+from sdxl.lora import LoRAConfig, apply_lora, lora_modules
+from sdxl.lora_files import load_lora
+from training.loss import diffusion_loss
+from training.optim import lr_multiplier
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "data" / "demo"
@@ -123,11 +125,6 @@ def test_training_step_matches_diffusers_with_peft(tiny_dir, prediction_type, ga
     time_ids = torch.tensor([[64, 96, 0, 0, 64, 96], [80, 100, 4, 2, 64, 96]], dtype=torch.float32)
     t = torch.tensor([50, 700])
 
-    class Args:
-        min_snr_gamma = gamma
-
-    Args.prediction_type = prediction_type
-
     class Wrap(torch.nn.Module):  # diffusers' UNet called like ours
         def __init__(self, unet):
             super().__init__()
@@ -136,13 +133,10 @@ def test_training_step_matches_diffusers_with_peft(tiny_dir, prediction_type, ga
         def forward(self, x, t, ctx, cond):
             return self.unet(x, t, ctx, added_cond_kwargs=cond).sample
 
-    class M:
-        ac = alphas_cumprod()
-
     losses = {}
     for name, unet in (("ours", ours), ("ref", Wrap(ref))):
-        M.unet = unet
-        loss = diffusion_loss(M, Args, x0, embeds, pooled, time_ids, t, noise, torch.float32).mean()
+        loss = diffusion_loss(unet, x0, embeds, pooled, time_ids, t, noise, alphas_cumprod=alphas_cumprod(),
+                              prediction_type=prediction_type, min_snr_gamma=gamma).mean()
         loss.backward()
         losses[name] = loss.item()
     assert abs(losses["ours"] - losses["ref"]) / losses["ref"] < 1e-5
@@ -228,7 +222,7 @@ def test_cached_latents_with_random_flips_cache_both_flips(tmp_path):
     """With center crops, an image has exactly two pixel variants (flipped or not): the cache holds at most two
     entries per image and, once both were seen, never runs the VAE for it again."""
     from training.caching import LatentCache
-    from training.data_loader import build_dataset
+    from training.datasets import build_dataset
 
     encoded = []
 
@@ -256,3 +250,26 @@ def test_trains_on_cuda_in_half_precision(tmp_path, precision):
     losses = [m["loss"] for m in read_metrics(tmp_path / "out") if "loss" in m]
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
     assert all(m["peak_mem_mib"] > 0 for m in read_metrics(tmp_path / "out") if "loss" in m)
+
+
+def test_an_epochs_short_last_step_averages_the_micro_batches_it_has(tmp_path):
+    """36 images at 64 px (one bucket), batch 4: 9 micro-batches per epoch; accumulation 4 gives steps of 4, 4 and 1
+    micro-batches. A step's loss and gradient are the mean over its own micro-batches: step 3 (one micro-batch)
+    equals step 9 of a run with accumulation 1, which trains the same micro-batch (same micro-step, so the same noise
+    and timesteps). A learning rate of 1e-30 keeps the weights unchanged in fp32, so the two runs see the same
+    weights. Dividing by --gradient_accumulation_steps instead would log a quarter of the loss and gradient."""
+    flags = ["--image_size", "64", "--lr_scheduler", "constant", "--warmup_steps", "0", "--learning_rate", "1e-30",
+             "--validation_prompts", "--val_data_dir", "", "--save_interval", "0", "--no-random_flip"]
+    runs = {}
+    for accumulation, steps in ((4, 3), (1, 9)):
+        out = tmp_path / f"accumulation{accumulation}"
+        run = run_train(out, *flags, "--gradient_accumulation_steps", str(accumulation),
+                        "--max_train_steps", str(steps))
+        assert run.returncode == 0, run.stderr[-3000:]
+        runs[accumulation] = [m for m in read_metrics(out / "out") if "loss" in m]
+    short, single = runs[4][2], runs[1][8]
+    assert (short["step"], short["epoch"], single["step"]) == (3, 0, 9)
+    # the same fp32 operations on the same inputs: equal up to summation order (measured: identical)
+    assert abs(short["loss"] - single["loss"]) <= 1e-6 * single["loss"]
+    assert abs(short["grad_norm"] - single["grad_norm"]) <= 1e-5 * single["grad_norm"]
+    assert abs(runs[4][0]["loss"] - sum(m["loss"] for m in runs[1][:4]) / 4) <= 1e-5 * runs[4][0]["loss"]

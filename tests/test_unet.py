@@ -11,6 +11,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
+from sdxl.configs import unet_config_from_diffusers, unet_config_to_diffusers
 from sdxl.tiny import TINY_UNET_CONFIG
 from sdxl.unet import SDXL_CONFIG, SDXLUNet, UNetConfig
 
@@ -27,13 +28,14 @@ OTHER_CONFIG = UNetConfig(  # SDXL-shaped but different widths, depths, heads, g
 
 
 def diffusers_unet(cfg: UNetConfig) -> UNet2DConditionModel:
-    return UNet2DConditionModel(**{k: v for k, v in cfg.to_diffusers().items() if not k.startswith("_")}).eval()
+    config = {k: v for k, v in unet_config_to_diffusers(cfg).items() if not k.startswith("_")}
+    return UNet2DConditionModel(**config).eval()
 
 
 def ours_sharing_weights(ref: UNet2DConditionModel) -> SDXLUNet:
     """Our UNet built on meta, taking diffusers' tensors by assignment (no second copy in memory)."""
     with torch.device("meta"):
-        ours = SDXLUNet(UNetConfig.from_diffusers(dict(ref.config)))
+        ours = SDXLUNet(unet_config_from_diffusers(dict(ref.config)))
     ours.load_state_dict(ref.state_dict(), strict=True, assign=True)
     return ours.eval()
 
@@ -80,10 +82,10 @@ def test_matches_diffusers(cfg):
 
 def test_config_round_trip():
     for cfg in (SDXL_CONFIG, TINY_UNET_CONFIG, OTHER_CONFIG):
-        assert UNetConfig.from_diffusers(cfg.to_diffusers()) == cfg
-    bad = {**TINY_UNET_CONFIG.to_diffusers(), "use_linear_projection": False}
+        assert unet_config_from_diffusers(unet_config_to_diffusers(cfg)) == cfg
+    bad = {**unet_config_to_diffusers(TINY_UNET_CONFIG), "use_linear_projection": False}
     with pytest.raises(ValueError, match="use_linear_projection"):
-        UNetConfig.from_diffusers(bad)
+        unet_config_from_diffusers(bad)
 
 
 def test_output_depends_on_every_input():

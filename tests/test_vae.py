@@ -13,7 +13,8 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from sdxl.vae import SDXLVAE, TINY_VAE_CONFIG, write_tiny_vae
+from sdxl.tiny import TINY_VAE_CONFIG, tiny_model_path, write_tiny_vae
+from sdxl.vae import SDXLVAE
 
 SF = TINY_VAE_CONFIG["scaling_factor"]
 
@@ -172,7 +173,7 @@ def test_tiny_word_uses_tiny_model_path(tiny_vae_root, monkeypatch):
     fake = types.ModuleType("sdxl.tiny")
     fake.tiny_model_path = lambda: tiny_vae_root
     monkeypatch.setitem(sys.modules, "sdxl.tiny", fake)
-    vae = SDXLVAE.from_pretrained("tiny")
+    vae = SDXLVAE.from_pretrained(tiny_model_path())
     assert list(vae.config.block_out_channels) == TINY_VAE_CONFIG["block_out_channels"]
 
 

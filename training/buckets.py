@@ -17,6 +17,8 @@ import numpy as np
 from PIL import Image
 
 Size = tuple[int, int]  # (h, w), or (top, left) for an offset
+# Training image sizes are multiples of this: the VAE divides by 8 and the UNet halves twice more.
+SIZE_MULTIPLE = 32
 
 
 def make_buckets(resolution: int, step: int = 64, max_ratio: float = 4.0) -> list[Size]:

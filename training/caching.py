@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from common.files import atomic_write
+
 logger = logging.getLogger(__name__)
 
 
@@ -58,9 +60,8 @@ class _Store:
             return
         self.memory[key] = entry
         if self.mode == "disk":
-            tmp = self.folder / f".{key}.tmp"
-            save_file({k: v.contiguous() for k, v in entry.items()}, tmp)
-            tmp.replace(self.folder / f"{key}.safetensors")
+            tensors = {k: v.contiguous() for k, v in entry.items()}
+            atomic_write(self.folder / f"{key}.safetensors", lambda tmp: save_file(tensors, tmp))
 
 
 class LatentCache:

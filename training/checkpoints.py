@@ -16,12 +16,11 @@ a pickle that would run code is refused. `latest` is the newest complete checkpo
 
 import json
 import logging
-import os
+import math
 import random
 import shutil
-import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,9 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sdxl.lora import LoRAConfig, peft_tensors, state_dict_from_peft
+from common.files import atomic_write, remove_stale_temporaries, write_text
+from sdxl.lora import LoRAConfig, load_lora_state_dict
+from sdxl.lora_files import LoRAWeights, check_fits, peft_tensors, state_dict_from_peft, unet_config_of
 
 logger = logging.getLogger(__name__)
 
@@ -58,14 +59,6 @@ def checkpoint_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _remove(folder: Path) -> None:
     """Delete a checkpoint folder, its marker first, so a half-deleted folder never counts as complete."""
     (folder / MARKER).unlink(missing_ok=True)
@@ -81,40 +74,25 @@ def save_checkpoint(output_dir, step: int, lora: dict, state: dict, config_yaml:
         raise CheckpointError(f"not saving a checkpoint at step {step}: non-finite values in {bad[0]}")
     root = Path(output_dir) / "checkpoints"
     final = root / checkpoint_name(step)
-    tmp = None
+
+    def write(folder: Path) -> None:
+        tensors, metadata = peft_tensors(lora, lora_config)
+        save_file(tensors, folder / FILES["lora"], metadata=metadata)
+        if ema is not None:
+            save_file(peft_tensors(ema, lora_config)[0], folder / FILES["ema"], metadata=metadata)
+        torch.save({"schema_version": SCHEMA_VERSION, **state}, folder / FILES["state"])
+        (folder / FILES["config"]).write_text(config_yaml, encoding="utf-8")
+        (folder / MARKER).write_text(f"schema_version: {SCHEMA_VERSION}\nstep: {step}\n")  # last
+
     try:
         root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".step_*.tmp-*"):  # left by a process killed mid-save
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
-        tensors, metadata = peft_tensors(lora, lora_config)
-        save_file(tensors, tmp / FILES["lora"], metadata=metadata)
-        if ema is not None:
-            save_file(peft_tensors(ema, lora_config)[0], tmp / FILES["ema"], metadata=metadata)
-        torch.save({"schema_version": SCHEMA_VERSION, **state}, tmp / FILES["state"])
-        (tmp / FILES["config"]).write_text(config_yaml, encoding="utf-8")
-        (tmp / MARKER).write_text(f"schema_version: {SCHEMA_VERSION}\nstep: {step}\n")
-        for f in tmp.iterdir():
-            _fsync(f)
-        if final.exists():  # the same step saved before (e.g. by a run resumed from an earlier checkpoint)
-            old = final.with_name(f".{final.name}.tmp-old")
-            final.rename(old)
-            tmp.rename(final)
-            _remove(old)
-        else:
-            tmp.rename(final)
-        _fsync(root)
+        remove_stale_temporaries(root, "step_*")  # left by a process killed mid-save
+        atomic_write(final, write, folder=True)
     except OSError as e:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
         earlier = complete_checkpoints(output_dir)
         kept = f"; the latest complete checkpoint {earlier[-1]} is intact" if earlier else ""
         raise CheckpointError(f"cannot write checkpoint {final}: {e.strerror or e}{kept}; free disk space or fix "
                               "the folder's permissions, then resume with --resume_from latest") from e
-    except BaseException:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if keep_last > 0:
         for old in complete_checkpoints(output_dir)[:-keep_last]:
             _remove(old)
@@ -232,6 +210,49 @@ def settings_differences(saved: dict, current: dict, keys=MUST_MATCH) -> list[st
 
 
 # ---------------------------------------------------------------------------------------------------
+# The loop's state: what a checkpoint records and a resumed run starts from.
+
+
+@dataclass
+class LoopState:
+    """Where the training loop stands."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    position: int = 0  # batches of `epoch` already trained
+    micro_step: int = 0  # micro-batches done in all (each one's noise is seeded by it)
+    last_loss: float = math.nan
+    nonfinite_steps: int = 0  # skipped steps in all
+
+
+def training_state(loop: LoopState, optimizer, scheduler, scaler, data_fingerprint: str) -> dict:
+    """training_state.pt's contents: plain tensors and values only (it loads with weights_only=True)."""
+    return {**asdict(loop), "optimizer": optimizer.state_dict(),
+            "lr_scheduler": scheduler.state_dict(), "grad_scaler": scaler.state_dict(), "rng": capture_rng(),
+            "data_fingerprint": data_fingerprint}
+
+
+def restore(checkpoint: "Checkpoint", unet, optimizer, scheduler, scaler, ema, schedule,
+            batches_per_epoch: int | None) -> LoopState:
+    """Put a checkpoint's LoRA (and EMA) weights, optimizer, LR schedule, grad scaler and RNG states back;
+    return where its loop stood. `schedule(step)` is this run's LR multiplier (--max_train_steps may differ)."""
+    st = checkpoint.state
+    load_lora_state_dict(unet, checkpoint.lora)
+    if ema is not None:
+        ema.load_state_dict(checkpoint.ema)
+    optimizer.load_state_dict(st["optimizer"])
+    scheduler.load_state_dict(st["lr_scheduler"])
+    for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+        group["lr"] = base_lr * schedule(scheduler.last_epoch)  # the same value when the length is unchanged
+    scaler.load_state_dict(st["grad_scaler"])
+    restore_rng(st["rng"])
+    loop = LoopState(st["step"], st["epoch"], st["position"], st["micro_step"], st["last_loss"], st["nonfinite_steps"])
+    if batches_per_epoch is not None and loop.position >= batches_per_epoch:  # saved at an epoch's end
+        loop.epoch, loop.position = loop.epoch + 1, 0
+    return loop
+
+
+# ---------------------------------------------------------------------------------------------------
 # Resuming.
 
 
@@ -301,6 +322,47 @@ def check_resumable(checkpoint: Checkpoint, args, data_fingerprint: str) -> None
                               f"checkpoint's settings: --config {checkpoint.path / FILES['config']})")
 
 
+def lora_file_of(path) -> Path:
+    """A LoRA file, or a training checkpoint folder -> its EMA weights if the run kept them (as
+    `lora_final` does), else its LoRA weights."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    if not (path / FILES["lora"]).is_file():
+        raise FileNotFoundError(f"{path} is a folder but not a training checkpoint (no {FILES['lora']} in it); "
+                                "give a .safetensors LoRA file or a checkpoints/step_XXXXXX folder")
+    if not (path / MARKER).is_file():
+        raise ValueError(f"checkpoint {path} is incomplete (no {MARKER} marker: its save was interrupted); "
+                         "use an earlier checkpoint")
+    if "schema_version: 1\n" in (path / MARKER).read_text():
+        raise ValueError(f"checkpoint {path} was written by an older version of this trainer; make a LoRA file of "
+                         f"it with: python extract_lora_weights.py {path} -o lora.safetensors")
+    return path / (FILES["ema"] if (path / FILES["ema"]).is_file() else FILES["lora"])
+
+
+def checkpoint_lora(checkpoint: Checkpoint, ema: bool = False, base: str | None = None) -> LoRAWeights:
+    """The LoRA (or EMA) weights of a checkpoint, for its run's base model (or `base`), with the metadata
+    lora_final.safetensors gets (training settings, steps, seed)."""
+    sd = checkpoint.ema if ema else checkpoint.lora
+    if sd is None:
+        raise ValueError(f"checkpoint {checkpoint.path} has no EMA weights (the run did not use --use_ema); "
+                         "leave out --ema")
+    lora, cfg = checkpoint.lora_config, checkpoint.config
+    name, config = unet_config_of(base or cfg.get("pretrained_model", "sdxl"))
+    names = sorted({k.rpartition(".lora_")[0] for k in sd})
+    modules = {n: (sd[f"{n}.lora_down.weight"], sd[f"{n}.lora_up.weight"], lora.alpha) for n in names}
+    metadata = {
+        "sdxl_lora.training": (checkpoint.path / FILES["config"]).read_text(encoding="utf-8"),
+        "sdxl_lora.target_mode": lora.target_mode, "sdxl_lora.dropout": str(float(lora.dropout)),
+        "sdxl_lora.checkpoint": checkpoint.path.name, "sdxl_lora.weights": "ema" if ema else "lora",
+        "ss_steps": str(checkpoint.state["step"]), "ss_seed": str(cfg.get("seed")),
+        "ss_learning_rate": str(cfg.get("learning_rate")), "ss_resolution": str(cfg.get("image_size")),
+    }
+    weights = LoRAWeights(modules, metadata, name, config, f"checkpoint {'EMA' if ema else 'LoRA'}")
+    check_fits(weights)  # shapes against the base: a clear error now rather than a broken file later
+    return weights
+
+
 def rewind_metrics(output_dir, step: int) -> None:
     """Drop metrics.jsonl records after `step` (logged by the interrupted run after its last checkpoint)."""
     path = Path(output_dir) / "metrics.jsonl"
@@ -314,6 +376,4 @@ def rewind_metrics(output_dir, step: int) -> None:
                 kept.append(line)
         except json.JSONDecodeError:  # a line cut off by a crash
             continue
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, "".join(kept))

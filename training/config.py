@@ -1,4 +1,4 @@
-"""Command line and YAML config of `train_sdxl.py`: parse, resolve, validate, save (STYLE.md habit 6).
+"""Command line and YAML config of `train_sdxl.py`: parse, resolve, validate, save.
 
     python train_sdxl.py --pretrained_model ./weights/sdxl-base-1.0 --data_dir ./data/dogs --output_dir ./out/dogs
     python train_sdxl.py --config configs/tiny_demo.yaml --learning_rate 3e-4     # flags override the file
@@ -6,15 +6,16 @@
 Precedence: defaults < keys of `--config FILE.yaml` (the flag names, underscores) < command-line flags.
 An unknown key is an error naming the closest valid one; YAML values go through their flag's type function,
 so `learning_rate: abc` fails early and `learning_rate: 1e-4` (a string to YAML 1.1) becomes a float.
-`parse_config` resolves derived values (lora_alpha = rank, cache_dir = OUTPUT_DIR/cache, device auto ->
-cuda/cpu, a `.txt` of validation prompts -> its prompts, local paths -> absolute); `validate` checks every
-value with a one-line message naming the flag; `save_resolved_config` writes OUTPUT_DIR/config.yaml, which
-given back to `--config` yields the same Namespace.
+`parse_config` resolves derived values (lora_alpha = rank, cache_dir = OUTPUT_DIR/cache, a `.txt` of
+validation prompts -> its prompts, local paths -> absolute); `validate` checks every value with a one-line
+message naming the flag and resolves the device and precision (common/runtime.py); `save_resolved_config`
+writes OUTPUT_DIR/config.yaml, which given back to `--config` yields the same Namespace.
 
-Decisions: image_size is a multiple of 64 in every mode (the VAE divides by 8, the UNet halves twice more,
-buckets step by 64). bf16 is allowed on CPU (CPU autocast supports it), fp16 is refused there. Cached latents
-mean center crops (a random crop would never hit the cache; both flips are cached, as the cache is keyed by
-the exact pixels); shuffled tags exclude cached text embeddings (a cache would freeze one variant).
+Decisions: image_size is a multiple of 32 in every mode (the VAE divides by 8, the UNet halves twice more;
+bucket sides step by 64 within its area). bf16 is allowed on CPU (CPU autocast supports it), fp16 is refused
+there. Cached latents mean center crops (a random crop would never hit the cache; both flips are cached, as
+the cache is keyed by the exact pixels); shuffled tags exclude cached text embeddings (a cache would freeze one
+variant).
 """
 
 import argparse
@@ -22,141 +23,20 @@ import difflib
 import importlib.util
 import math
 import os
-import re
 import sys
 from pathlib import Path
 
 import yaml
 
+from common.cli import ConfigError, fail, print_error
+from common.files import write_text
+from common.runtime import resolve_device
+from training.buckets import SIZE_MULTIPLE
+from training.flags import DATA_HINT, build_parser
+
+__all__ = ["ConfigError", "build_parser", "parse_config", "parse_or_exit", "resolved_config_yaml",
+           "save_resolved_config", "validate"]
 PATH_FLAGS = ("data_dir", "val_data_dir", "pretrained_model", "vae_model", "cache_dir", "output_dir")
-DATA_HINT = "give a folder of images with .txt captions, a .tar shard, or a pattern like shards/{000000..000099}.tar"
-
-
-class ConfigError(ValueError):
-    """A bad flag, config file or value; its message is one line a user can act on."""
-
-
-def _add(group, name: str, help: str, **kwargs) -> argparse.Action:
-    """`--name` plus its dash spelling `--na-me` as an alias; dest is always the underscore name."""
-    names = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-    action = group.add_argument(*names, help=help, **kwargs)
-    action.help = help  # BooleanOptionalAction on Python 3.10 appends its own "(default: ...)"; ours says it
-    return action
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The flat, grouped parser of train_sdxl.py. Required flags may come from --config instead."""
-    p = argparse.ArgumentParser(
-        prog="train_sdxl.py", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Train an SDXL LoRA from a folder of captioned images (or .tar shards).",
-        epilog="examples:\n"
-        "  python train_sdxl.py --pretrained_model ./weights/sdxl-base-1.0 --data_dir ./data/dogs \\\n"
-        "      --output_dir ./outputs/dogs --lora_rank 16 --cache_latents disk\n"
-        "  python train_sdxl.py --config configs/tiny_demo.yaml --device cpu    # tiny CPU run",
-    )
-    flag, req = argparse.BooleanOptionalAction, "(required, here or in --config)"
-    g = p.add_argument_group("data")
-    _add(g, "data_dir", f"training images: a folder of images with same-named .txt captions, a .tar shard, or a "
-         f"pattern shards/{{000000..000099}}.tar {req}", required=True, metavar="DIR")
-    _add(g, "val_data_dir", "held-out images for a validation loss, as --data_dir (default: none)", metavar="DIR")
-    _add(g, "image_size", "training size in pixels, a multiple of 64; buckets hold about image_size^2 pixels "
-         "(default: 1024)", type=int, default=1024, metavar="PX")
-    _add(g, "bucketing", "aspect-ratio buckets instead of square crops (default: on)", action=flag, default=True)
-    _add(g, "center_crop", "center crops instead of random crops; always on with --cache_latents (default: off)",
-         action=flag, default=False)
-    _add(g, "random_flip", "horizontal flips; with cached latents both flips are cached (default: off)", action=flag,
-         default=False)
-    _add(g, "caption_dropout", "chance of an empty caption (CFG) (default: 0.0)", type=float, default=0.0, metavar="P")
-    _add(g, "shuffle_tags", "shuffle the comma-separated tags of a caption each time it is used; not with "
-         "--cache_text_embeddings (default: off)", action=flag, default=False)
-    _add(g, "keep_tokens", "--shuffle_tags keeps the first N tags (default: 0)", type=int, default=0, metavar="N")
-    _add(g, "max_bad_fraction", "unreadable images are skipped; stop when more than this fraction are bad "
-         "(default: 0.05)", type=float, default=0.05, metavar="F")
-    _add(g, "num_workers", "data loader processes; 0 = the main process (default: 2)", type=int, default=2, metavar="N")
-
-    g = p.add_argument_group("model")
-    _add(g, "pretrained_model", f"SDXL base: a diffusers folder, a single-file .safetensors, or `tiny` (the tiny "
-         f"CPU test model) {req}", required=True, metavar="PATH")
-    _add(g, "vae_model", "diffusers VAE folder to use, e.g. sdxl-vae-fp16-fix (default: the model's)", metavar="DIR")
-
-    g = p.add_argument_group("LoRA")
-    _add(g, "lora_rank", "rank of each LoRA (default: 16)", type=int, default=16, metavar="R")
-    _add(g, "lora_alpha", "updates are scaled by alpha/rank (default: --lora_rank)", type=float, metavar="A")
-    _add(g, "lora_dropout", "dropout on the LoRA input (default: 0.0)", type=float, default=0.0, metavar="P")
-    _add(g, "lora_target_mode", "attention = to_q/k/v; attention_out = + to_out.0; all = every Linear of the "
-         "transformer blocks, as kohya (default: attention_out)", choices=["attention", "attention_out", "all"],
-         default="attention_out")
-
-    g = p.add_argument_group("optimization")
-    _add(g, "batch_size", "images per step and device (default: 1)", type=int, default=1, metavar="N")
-    _add(g, "gradient_accumulation_steps", "micro-batches per step (default: 1)", type=int, default=1, metavar="N")
-    _add(g, "num_epochs", "passes over the data (default: 1)", type=int, default=1, metavar="N")
-    _add(g, "max_train_steps", "optimizer steps; overrides --num_epochs (default: none)", type=int, metavar="N")
-    _add(g, "learning_rate", "peak learning rate (default: 1e-4)", type=float, default=1e-4, metavar="LR")
-    _add(g, "optimizer", "adamw = torch.optim.AdamW; adamw8bit = bitsandbytes AdamW8bit, less memory "
-         "(default: adamw)", choices=["adamw", "adamw8bit"], default="adamw")
-    _add(g, "weight_decay", "AdamW weight decay (default: 1e-2)", type=float, default=1e-2, metavar="WD")
-    _add(g, "adam_beta1", "Adam beta1 (default: 0.9)", type=float, default=0.9, metavar="B")
-    _add(g, "adam_beta2", "Adam beta2 (default: 0.999)", type=float, default=0.999, metavar="B")
-    _add(g, "adam_epsilon", "Adam epsilon (default: 1e-8)", type=float, default=1e-8, metavar="EPS")
-    _add(g, "lr_scheduler", "learning-rate schedule after the warmup (default: constant)",
-         choices=["constant", "linear", "cosine"], default="constant")
-    _add(g, "warmup_steps", "optimizer steps of linear warmup (default: 0)", type=int, default=0, metavar="N")
-    _add(g, "max_grad_norm", "clip the gradient norm; 0 = off (default: 1.0)", type=float, default=1.0, metavar="N")
-    _add(g, "min_timestep", "lowest timestep trained, 0..999 (default: 0)", type=int, default=0, metavar="T")
-    _add(g, "max_timestep", "highest timestep trained, 0..999 (default: 999)", type=int, default=999, metavar="T")
-    _add(g, "prediction_type", "epsilon (SDXL base) or v_prediction (v-models) (default: epsilon)",
-         choices=["epsilon", "v_prediction"], default="epsilon")
-    _add(g, "min_snr_gamma", "Min-SNR loss weighting gamma (Hang et al. 2023), 5 is typical; 0 = off (default: 0)",
-         type=float, default=0.0, metavar="G")
-    _add(g, "noise_offset", "offset noise strength, e.g. 0.0357 (default: 0.0)", type=float, default=0.0, metavar="X")
-    _add(g, "max_nonfinite_steps", "steps with a NaN/inf loss are skipped; stop after this many in a row "
-         "(default: 5)", type=int, default=5, metavar="N")
-    _add(g, "seed", "seed of data order, noise, timesteps and LoRA init (default: 0)", type=int, default=0)
-    _add(g, "use_ema", "keep and save an EMA of the LoRA weights (default: off)", action=flag, default=False)
-    _add(g, "ema_decay", "EMA decay per optimizer step (default: 0.999)", type=float, default=0.999, metavar="D")
-
-    g = p.add_argument_group("precision & memory")
-    _add(g, "precision", "UNet autocast dtype; LoRA weights and the VAE stay fp32; fp16 needs a GPU "
-         "(default: bf16)", choices=["bf16", "fp16", "fp32"], default="bf16")
-    _add(g, "gradient_checkpointing", "recompute activations in backward: far less memory, ~30%% slower "
-         "(default: off)", action=flag, default=False)
-    _add(g, "device", "cpu, cuda or cuda:N; auto = cuda if available, else cpu (default: auto)", default="auto")
-
-    g = p.add_argument_group("caching")
-    _add(g, "cache_latents", "VAE-encode each image once, kept in memory or on disk (default: none)",
-         choices=["none", "memory", "disk"], default="none")
-    _add(g, "cache_text_embeddings", "encode each caption once, then free the text encoders (default: off)",
-         action=flag, default=False)
-    _add(g, "cache_dir", "folder of the disk caches (default: OUTPUT_DIR/cache)", metavar="DIR")
-
-    g = p.add_argument_group("output & checkpoints")
-    _add(g, "output_dir", f"LoRA, checkpoints/, config.yaml, logs {req}", required=True, metavar="DIR")
-    _add(g, "save_interval", "resumable checkpoint every N optimizer steps; 0 = only the final LoRA (default: 500)",
-         type=int, default=500, metavar="N")
-    _add(g, "save_every_n_epochs", "also a checkpoint after every N epochs; 0 = off (default: 0)", type=int,
-         default=0, metavar="N")
-    _add(g, "keep_last", "keep only the newest N checkpoints; 0 = keep all (default: 0)", type=int, default=0,
-         metavar="N")
-    _add(g, "resume_from", "continue a run exactly from a checkpoints/step_XXXXXX folder, or 'latest' (the newest "
-         "complete one in OUTPUT_DIR; starts fresh if there is none) (default: none)", metavar="PATH|latest")
-    _add(g, "overwrite_output_dir", "start afresh in an OUTPUT_DIR that holds a previous run, deleting its "
-         "checkpoints, samples, metrics and LoRA (default: off: such a folder is an error)", action=flag,
-         default=False)
-    _add(g, "save_format", "kohya keys (ComfyUI, A1111, kohya, diffusers) or diffusers/peft keys (default: kohya)",
-         choices=["kohya", "diffusers"], default="kohya")
-    _add(g, "config", "YAML of flag: value defaults; flags given here win (default: none)", metavar="FILE.yaml")
-
-    g = p.add_argument_group("validation & logging")
-    _add(g, "validation_prompts", "prompts to sample, or one .txt file with a prompt per line (default: none)",
-         nargs="*", default=[], metavar="PROMPT")
-    _add(g, "validation_interval", "sample them every N optimizer steps; 0 = only at the end (default: 100)",
-         type=int, default=100, metavar="N")
-    _add(g, "num_validation_images", "images per validation prompt (default: 4)", type=int, default=4, metavar="N")
-    _add(g, "wandb_project", "log to this Weights & Biases project; needs wandb (default: off)", metavar="NAME")
-    _add(g, "wandb_run_name", "W&B run name (default: chosen by wandb)", metavar="NAME")
-    _add(g, "log_interval", "log every N optimizer steps (default: 1)", type=int, default=1, metavar="N")
-    return p
 
 
 # --- Parsing: YAML values become the parser's defaults, so command-line flags override them. ---
@@ -263,10 +143,6 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
         args.lora_alpha = float(args.lora_rank)
     if args.cache_dir is None:
         args.cache_dir = os.path.join(args.output_dir, "cache")
-    if args.device == "auto":
-        import torch
-
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.validation_prompts = list(args.validation_prompts)
     prompts_file = _prompts_file(args.validation_prompts)
     if prompts_file is not None and Path(prompts_file).is_file():  # a missing file is reported by validate()
@@ -295,14 +171,11 @@ RULES = [
     (("max_bad_fraction",), lambda v: 0 <= v <= 1, "in [0, 1], e.g. 0.05"),
     (("ema_decay",), lambda v: 0 < v < 1, "in (0, 1), e.g. 0.999"),
     (("min_timestep", "max_timestep"), lambda v: 0 <= v <= 999, "in [0, 999]"),
-    (("image_size",), lambda v: v > 0 and v % 64 == 0, "a positive multiple of 64, e.g. 512 or 1024"),
+    (("image_size",), lambda v: v > 0 and v % SIZE_MULTIPLE == 0,
+     f"a positive multiple of {SIZE_MULTIPLE}, e.g. 512 or 1024"),
     (("seed",), lambda v: 0 <= v < 2**32, "in [0, 2^32)"),
     (("max_train_steps",), lambda v: v is None or v >= 1, ">= 1, or left out to train --num_epochs epochs"),
 ]
-
-
-def _fail(flag: str, value, what: str):
-    raise ConfigError(f"--{flag}{'' if value is None else f' {value}'}: {what}")
 
 
 def _check_data(flag: str, value: str) -> None:
@@ -311,91 +184,65 @@ def _check_data(flag: str, value: str) -> None:
     path = Path(value)
     if "{" in value and "}" in value:  # webdataset brace pattern
         if not path.parent.is_dir():
-            _fail(flag, value, f"the folder {path.parent} of this shard pattern does not exist; {DATA_HINT}")
+            fail(flag, value, f"the folder {path.parent} of this shard pattern does not exist; {DATA_HINT}")
     elif path.is_file() and not value.endswith(".tar"):
-        _fail(flag, value, f"is a file, not a folder or .tar shard; {DATA_HINT}")
+        fail(flag, value, f"is a file, not a folder or .tar shard; {DATA_HINT}")
     elif not path.exists():
-        _fail(flag, value, f"does not exist; {DATA_HINT}")
+        fail(flag, value, f"does not exist; {DATA_HINT}")
 
 
 def _check_models(args: argparse.Namespace) -> None:
-    from sdxl.loading import DOWNLOAD_HINT
+    from sdxl.loading import model_path_problem, vae_path_problem  # here: --help needs no diffusers
 
-    model = Path(args.pretrained_model)
-    if args.pretrained_model != "tiny":
-        if not model.exists():
-            _fail("pretrained_model", model, f"does not exist; {DOWNLOAD_HINT}")
-        if model.is_file() and model.suffix != ".safetensors":
-            _fail("pretrained_model", model, "only .safetensors single files are loaded (never pickled .ckpt/.bin); "
-                  "convert it to .safetensors or give a diffusers folder")
-        if model.is_dir() and not ((model / "unet" / "config.json").is_file() or (model / "config.json").is_file()):
-            _fail("pretrained_model", model, f"is not a diffusers SDXL folder (no unet/config.json); {DOWNLOAD_HINT}")
-    vae = Path(args.vae_model or ".")
-    if args.vae_model and not ((vae / "config.json").is_file() or (vae / "vae" / "config.json").is_file()):
-        _fail("vae_model", vae, "is not an existing diffusers VAE folder (no config.json); give one such as "
-              "./weights/sdxl-vae-fp16-fix (./download_weights.sh --vae-fp16-fix), or leave the flag out")
-
-
-def _check_device(args: argparse.Namespace) -> None:
-    import torch
-
-    device = args.device
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
-        _fail("device", device, "must be auto, cpu, cuda or cuda:N")
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            _fail("device", device, "no CUDA GPU is visible to torch; use --device cpu (or auto)")
-        if int(device.partition(":")[2] or 0) >= torch.cuda.device_count():
-            _fail("device", device, f"only {torch.cuda.device_count()} CUDA device(s) are visible; use a lower index")
-        if args.precision == "bf16" and not torch.cuda.is_bf16_supported():
-            _fail("precision", "bf16", f"{device} does not support bf16; use --precision fp16 (with a fp16-fix VAE "
-                  "if the VAE overflows) or fp32")
-    elif args.precision == "fp16":
-        _fail("precision", "fp16", "fp16 needs a CUDA GPU; on CPU use --precision bf16 or fp32")
+    problem = model_path_problem(args.pretrained_model)
+    if problem:
+        fail("pretrained_model", args.pretrained_model, problem)
+    if args.vae_model and (problem := vae_path_problem(args.vae_model)):
+        fail("vae_model", args.vae_model, problem)
 
 
 def validate(args: argparse.Namespace) -> None:
     """Check every resolved value; raise ConfigError naming the flag, the value and what to do."""
     for name in ("data_dir", "pretrained_model", "output_dir"):
         if getattr(args, name) is None:
-            _fail(name, None, "is required (on the command line or in the --config file)")
+            fail(name, None, "is required (on the command line or in the --config file)")
     for name, value in sorted(vars(args).items()):
         if isinstance(value, float) and not math.isfinite(value):
-            _fail(name, value, "must be a finite number")
+            fail(name, value, "must be a finite number")
     for names, accepts, what in RULES:
         for name in names:
             if not accepts(getattr(args, name)):
-                _fail(name, getattr(args, name), f"must be {what}")
+                fail(name, getattr(args, name), f"must be {what}")
     if args.min_timestep > args.max_timestep:
-        _fail("min_timestep", args.min_timestep, f"must be <= --max_timestep {args.max_timestep}")
+        fail("min_timestep", args.min_timestep, f"must be <= --max_timestep {args.max_timestep}")
     if args.resume_from is not None and args.resume_from != "latest" and not Path(args.resume_from).is_dir():
-        _fail("resume_from", args.resume_from, "is not a checkpoint folder; give OUTPUT_DIR/checkpoints/step_XXXXXX "
+        fail("resume_from", args.resume_from, "is not a checkpoint folder; give OUTPUT_DIR/checkpoints/step_XXXXXX "
               "or 'latest'")
     if args.resume_from is not None and args.overwrite_output_dir:
-        _fail("overwrite_output_dir", None, "cannot be combined with --resume_from (it would delete the checkpoints)")
+        fail("overwrite_output_dir", None, "cannot be combined with --resume_from (it would delete the checkpoints)")
     if args.shuffle_tags and args.cache_text_embeddings:
-        _fail("shuffle_tags", None, "cannot be combined with --cache_text_embeddings (a cached embedding cannot be "
+        fail("shuffle_tags", None, "cannot be combined with --cache_text_embeddings (a cached embedding cannot be "
               "reshuffled); drop one of them")
     _check_data("data_dir", args.data_dir)
     if args.val_data_dir is not None:
         _check_data("val_data_dir", args.val_data_dir)
     for name in ("output_dir", "cache_dir"):
         if Path(getattr(args, name)).exists() and not Path(getattr(args, name)).is_dir():
-            _fail(name, getattr(args, name), "is an existing file; give a folder (it is created if missing)")
+            fail(name, getattr(args, name), "is an existing file; give a folder (it is created if missing)")
     _check_models(args)
-    _check_device(args)
+    args.device, args.precision = resolve_device(args.device, args.precision)
     if args.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
-        _fail("optimizer", "adamw8bit", "needs bitsandbytes, which is not installed; run `pip install bitsandbytes` "
+        fail("optimizer", "adamw8bit", "needs bitsandbytes, which is not installed; run `pip install bitsandbytes` "
               "or use --optimizer adamw")
     prompts_file = _prompts_file(args.validation_prompts)
     if prompts_file is not None and not Path(prompts_file).is_file():
-        _fail("validation_prompts", prompts_file, "this prompts file does not exist; give an existing .txt file "
+        fail("validation_prompts", prompts_file, "this prompts file does not exist; give an existing .txt file "
               "with one prompt per line, or the prompts themselves")
     if args.wandb_project is not None and importlib.util.find_spec("wandb") is None:
-        _fail("wandb_project", args.wandb_project, "needs wandb, which is not installed; run `pip install wandb` "
+        fail("wandb_project", args.wandb_project, "needs wandb, which is not installed; run `pip install wandb` "
               "or leave --wandb_project out")
     if args.wandb_run_name is not None and args.wandb_project is None:
-        _fail("wandb_run_name", args.wandb_run_name, "needs --wandb_project; give the project or drop the run name")
+        fail("wandb_run_name", args.wandb_run_name, "needs --wandb_project; give the project or drop the run name")
 
 
 def parse_or_exit(argv=None) -> argparse.Namespace:
@@ -404,8 +251,7 @@ def parse_or_exit(argv=None) -> argparse.Namespace:
         args = parse_config(argv)
         validate(args)
     except ConfigError as e:
-        print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)
-        sys.exit(2)
+        sys.exit(print_error(str(e)))
     return args
 
 
@@ -421,7 +267,4 @@ def save_resolved_config(args: argparse.Namespace, output_dir) -> Path:
     """Write `resolved_config_yaml` to OUTPUT_DIR/config.yaml (`--config` that file to reproduce the run)."""
     path = Path(output_dir) / "config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(resolved_config_yaml(args), encoding="utf-8")
-    os.replace(tmp, path)  # never leave a half-written config.yaml
-    return path
+    return write_text(path, resolved_config_yaml(args))  # never a half-written config.yaml

@@ -1,4 +1,4 @@
-"""Finding and describing a run's checkpoints, and the command that resumes one (`resume_training.py`).
+"""A run's output folder: finding its latest checkpoint, describing one, and the command that resumes it.
 
 A run's output folder (`train_sdxl.py --output_dir`) holds `config.yaml` (written first) and
 `checkpoints/step_XXXXXX/` folders (see training/checkpoints.py). Paths given here may be a checkpoint

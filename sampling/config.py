@@ -1,0 +1,150 @@
+"""generate_images.py's command line: every flag, checked and resolved before anything loads.
+
+Bad input costs nothing and writes nothing: every value is checked here (one-line `error: ...`, exit 2),
+the prompts are read and planned into one `ImageJob` per image (sampling/prompts.py), and only then does
+sampling/generate.py check the output folder, load the model and make the images.
+"""
+
+import argparse
+import math
+from pathlib import Path
+
+from common.cli import Parser, add_flag, fail
+from common.runtime import DTYPES, resolve_device
+from sampling.inference import DEFAULTS, parse_size
+from sampling.prompts import MAX_SEED, PromptSpec, plan_images, read_prompt_file
+from sampling.samplers import sampler_names
+from sdxl.loading import model_path_problem, vae_path_problem
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(
+        prog="generate_images.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Generate a COCO-style image folder (00000.png, 00000.txt, 00000.json, ...) from prompts with "
+                    "SDXL and LoRAs. Re-running the same command fills in only the missing images.",
+        epilog="examples:\n"
+        "  python generate_images.py --pretrained-model ./weights/sdxl-base-1.0 \\\n"
+        "      --lora-checkpoint my_lora.safetensors --prompt-file prompts.txt --num-images 1000 \\\n"
+        "      --batch-size 4 --output-dir ./synthetic\n"
+        "  python generate_images.py --pretrained-model tiny --prompt 'a red circle' --num-images 4 \\\n"
+        "      --image-size 64 --num-inference-steps 4 --output-dir /tmp/tiny_images      # CPU, seconds\n"
+        "  torchrun --nproc_per_node 8 generate_images.py ...   # shard the images over 8 GPUs",
+    )
+    g = p.add_argument_group("model")
+    add_flag(g, "pretrained-model", "SDXL base: a diffusers folder, a single-file .safetensors, or `tiny` (the tiny "
+         "CPU test model) (required)", required=True, metavar="PATH")
+    add_flag(g, "vae-model", "diffusers VAE folder to decode with, e.g. sdxl-vae-fp16-fix (default: the model's)",
+         metavar="DIR")
+    add_flag(g, "lora-checkpoint", "LoRA to merge: a .safetensors file (kohya or diffusers/peft keys) or a training "
+         "checkpoint folder (checkpoints/step_000500); repeat the flag for several (default: none)",
+         action="append", default=[], metavar="PATH")
+    add_flag(g, "lora-scale", "strength of each LoRA: once for all of them, or once per --lora-checkpoint in the same "
+         "order (default: 1.0)", action="append", type=float, default=[], metavar="S")
+
+    g = p.add_argument_group("prompts")
+    source = g.add_mutually_exclusive_group(required=True)
+    add_flag(source, "prompt", "a prompt; repeat the flag for several (this or --prompt-file is required)",
+         action="append", metavar="TEXT")
+    add_flag(source, "prompt-file", ".txt with one prompt per line (blank and #-lines skipped), or .jsonl with "
+         '{"prompt": ..., "negative_prompt": ..., "seed": ...} per line', metavar="FILE")
+    add_flag(g, "negative-prompt", "negative prompt of every image (a .jsonl line's own wins); empty = SDXL's zero "
+         "embedding (default: empty)", default="", metavar="TEXT")
+    add_flag(g, "num-images", "images to make; the prompts cycle in order (default: one per prompt)", type=int,
+         metavar="N")
+    add_flag(g, "shuffle-prompts", "cycle the prompts in an order shuffled with --seed (default: file order)",
+         action="store_true")
+
+    g = p.add_argument_group("sampling")
+    add_flag(g, "image-size", f"WIDTHxHEIGHT or one number for a square, multiples of 8 (default: {DEFAULTS['width']})",
+         default=str(DEFAULTS["width"]), metavar="WxH")
+    add_flag(g, "num-inference-steps", f"sampler steps, 1..1000 (default: {DEFAULTS['steps']})", type=int,
+         default=DEFAULTS["steps"], metavar="N")
+    add_flag(g, "guidance-scale", "classifier-free guidance; <= 1 turns it off (default: "
+             f"{DEFAULTS['guidance_scale']})", type=float, default=DEFAULTS["guidance_scale"], metavar="G")
+    add_flag(g, "scheduler", f"sampler; _karras = Karras sigmas (default: {DEFAULTS['sampler']})",
+         choices=sampler_names(), default=DEFAULTS["sampler"])
+    add_flag(g, "seed", "image i is seeded seed + i (a .jsonl line's seed wins) (default: 0)", type=int, default=0)
+    add_flag(g, "batch-size", "images per UNet batch and device; results do not depend on it beyond float rounding "
+         "(default: 1)", type=int, default=1, metavar="N")
+
+    g = p.add_argument_group("output")
+    add_flag(g, "output-dir", "folder of 00000.png, 00000.txt, 00000.json, ... (created; required)", required=True,
+         metavar="DIR")
+    add_flag(g, "save-metadata", "write the .json of each image (settings, seed, LoRAs) (default: on)",
+         action=argparse.BooleanOptionalAction, default=True)
+    add_flag(g, "overwrite", "regenerate images already in --output-dir (default: keep them, make only the missing)",
+         action="store_true")
+
+    g = p.add_argument_group("hardware")
+    add_flag(g, "precision", "UNet and text-encoder dtype; the VAE is always fp32; auto = bf16 on a GPU (fp16 where "
+         "bf16 is unsupported), fp32 on CPU (default: auto)", choices=["auto", *DTYPES], default="auto")
+    add_flag(g, "device", "cpu, cuda or cuda:N; auto = cuda if available (under torchrun: cuda:LOCAL_RANK) (default: "
+         "auto)", default="auto")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse and check every flag; resolve sizes, device, precision, LoRA scales, prompts (CliError/PromptError)."""
+    args = build_parser().parse_args(argv)
+    for name in ("guidance_scale", "lora_scale"):
+        for value in args.lora_scale if name == "lora_scale" else [args.guidance_scale]:
+            if not math.isfinite(value):
+                fail(name.replace("_", "-"), value, "must be a finite number")
+    try:
+        args.width, args.height = parse_size(args.image_size)
+    except ValueError as e:
+        fail("image-size", args.image_size, str(e))
+    if not 1 <= args.num_inference_steps <= 1000:
+        fail("num-inference-steps", args.num_inference_steps, "must be in 1..1000, e.g. 30")
+    if args.guidance_scale < 0:
+        fail("guidance-scale", args.guidance_scale, "must be >= 0 (SDXL: 5 to 8; <= 1 turns guidance off)")
+    if args.batch_size < 1:
+        fail("batch-size", args.batch_size, "must be >= 1")
+    if args.num_images is not None and args.num_images < 1:
+        fail("num-images", args.num_images, "must be >= 1")
+    _check_paths(args)
+    args.device, args.precision = resolve_device(args.device, args.precision)
+
+    specs = read_prompt_file(args.prompt_file) if args.prompt_file else [PromptSpec(p) for p in args.prompt]
+    args.num_images = args.num_images or len(specs)
+    if not 0 <= args.seed <= MAX_SEED - args.num_images:
+        fail("seed", args.seed, f"must be in [0, 2^63 - {args.num_images}] (image i uses seed + i)")
+    args.jobs = plan_images(specs, args.num_images, args.seed, args.negative_prompt, args.shuffle_prompts)
+    return args
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    if args.pretrained_model != "tiny":
+        args.pretrained_model = str(Path(args.pretrained_model).expanduser().absolute())
+        if problem := model_path_problem(args.pretrained_model):
+            fail("pretrained-model", args.pretrained_model, problem)
+    if args.vae_model:
+        args.vae_model = str(Path(args.vae_model).expanduser().absolute())
+        if problem := vae_path_problem(args.vae_model):
+            fail("vae-model", args.vae_model, problem)
+    loras = [Path(p).expanduser().absolute() for p in args.lora_checkpoint]
+    for path in loras:
+        if not path.exists():
+            fail("lora-checkpoint", path, "does not exist; give a LoRA .safetensors file or a training checkpoint "
+                  "folder (OUTPUT_DIR/checkpoints/step_XXXXXX)")
+    scales = args.lora_scale or [1.0]
+    if not loras and args.lora_scale:
+        fail("lora-scale", args.lora_scale[0], "needs a --lora-checkpoint to apply to; add one or drop the scale")
+    if len(scales) == 1:
+        scales = scales * len(loras)
+    elif len(scales) != len(loras):
+        fail("lora-scale", " ".join(map(str, scales)), f"{len(scales)} scales for {len(loras)} --lora-checkpoint; "
+              "give one scale for all, or one per LoRA")
+    args.loras = [(str(p), float(s)) for p, s in zip(loras, scales, strict=True)]
+    out = Path(args.output_dir).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        fail("output-dir", out, "is an existing file; give a folder (it is created if missing)")
+    args.output_dir = out
+
+
+def run_settings(args: argparse.Namespace) -> dict:
+    """What every image of the run shares, as written to (and checked against) each .json."""
+    return {"num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
+            "sampler": args.scheduler, "width": args.width, "height": args.height,
+            "base_model": args.pretrained_model, "vae_model": args.vae_model,
+            "loras": [{"path": p, "scale": s} for p, s in args.loras], "precision": args.precision}

@@ -1,0 +1,81 @@
+"""Making the images of a generate_images.py run: the missing ones of the plan, in batches, into a COCO-style
+folder (sampling/writer.py).
+
+Under `torchrun` (RANK/WORLD_SIZE/LOCAL_RANK set) the missing images are cut into batches in index order,
+exactly as one process would, and batch k goes to rank k % WORLD_SIZE: each index is made once, by a batch
+of the same composition as in a one-process run, so the files are the same bytes.
+"""
+
+import argparse
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from tqdm import tqdm
+
+from common.cli import print_error
+from common.runtime import DTYPES, World
+from sampling.config import run_settings
+from sampling.inference import SDXLGenerator
+from sampling.writer import SettingsMismatch, metadata, missing_jobs, write_group
+
+
+def generate(args: argparse.Namespace, world: World, lora_files: list[tuple[str, float]]) -> int:
+    """Fill the missing images of `args.jobs` into args.output_dir with the LoRA files `(path, scale)`;
+    returns the exit status."""
+    out, settings, rank = args.output_dir, run_settings(args), world.rank
+    try:  # rank 0 reads the folder before anyone writes: every rank then plans from the same state
+        check = (missing_jobs(out, args.jobs, settings, args.overwrite), None) if world.main else None
+    except SettingsMismatch as e:
+        check = (None, str(e))
+    missing, problem = world.broadcast(check)
+    if problem:
+        return _error(problem, rank)
+    if not missing:
+        if rank == 0:
+            print(f"nothing to do: all {len(args.jobs)} images are already in {out} (--overwrite remakes them)")
+        return 0
+
+    try:
+        gen = SDXLGenerator.from_pretrained(args.pretrained_model, args.vae_model, lora_files, args.device,
+                                            DTYPES[args.precision])
+    except (OSError, ValueError) as e:
+        return _error(str(e), rank)
+    if rank == 0:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            return _error(f"--output-dir {out}: cannot create it ({e.strerror}); choose a folder you can write to")
+    sample = {"width": args.width, "height": args.height, "steps": args.num_inference_steps,
+              "guidance_scale": args.guidance_scale, "sampler": args.scheduler}
+    batches = [missing[i : i + args.batch_size] for i in range(0, len(missing), args.batch_size)]
+    mine = batches[rank :: world.size]
+    world.barrier()  # the folder exists
+
+    start = time.perf_counter()
+    bar = tqdm(total=sum(map(len, mine)), unit="img", disable=rank != 0,
+               desc="generating" if world.size == 1 else f"rank 0 of {world.size}")
+    with ThreadPoolExecutor(max_workers=1) as writer:  # PNG encoding and fsync overlap the next batch
+        pending = []
+        for batch in mine:
+            images = gen.generate_unique_batch([j.prompt for j in batch], [j.seed for j in batch],
+                                               [j.negative_prompt for j in batch], **sample)
+            for job, image in zip(batch, images, strict=True):
+                meta = metadata(job, settings) if args.save_metadata else None
+                pending.append(writer.submit(write_group, out, job.index, image, job.prompt, meta))
+            while len(pending) > len(batch):  # at most one batch waits; a write error surfaces here
+                pending.pop(0).result()
+            bar.update(len(batch))
+        for f in pending:
+            f.result()
+    bar.close()
+    made, seconds = world.sum(sum(map(len, mine))), time.perf_counter() - start
+    if rank == 0:
+        rate = made / max(seconds, 1e-9)
+        print(f"done: {made} image{'s' * (made != 1)} in {seconds:.1f} s ({rate:.2f} images/s on {world.size} "
+              f"process{'es' * (world.size > 1)}), {len(args.jobs) - len(missing)} already there, "
+              f"{len(args.jobs)} in {out}")
+    return 0
+
+
+def _error(message: str, rank: int = 0) -> int:
+    return print_error(message) if rank == 0 else 2

@@ -1,0 +1,387 @@
+"""LoRA files: writing the kohya and diffusers formats, reading any of them, and merging one into a UNet.
+
+Files are safetensors in two formats (docs/ARCHITECTURE.md, "LoRA files"):
+- kohya: `lora_unet_<SGM module path, . -> _>.lora_down.weight / .lora_up.weight / .alpha` with kohya's
+  `ss_*` and `modelspec.*` metadata; what ComfyUI, A1111/Forge and kohya read (diffusers reads it too).
+- diffusers: peft names `unet.<diffusers module path>.lora_A.weight / .lora_B.weight`, for diffusers'
+  `load_lora_weights` (ComfyUI, A1111/Forge and kohya do not read this format). Its readers take no alpha
+  from the tensors and apply lora_B @ lora_A at scale 1, so the writer folds alpha / rank into lora_B and
+  records lora_alpha = r in diffusers' `lora_adapter_metadata`; every reader then applies the same update.
+Training checkpoints store the LoRA unfolded (`peft_tensors`: lora_B as trained, lora_alpha = alpha in the
+metadata), which is lossless for exact resume and still a diffusers file.
+
+In memory a LoRA is `LoRAWeights`: module path -> (down [rank, in], up [out, rank], alpha), plus the UNet
+config its module paths refer to. A file is written from those tensors and that config (the kohya names
+come from the SGM key map, sdxl/sgm.py); reading checks every key and shape against the UNet, so a LoRA for
+another base model is an error naming the key, never a silent partial load. What round-trips exactly (fp32):
+kohya to kohya, diffusers to diffusers, diffusers to kohya; to diffusers, one multiplication by alpha / rank.
+"""
+
+import functools
+import json
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from common.files import atomic_write
+from sdxl.configs import unet_config_to_diffusers
+from sdxl.loading import read_unet_config, unet_folder
+from sdxl.lora import MODES, LoRAConfig, LoRALinear, lora_modules, lora_target_names
+from sdxl.sgm import unet_sgm_names
+from sdxl.tiny import TINY_UNET_CONFIG
+from sdxl.unet import SDXL_CONFIG, SDXLUNet, UNetConfig
+
+TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "text_encoder.", "text_encoder_2.")
+KOHYA_SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
+PEFT_SUFFIXES = {".lora_A.weight": "down", ".lora_B.weight": "up"}
+FORMAT_VERSION = "1"  # of the `sdxl_lora.*` metadata we write
+BASES = {"sdxl": SDXL_CONFIG, "tiny": TINY_UNET_CONFIG}
+# Metadata that describes a file's format: written afresh for each output file, never copied from the input.
+FORMAT_KEYS = {"sdxl_lora.format_version", "sdxl_lora.rank", "sdxl_lora.alpha", "sdxl_lora.target_mode",
+               "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_base_model_version",
+               "modelspec.architecture", "modelspec.sai_model_spec", "modelspec.implementation", "format",
+               "lora_adapter_metadata"}
+
+
+@dataclass
+class LoRAWeights:
+    """A UNet LoRA in memory, whatever it came from."""
+
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # diffusers module path -> (down, up, alpha)
+    metadata: dict[str, str]  # carried into a file written from it (format keys excluded)
+    base: str  # "sdxl", "tiny" or a model path
+    unet_config: UNetConfig
+    source: str  # "kohya file", "diffusers file", "checkpoint LoRA", "checkpoint EMA", "UNet"
+
+    @property
+    def ranks(self) -> Counter:
+        return Counter(down.shape[0] for down, _, _ in self.modules.values())
+
+    @property
+    def alphas(self) -> Counter:
+        return Counter(alpha for _, _, alpha in self.modules.values())
+
+    @property
+    def target_mode(self) -> str:
+        """As recorded by our trainer; else the smallest mode covering every module (metadata only)."""
+        if self.metadata.get("sdxl_lora.target_mode") in MODES:
+            return self.metadata["sdxl_lora.target_mode"]
+        return next((m for m in MODES if set(self.modules) <= target_names(self.unet_config, m)), "all")
+
+    def lora_config(self) -> LoRAConfig:
+        """Rank and alpha for the file's metadata: the most common ones (our files have one of each)."""
+        dropout = float(self.metadata.get("sdxl_lora.dropout", 0.0))
+        return LoRAConfig(self.ranks.most_common(1)[0][0], self.alphas.most_common(1)[0][0], dropout,
+                          self.target_mode)
+
+
+def weights_of(unet: SDXLUNet, metadata: dict[str, str] | None = None) -> LoRAWeights:
+    """The LoRA layers of a UNet (detached, as trained) as LoRAWeights."""
+    modules = {name: (m.lora_down.weight.detach(), m.lora_up.weight.detach(), m.alpha)
+               for name, m in lora_modules(unet).items()}
+    if not modules:
+        raise ValueError("this UNet has no LoRA layers to save; call apply_lora first")
+    return LoRAWeights(modules, dict(metadata or {}), "unet", unet.config, "UNet")
+
+
+def meta_unet(config: UNetConfig) -> SDXLUNet:
+    """The UNet's module tree with no memory behind its weights (its layer names and shapes)."""
+    with torch.device("meta"):
+        return SDXLUNet(config)
+
+
+@functools.cache
+def linear_layers(config: UNetConfig) -> dict[str, tuple[int, int]]:
+    """Every Linear layer of the UNet: diffusers module path -> (in_features, out_features)."""
+    return {n: (m.in_features, m.out_features) for n, m in meta_unet(config).named_modules()
+            if isinstance(m, nn.Linear)}
+
+
+@functools.cache
+def target_names(config: UNetConfig, mode: str) -> frozenset[str]:
+    return frozenset(lora_target_names(meta_unet(config), mode))
+
+
+def check_fits(weights: LoRAWeights) -> None:
+    """Every module of `weights` is a Linear layer of its UNet, with matching shapes; else a ValueError naming it."""
+    layers = linear_layers(weights.unet_config)
+    for name, (down, up, _) in weights.modules.items():
+        if name not in layers:
+            raise ValueError(f"LoRA layer {name} ({weights.source}) is not a Linear layer of the {weights.base} UNet; "
+                             "the LoRA was made for another base model (e.g. SD 1.5) or UNet config")
+        n_in, n_out = layers[name]
+        if down.ndim != 2 or up.ndim != 2 or down.shape[1] != n_in or tuple(up.shape) != (n_out, down.shape[0]):
+            raise ValueError(f"LoRA layer {name} ({weights.source}) has shapes down {tuple(down.shape)}, up "
+                             f"{tuple(up.shape)} but the {weights.base} UNet's layer is Linear({n_in}, {n_out}); "
+                             "the LoRA was made for another base model or UNet config")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing
+
+
+def _check_metadata(metadata: dict | None) -> dict[str, str]:
+    metadata = dict(metadata or {})
+    bad = [k for k, v in metadata.items() if not (isinstance(k, str) and isinstance(v, str))]
+    if bad:
+        raise ValueError(f"LoRA file metadata must map str to str; {bad[0]!r} -> {metadata[bad[0]]!r} does not")
+    return metadata
+
+
+def write_lora(weights: LoRAWeights, path, format: Literal["kohya", "diffusers"] = "kohya",
+               dtype: torch.dtype = torch.float32) -> Path:
+    """Write `weights` to a `.safetensors` LoRA file in kohya or diffusers (peft) format, atomically."""
+    check_fits(weights)
+    config = weights.lora_config()
+    meta = {k: v for k, v in _check_metadata(weights.metadata).items() if k not in FORMAT_KEYS}
+    meta |= {"sdxl_lora.format_version": FORMAT_VERSION, "sdxl_lora.rank": str(config.rank),
+             "sdxl_lora.alpha": str(float(config.alpha)), "sdxl_lora.target_mode": config.target_mode}
+    tensors = {}
+    if format == "kohya":
+        sgm = unet_sgm_names(unet_config_to_diffusers(weights.unet_config))
+        for name, (down, up, alpha) in weights.modules.items():
+            key = "lora_unet_" + sgm[name].replace(".", "_")
+            tensors |= {f"{key}.lora_down.weight": down.to(dtype), f"{key}.lora_up.weight": up.to(dtype),
+                        f"{key}.alpha": torch.tensor(float(alpha), dtype=dtype)}
+        meta |= {
+            "ss_network_module": "networks.lora",
+            "ss_network_dim": str(config.rank),
+            "ss_network_alpha": str(float(config.alpha)),
+            "ss_base_model_version": "sdxl_base_v1-0",
+            "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+            "modelspec.sai_model_spec": "1.0.0",
+            "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        }
+    elif format == "diffusers":
+        if len(weights.ranks) > 1:
+            raise ValueError(f"this LoRA has several ranks {sorted(weights.ranks)}; the diffusers format written "
+                             "here takes one rank: use the kohya format")
+        for name, (down, up, alpha) in weights.modules.items():
+            tensors[f"unet.{name}.lora_A.weight"] = down.to(dtype)
+            tensors[f"unet.{name}.lora_B.weight"] = (up.float() * (alpha / down.shape[0])).to(dtype)  # folded
+        # diffusers builds its peft LoraConfig from this (prefix "unet." stripped) instead of guessing it
+        peft_config = {"unet.r": config.rank, "unet.lora_alpha": config.rank,
+                       "unet.target_modules": list(weights.modules)}
+        meta |= {"format": "pt", "lora_adapter_metadata": json.dumps(peft_config, sort_keys=True)}
+    else:
+        raise ValueError(f"unknown LoRA file format {format!r}; use 'kohya' or 'diffusers'")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+def save_lora(unet, path, config: LoRAConfig, format: Literal["kohya", "diffusers"] = "kohya",
+              metadata: dict[str, str] | None = None, dtype: torch.dtype = torch.float32) -> Path:
+    """Write the UNet's LoRA layers to a LoRA file (see `write_lora`); `metadata`: extra str -> str entries
+    stored in the file (e.g. the training settings)."""
+    weights = weights_of(unet, {**_check_metadata(metadata), "sdxl_lora.target_mode": config.target_mode})
+    if format == "diffusers" and set(weights.ranks) != {config.rank}:
+        raise ValueError(f"LoRA layers have ranks {sorted(weights.ranks)} but config.rank is {config.rank}")
+    return write_lora(weights, path, format=format, dtype=dtype)
+
+
+def peft_tensors(sd: dict[str, torch.Tensor], config: LoRAConfig) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A `lora_state_dict` as a lossless peft file: `unet.<path>.lora_A/B.weight` as trained (alpha not
+    folded), lora_alpha in diffusers' `lora_adapter_metadata`. Returns (tensors, metadata)."""
+    tensors = {}
+    for key, value in sd.items():
+        name, _, part = key.rpartition(".lora_")
+        tensors[f"unet.{name}.lora_{'A' if part == 'down.weight' else 'B'}.weight"] = value.contiguous()
+    modules = sorted({k.rpartition(".lora_")[0] for k in sd})
+    peft_config = {"unet.r": config.rank, "unet.lora_alpha": config.alpha, "unet.target_modules": modules}
+    metadata = {"sdxl_lora.format_version": FORMAT_VERSION, "sdxl_lora.rank": str(config.rank),
+                "sdxl_lora.alpha": str(float(config.alpha)), "sdxl_lora.target_mode": config.target_mode,
+                "sdxl_lora.dropout": str(float(config.dropout)), "format": "pt",
+                "lora_adapter_metadata": json.dumps(peft_config, sort_keys=True)}
+    return tensors, metadata
+
+
+def state_dict_from_peft(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of `peft_tensors`: back to `lora_state_dict` keys (exact, no arithmetic)."""
+    sd = {}
+    for key, value in tensors.items():
+        stripped = key.removeprefix("unet.")
+        suffix = next((s for s in PEFT_SUFFIXES if stripped.endswith(s)), None)
+        if suffix is None or stripped == key:
+            raise ValueError(f"key {key} is not a unet.*.lora_A/lora_B.weight key of a training checkpoint")
+        part = "lora_down" if PEFT_SUFFIXES[suffix] == "down" else "lora_up"
+        sd[f"{stripped.removesuffix(suffix)}.{part}.weight"] = value
+    return sd
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading
+
+
+def _kohya_names(unet_config: dict) -> dict[str, str]:
+    """kohya LoRA name (SGM-style and diffusers-style) -> diffusers module path, for one UNet config."""
+    names = {}
+    for diffusers, sgm in unet_sgm_names(unet_config).items():
+        for name in (sgm, diffusers):
+            names["lora_unet_" + name.replace(".", "_")] = diffusers
+    return names
+
+
+def _peft_alpha(metadata: dict[str, str], path) -> tuple:
+    """(lora_alpha or None, alpha_pattern, use_rslora) from diffusers' `lora_adapter_metadata`, UNet part."""
+    try:
+        config = json.loads(metadata.get("lora_adapter_metadata") or "{}")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: lora_adapter_metadata is not valid JSON ({e})") from e
+    if any(k.startswith("unet.") for k in config):
+        config = {k.removeprefix("unet."): v for k, v in config.items() if k.startswith("unet.")}
+    return config.get("lora_alpha"), config.get("alpha_pattern") or {}, bool(config.get("use_rslora"))
+
+
+def _parse(path, unet_config: dict) -> tuple[dict[str, dict], dict[str, str]]:
+    """Module path -> {"down", "up", "alpha", "key"} and the file's metadata; see read_lora_file."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a LoRA file; give a .safetensors LoRA file (for a training "
+                         "checkpoint folder, its lora.safetensors or ema.safetensors)")
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise ValueError(f"cannot read LoRA file {path}: {e}; it is not a complete .safetensors file "
+                         "(pickled .pt/.ckpt LoRAs are not loaded; re-download or convert it)") from e
+    kohya = _kohya_names(unet_config)
+    entries: dict[str, dict] = {}
+    for key, tensor in tensors.items():
+        if key.startswith(TEXT_ENCODER_PREFIXES):
+            raise ValueError(f"{path}: key {key} is a text-encoder LoRA weight; only UNet LoRAs are supported "
+                             "(remove the lora_te*/text_encoder* keys to use its UNet part)")
+        if key.startswith("lora_unet_"):
+            name, _, suffix = key.partition(".")
+            if suffix not in KOHYA_SUFFIXES:
+                raise ValueError(f"{path}: key {key} is not a plain LoRA weight (DoRA/LoHa/LoKr are not supported)")
+            if name not in kohya:
+                raise ValueError(f"{path}: key {key} names no module of this SDXL UNet; the LoRA was made for "
+                                 "another base model (e.g. SD 1.5) or another UNet config")
+            module, part = kohya[name], KOHYA_SUFFIXES[suffix]
+        else:
+            stripped = key.removeprefix("unet.")
+            suffix = next((s for s in PEFT_SUFFIXES if stripped.endswith(s)), None)
+            if suffix is None:
+                raise ValueError(f"{path}: key {key} is neither a kohya (lora_unet_*) nor a diffusers/peft "
+                                 "(unet.*.lora_A/lora_B.weight) LoRA weight")
+            module, part = stripped.removesuffix(suffix), PEFT_SUFFIXES[suffix]
+        entry = entries.setdefault(module, {"key": key})
+        if part in entry:
+            raise ValueError(f"{path}: key {key} repeats the {part} weight of {entry['key']}")
+        if part == "alpha" and tensor.numel() != 1:
+            raise ValueError(f"{path}: key {key} should be one number (alpha), not shape {tuple(tensor.shape)}")
+        entry[part] = tensor
+    lora_alpha, alpha_pattern, rslora = _peft_alpha(metadata, path)
+    for module, entry in entries.items():
+        if "down" not in entry or "up" not in entry:
+            raise ValueError(f"{path}: key {entry['key']} has no matching {'up' if 'down' in entry else 'down'} "
+                             "weight; the file is incomplete")
+        rank = entry["down"].shape[0]
+        if "alpha" in entry:  # kohya
+            entry["alpha"] = float(entry["alpha"].float().item())
+        elif not entry["key"].startswith("lora_unet_"):  # peft: scale = lora_alpha / r (or / sqrt(r), rsLoRA)
+            pattern = next((p for p in alpha_pattern if re.match(rf"(.*\.)?({p})$", module)), None)
+            alpha = alpha_pattern[pattern] if pattern else lora_alpha
+            entry["alpha"] = rank if alpha is None else float(alpha) * (math.sqrt(rank) if rslora else 1.0)
+        else:  # kohya without .alpha means alpha = rank
+            entry["alpha"] = float(rank)
+    return entries, metadata
+
+
+def read_lora_file(path, unet_config: dict | None = None):
+    """Parse a LoRA file of any supported format into diffusers module path -> (down, up, alpha).
+
+    down is [rank, in], up is [out, rank]; the update to apply is alpha / rank * up @ down.
+    `unet_config`: the diffusers UNet config that SGM block numbers refer to (default: SDXL base).
+    Returns that dict and the file's metadata."""
+    entries, metadata = _parse(path, unet_config or unet_config_to_diffusers(SDXL_CONFIG))
+    return {m: (e["down"], e["up"], e["alpha"]) for m, e in entries.items()}, metadata
+
+
+@torch.no_grad()
+def load_lora(unet: nn.Module, path, scale: float = 1.0) -> dict[str, str]:
+    """Merge `scale * alpha / rank * up @ down` from a LoRA file into the UNet's Linear weights.
+
+    Accepts kohya (SGM or diffusers-style names) and diffusers/peft files. Wrapped layers (LoRALinear) take
+    the update in their frozen base. Every key is checked before any weight changes; loading two files adds
+    both. Returns the file's metadata."""
+    entries, metadata = _parse(path, unet_config_to_diffusers(unet.config))
+    modules = dict(unet.named_modules())
+    plan = []
+    for name, e in entries.items():
+        key, module = e["key"], modules.get(name)
+        if module is None:
+            raise ValueError(f"{path}: key {key} names module {name}, which this UNet does not have; the LoRA "
+                             "was made for another base model or UNet config")
+        linear = module.base if isinstance(module, LoRALinear) else module
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"{path}: key {key} adapts {name}, a {type(linear).__name__}; only LoRAs on Linear "
+                             "layers are supported (conv LoRAs such as LoCon are not)")
+        down, up = e["down"], e["up"]
+        want_down, want_up = (down.shape[0], linear.in_features), (linear.out_features, down.shape[0])
+        if down.ndim != 2 or up.ndim != 2 or tuple(down.shape) != want_down or tuple(up.shape) != want_up:
+            raise ValueError(f"{path}: key {key} has shapes down {tuple(down.shape)}, up {tuple(up.shape)} but "
+                             f"{name} is Linear({linear.in_features}, {linear.out_features}); the LoRA was made "
+                             "for another base model (e.g. SD 1.5) or UNet config")
+        plan.append((linear.weight, down, up, scale * e["alpha"] / down.shape[0]))
+    for weight, down, up, s in plan:
+        delta = s * (up.to(weight.device, torch.float32) @ down.to(weight.device, torch.float32))
+        weight.copy_((weight.float() + delta).to(weight.dtype))
+    return metadata
+
+
+def unet_config_of(model) -> tuple[str, UNetConfig]:
+    """(name, config) of a run's `pretrained_model`: `tiny`, `sdxl`, or a diffusers folder that is still there
+    (its unet/config.json); anything else (a single-file checkpoint, a moved folder) is SDXL base."""
+    name = str(model)
+    if name in BASES:
+        return name, BASES[name]
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return name, read_unet_config(unet_folder(path))
+    return "sdxl", SDXL_CONFIG
+
+
+def file_format(path) -> str:
+    with safe_open(str(path), framework="pt") as f:
+        return "kohya" if any(k.startswith("lora_unet_") for k in f.keys()) else "diffusers"
+
+
+def read_lora(path, base: str | None = None) -> LoRAWeights:
+    """A LoRA file of any format `load_lora` reads, checked against the UNet it belongs to (see module doc)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA file {path} does not exist")
+    try:
+        source = f"{file_format(path)} file"
+    except Exception as e:  # safetensors raises its own types for files that are not safetensors
+        raise ValueError(f"cannot read LoRA file {path}: {e}; it is not a complete .safetensors file") from e
+    candidates = [unet_config_of(base)] if base else list(BASES.items())
+    errors = {}
+    for name, config in candidates:
+        try:
+            modules, metadata = read_lora_file(path, unet_config_to_diffusers(config))  # key names (kohya) checked here
+            if not modules:
+                raise ValueError(f"{path} holds no LoRA weights (no lora_unet_* or *.lora_A/B.weight keys)")
+            weights = LoRAWeights(modules, metadata, name, config, source)
+            check_fits(weights)  # and every module and shape here
+            return weights
+        except ValueError as e:
+            errors[name] = str(e)
+    if len(set(errors.values())) == 1:  # e.g. a module neither has: say it once
+        raise ValueError(next(iter(errors.values())) + ("" if base else " (tried SDXL base and the tiny model)"))
+    raise ValueError(f"{path} fits no known base model: " + "; ".join(f"{k}: {v}" for k, v in errors.items())
+                     + " (give --base if it was made for another SDXL-shaped model)")

@@ -1,0 +1,335 @@
+"""The training datasets: a scanned folder (`FolderDataset`, map-style, a reproducible batch plan) or streamed
+WebDataset shards (`ShardDataset`), both yielding aspect-bucketed batches (training/images.py), and
+`build_dataset`, which picks one for a `data_dir`.
+
+Determinism and exact resume (folder sources): the batches of epoch e are a pure function of
+(seed, epoch, the scanned file list, batch_size, world_size), and each sample's augmentation a pure
+function of (seed, epoch, sample index). So `iter_epoch(e, start=k)` reproduces batches k, k+1, ... of
+epoch e exactly, with any number of DataLoader workers; a checkpoint needs only (epoch, k).
+
+Batches: a bucket's last batch of an epoch may be smaller than batch_size (kept, not dropped). With
+world_size > 1 each global batch is shared equally by the ranks (see `FolderDataset`). Shards stream,
+so their order is reproducible only for the same num_workers, and their epochs have no fixed length.
+"""
+
+import hashlib
+import io
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from itertools import chain, islice
+from pathlib import Path
+
+import numpy as np
+import torch
+from webdataset.tariterators import tarfile_samples
+
+from common.images import open_rgb
+from training.buckets import (
+    SIZE_MULTIPLE,
+    closest_bucket,
+    cover_size,
+    group_by_bucket,
+    make_buckets,
+    plan_global_batches,
+    rank_share,
+)
+from training.images import Augmentation, Example, collate, make_example
+from training.scan import DataError, ScanResult, find_shards, scan_folder
+from training.signals import ignore_stop_signals
+
+logger = logging.getLogger(__name__)
+
+ORDER_STREAM, SHARD_STREAM = 0x0D3D, 0x5D4D  # random streams of the epoch order and of a shard reader
+
+
+def own_generator(seed: int, epoch: int) -> torch.Generator:
+    """For a DataLoader's base seed, which it would otherwise draw from torch's global RNG each time an
+    epoch starts (shifting LoRA dropout's random numbers, so a resumed run would differ)."""
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
+class FolderDataset(torch.utils.data.Dataset):
+    """Scanned images, bucketed; batches of epoch e are `batches_for_epoch(e)`, loaded by `iter_epoch`.
+
+    With world_size > 1, each global batch of batch_size * world_size samples (one bucket) is split into
+    equal contiguous shares, one per rank: every rank runs the same number of batches of the same size,
+    the ranks' samples are disjoint, and together they are exactly the batch a single process with
+    batch_size * world_size would see (so N processes match one big-batch process; docs/ARCHITECTURE.md, "Seeds").
+    Items are (epoch, index) pairs, since a sample's augmentation depends on the epoch.
+    """
+
+    def __init__(
+        self,
+        scan: ScanResult,
+        buckets: list[tuple[int, int]],
+        batch_size: int,
+        aug: Augmentation,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.scan, self.buckets, self.batch_size, self.aug = scan, buckets, batch_size, aug
+        self.rank, self.world_size = rank, world_size
+        self.records = scan.records
+        self.bucket_of = [closest_bucket(r.height, r.width, buckets) for r in self.records]
+        self._same_bucket = {b: [] for b in set(self.bucket_of)}  # bucket -> its sample indices, ascending
+        for index, bucket in enumerate(self.bucket_of):
+            self._same_bucket[bucket].append(index)
+        self._position = {i: n for members in self._same_bucket.values() for n, i in enumerate(members)}
+        self._failed: set[int] = set()  # indices that failed to load in this process
+        self._num_batches = len(self.batches_for_epoch(0))  # the same for every epoch
+
+    def global_batches_for_epoch(self, epoch: int) -> list[list[int]]:
+        """All ranks' batches of the epoch, batch_size * world_size samples each (fewer at a bucket's end)."""
+        rng = np.random.default_rng([self.aug.seed % 2**64, epoch, ORDER_STREAM])
+        return plan_global_batches(self.bucket_of, self.batch_size * self.world_size, self.world_size, rng)
+
+    def batches_for_epoch(self, epoch: int) -> list[list[int]]:
+        """This rank's batches of the epoch (sample indices), a pure function of (seed, epoch, data, sizes)."""
+        return [rank_share(b, self.rank, self.world_size) for b in self.global_batches_for_epoch(epoch)]
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank."""
+        return self._num_batches
+
+    def load_example(self, index: int, epoch: int) -> Example:
+        """Sample `index` as seen in `epoch`, before the flip.
+
+        A file that no longer loads (changed or removed since the scan) is skipped with a warning, and
+        the next image of the same bucket (in index order, wrapping around; if none loads, any other image,
+        cropped to this bucket) takes its place, so the batch keeps its size and its bucket; the
+        replacement is augmented with the skipped slot's (epoch, index) randomness, so the run stays
+        deterministic.
+        """
+        bucket = self.buckets[self.bucket_of[index]]
+        same = self._same_bucket[self.bucket_of[index]]
+        start = self._position[index]
+        others = (i for i, b in enumerate(self.bucket_of) if b != self.bucket_of[index])
+        for candidate in chain(same[start:], same[:start], others):
+            if candidate in self._failed:
+                continue
+            record = self.records[candidate]
+            try:
+                image, original_size = open_rgb(record.path, lambda h, w: cover_size(h, w, bucket))
+            except Exception as error:
+                self._failed.add(candidate)
+                logger.warning("cannot load %s any more, replacing it in its batch: %s", record.path, error)
+                continue
+            return make_example(image, original_size, bucket, record.caption, record.key, self.aug, epoch, index)
+        raise DataError(f"none of the images under {self.scan.root} can be loaded any more; see the warnings above")
+
+    def __getitem__(self, item: tuple[int, int]) -> dict:
+        epoch, index = item
+        return self.load_example(index, epoch).to_sample()
+
+    def dataloader(self, epoch: int, start: int = 0, num_workers: int = 0, **kwargs) -> torch.utils.data.DataLoader:
+        """A DataLoader over batches start, start + 1, ... of the epoch (kwargs: pin_memory, prefetch_factor...)."""
+        if not 0 <= start <= len(self):
+            raise ValueError(f"start must be a batch position in 0..{len(self)}, got {start}")
+        batches = [[(epoch, i) for i in batch] for batch in self.batches_for_epoch(epoch)[start:]]
+        return torch.utils.data.DataLoader(
+            self, batch_sampler=batches, collate_fn=collate, num_workers=num_workers,
+            worker_init_fn=ignore_stop_signals, generator=own_generator(self.aug.seed, epoch), **kwargs
+        )
+
+    def iter_epoch(self, epoch: int, start: int = 0, num_workers: int = 0, **kwargs) -> Iterator[dict]:
+        """Collated batches of the epoch from batch position `start` (the resume point) to its end."""
+        return iter(self.dataloader(epoch, start, num_workers, **kwargs))
+
+    def fingerprint(self) -> str:
+        """A short hash of what defines the batch plan (files, sizes, captions); compare it when resuming."""
+        digest = hashlib.sha256()
+        for record in self.records:
+            digest.update(f"{record.key}\0{record.height}x{record.width}\0{record.caption}\n".encode())
+        return digest.hexdigest()[:16]
+
+    def summary(self) -> dict:
+        counts = Counter(self.bucket_of)
+        return {
+            "source": "folder",
+            "data_dir": str(self.scan.root),
+            "num_images": self.scan.num_images,
+            "bad_files": self.scan.bad_files,
+            "missing_captions": self.scan.missing_captions,
+            "buckets": {f"{h}x{w}": counts[i] for i, (h, w) in enumerate(self.buckets) if counts[i]},
+            "batches_per_epoch": len(self),
+            "fingerprint": self.fingerprint(),
+        }
+
+
+# ----------------------------------------------------------------------------------------------------
+# WebDataset shards: a streamed, shuffled, bucketing iterable dataset
+
+
+def stable_index(key: str) -> int:
+    """A sample's index for the per-sample random streams, from its key (same on every machine and run)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+
+
+def buffered_shuffle(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
+    """Approximate streaming shuffle: keep `size` items, emit a random one for each new item read."""
+    buffer = []
+    for item in items:
+        buffer.append(item)
+        if len(buffer) >= size:
+            pick = int(rng.integers(len(buffer)))
+            buffer[pick], buffer[-1] = buffer[-1], buffer[pick]
+            yield buffer.pop()
+    for pick in rng.permutation(len(buffer)):
+        yield buffer[pick]
+
+
+def split_for_slot(shards: list[str], slot: int, num_slots: int) -> tuple[list[str], int, int]:
+    """This reader's shards and sample filter (keep sample n when n % stride == offset).
+
+    A reader is one DataLoader worker of one rank. With at least as many shards as readers, shards are
+    dealt out; otherwise every reader streams every shard and keeps every num_slots-th sample.
+    """
+    if len(shards) >= num_slots:
+        return shards[slot::num_slots], 1, 0
+    return shards, num_slots, slot
+
+
+class ShardDataset(torch.utils.data.IterableDataset):
+    """WebDataset shards streamed as collated single-bucket batches; `iter_epoch(epoch)` runs one epoch.
+
+    Per epoch, the shard list is shuffled with (seed, epoch) and dealt out to (rank, worker) readers
+    (disjoint across ranks); each reader shuffles its samples with a buffer of `shuffle_buffer` samples,
+    decodes them, puts each into its bucket's pending list, and yields a batch whenever a bucket holds
+    batch_size images; at the end of the epoch the incomplete batches are yielded too (smaller).
+    Undecodable samples are skipped with a warning. Order is reproducible for the same seed, epoch,
+    world_size and num_workers; ranks may get different numbers of batches (fix steps per epoch for DDP).
+    """
+
+    def __init__(
+        self,
+        shards: list[str],
+        buckets: list[tuple[int, int]],
+        batch_size: int,
+        aug: Augmentation,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_buffer: int = 1000,
+    ):
+        self.shards, self.buckets, self.batch_size, self.aug = shards, buckets, batch_size, aug
+        self.rank, self.world_size, self.shuffle_buffer = rank, world_size, shuffle_buffer
+        self.epoch = 0
+        if len(shards) < world_size:
+            logger.warning("%d shards for %d ranks: each rank reads all shards; write more", len(shards), world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next iteration streams (shard order, shuffle buffer and augmentation depend on it)."""
+        self.epoch = epoch
+
+    def _samples(self) -> Iterator[dict]:
+        """Raw samples (dicts of member bytes) of this reader, shuffled, for self.epoch."""
+        worker = torch.utils.data.get_worker_info()
+        num_workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
+        order = np.random.default_rng([self.aug.seed % 2**64, self.epoch, ORDER_STREAM]).permutation(len(self.shards))
+        slot, num_slots = self.rank * num_workers + worker_id, self.world_size * num_workers
+        shards, stride, offset = split_for_slot([self.shards[i] for i in order], slot, num_slots)
+        samples = tarfile_samples([{"url": s} for s in shards], handler=_warn_and_continue)
+        mine = (s for n, s in enumerate(samples) if n % stride == offset)
+        rng = np.random.default_rng([self.aug.seed % 2**64, self.epoch, slot, SHARD_STREAM])
+        return buffered_shuffle(mine, self.shuffle_buffer, rng)
+
+    def _example(self, sample: dict) -> Example | None:
+        """Decode one raw sample into its bucket; None (with a warning) if it has no readable image."""
+        key = f"{Path(sample['__url__']).name}/{sample['__key__']}"
+        member = next((ext for ext in ("jpg", "jpeg", "png", "webp") if ext in sample), None)
+        if member is None:
+            logger.warning("skipping %s: no jpg/jpeg/png/webp member (has %s)", key, sorted(sample))
+            return None
+        if "txt" not in sample:
+            logger.warning("no caption: %s (training it with an empty caption)", key)
+        caption = sample.get("txt", b"").decode("utf-8", errors="replace").strip()
+
+        def resize_to(h: int, w: int) -> tuple[int, int]:
+            return cover_size(h, w, self.buckets[closest_bucket(h, w, self.buckets)])
+
+        try:
+            image, original_size = open_rgb(io.BytesIO(sample[member]), resize_to)
+        except Exception as error:
+            logger.warning("skipping %s: cannot decode its %s (%s)", key, member, error)
+            return None
+        bucket = self.buckets[closest_bucket(*original_size, self.buckets)]
+        return make_example(image, original_size, bucket, caption, key, self.aug, self.epoch, stable_index(key))
+
+    def __iter__(self) -> Iterator[dict]:
+        examples = (e for e in map(self._example, self._samples()) if e is not None)
+        samples = (e.to_sample() for e in examples)
+        for batch in group_by_bucket(samples, lambda s: s["target_size"], self.batch_size):
+            yield collate(batch)
+
+    def iter_epoch(self, epoch: int, start: int = 0, num_workers: int = 0, **kwargs) -> Iterator[dict]:
+        """Collated batches of the epoch, skipping the first `start` (decoded again; same num_workers needed)."""
+        self.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(self, batch_size=None, num_workers=num_workers,
+                                             worker_init_fn=ignore_stop_signals,
+                                             generator=own_generator(self.aug.seed, epoch), **kwargs)
+        return islice(iter(loader), start, None)
+
+    def summary(self) -> dict:
+        return {
+            "source": "webdataset",
+            "shards": len(self.shards),
+            "num_images": None,  # unknown until streamed
+            "bad_files": [],
+            "missing_captions": [],
+            "buckets": {f"{h}x{w}": None for h, w in self.buckets},
+        }
+
+
+def _warn_and_continue(error: Exception) -> bool:
+    logger.warning("skipping unreadable shard data: %s", error)
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def build_dataset(
+    data_dir: str | Path,
+    resolution: int,
+    batch_size: int,
+    bucketing: bool = True,
+    center_crop: bool = False,
+    random_flip: bool = False,
+    caption_dropout: float = 0.0,
+    shuffle_tags: bool = False,
+    keep_tokens: int = 0,
+    seed: int = 0,
+    max_bad_fraction: float = 0.05,
+    rank: int = 0,
+    world_size: int = 1,
+    shuffle_buffer: int = 1000,
+) -> FolderDataset | ShardDataset:
+    """The training dataset for data_dir (a folder, a metadata.jsonl folder, or .tar shards); see the module doc.
+
+    bucketing=False trains at a fixed resolution x resolution: short side resized to it, then cropped.
+    """
+    if batch_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got {batch_size}, {rank}, {world_size}")
+    if not 0.0 <= caption_dropout <= 1.0 or keep_tokens < 0:
+        raise ValueError(f"need 0 <= caption_dropout <= 1 and keep_tokens >= 0, got {caption_dropout}, {keep_tokens}")
+    if resolution % SIZE_MULTIPLE or resolution < 2 * SIZE_MULTIPLE:
+        raise ValueError(f"resolution {resolution} must be a multiple of {SIZE_MULTIPLE} and at least "
+                         f"{2 * SIZE_MULTIPLE} (VAE /8, UNet /4)")
+    buckets = make_buckets(resolution) if bucketing else [(resolution, resolution)]
+    aug = Augmentation(center_crop, random_flip, caption_dropout, shuffle_tags, keep_tokens, seed)
+    shards = find_shards(data_dir)
+    if shards is not None:
+        dataset = ShardDataset(shards, buckets, batch_size, aug, rank, world_size, shuffle_buffer)
+        logger.info("training data: %d webdataset shards from %s", len(shards), data_dir)
+        return dataset
+    dataset = FolderDataset(scan_folder(data_dir, max_bad_fraction), buckets, batch_size, aug, rank, world_size)
+    summary = dataset.summary()
+    logger.info(
+        "training data: %d images (%d bad, %d without caption) in buckets %s; %d batches per epoch",
+        summary["num_images"],
+        len(summary["bad_files"]),
+        len(summary["missing_captions"]),
+        summary["buckets"],
+        summary["batches_per_epoch"],
+    )
+    return dataset

@@ -1,0 +1,137 @@
+"""One training sample: an image file decoded to upright 8-bit RGB (common/images.py), resized and cropped to its
+bucket, flipped, its caption dropped out or tag-shuffled; and samples of one bucket collated into a batch.
+
+Every optimizer micro-batch is a dict (B images of one bucket (H, W)):
+    pixel_values   float32 (B, 3, H, W) in [-1, 1]
+    captions       list[str]         after caption dropout and tag shuffling
+    original_size  int64 (B, 2)      (h, w) of the image as displayed (EXIF rotation applied), before resizing
+    crop_top_left  int64 (B, 2)      (top, left) of the crop in the resized image (the mirrored one if flipped)
+    target_size    int64 (B, 2)      (H, W), the bucket
+    keys           list[str]         stable sample id: path relative to data_dir, or "<shard file>/<key>"
+    flipped        bool (B,)
+and SDXL's micro-conditioning (Podell et al. 2023, "SDXL", section 2.2) is
+`time_ids = original_size + crop_top_left + target_size`.
+
+Flip and crop: the crop (top, left) is chosen in the resized, unflipped image; a flipped sample is that
+crop mirrored, which is exactly the crop of the mirrored image at left' = resized_w - W - left, so that
+is the crop_top_left it reports (`buckets.flipped_crop_offset`); SDXL conditions on what the UNet sees.
+
+Each sample's crop, flip, caption dropout and tag order are a pure function of (seed, epoch, sample index),
+drawn from their own numpy generators (`sample_rng`), never from global RNG state: what makes a resumed run
+exact with any number of DataLoader workers.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from training.buckets import crop_to_bucket
+
+# Independent random streams of one sample, seeded by (seed, epoch, index, stream).
+CROP_STREAM, FLIP_STREAM, CAPTION_STREAM = 1, 2, 3
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """8-bit RGB PIL image -> float32 (3, H, W) in [-1, 1]."""
+    pixels = torch.from_numpy(np.array(image, dtype=np.uint8))  # (H, W, 3)
+    return pixels.permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Per-sample augmentation: crop, flip, caption
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """The per-sample random choices and the seed they derive from."""
+
+    center_crop: bool = False
+    random_flip: bool = False
+    caption_dropout: float = 0.0
+    shuffle_tags: bool = False
+    keep_tokens: int = 0
+    seed: int = 0
+
+
+def sample_rng(seed: int, epoch: int, index: int, stream: int) -> np.random.Generator:
+    """A generator that depends only on (seed, epoch, sample index, stream): no global RNG state involved."""
+    return np.random.default_rng([seed % 2**64, epoch, index, stream])
+
+
+def transform_caption(caption: str, rng: np.random.Generator, dropout: float, shuffle_tags: bool, keep: int) -> str:
+    """Caption dropout (-> ""), then optionally shuffle comma-separated tags, the first `keep` staying in place."""
+    if rng.random() < dropout:
+        return ""
+    if not shuffle_tags:
+        return caption
+    tags = [tag.strip() for tag in caption.split(",") if tag.strip()]
+    fixed, shuffled = tags[:keep], tags[keep:]
+    return ", ".join(fixed + [shuffled[i] for i in rng.permutation(len(shuffled))])
+
+
+@dataclass
+class Example:
+    """One sample before the flip: the unflipped crop and both crop offsets (a latent cache can store both flips)."""
+
+    pixel_values: torch.Tensor  # (3, H, W) in [-1, 1], unflipped
+    caption: str
+    key: str
+    original_size: tuple[int, int]  # (h, w)
+    crop_top_left: tuple[int, int]  # (top, left) of this crop in the resized image
+    crop_top_left_flipped: tuple[int, int]  # the same for the mirrored crop in the mirrored resized image
+    target_size: tuple[int, int]  # (H, W)
+    flip: bool  # whether this (seed, epoch, index) trains on the mirrored crop
+
+    def to_sample(self) -> dict:
+        """The training sample: mirrored (pixels and crop offset) when `flip`."""
+        return {
+            "pixel_values": self.pixel_values.flip(-1) if self.flip else self.pixel_values,
+            "caption": self.caption,
+            "key": self.key,
+            "original_size": self.original_size,
+            "crop_top_left": self.crop_top_left_flipped if self.flip else self.crop_top_left,
+            "target_size": self.target_size,
+            "flipped": self.flip,
+        }
+
+
+def make_example(
+    image: Image.Image,
+    original_size: tuple[int, int],
+    bucket: tuple[int, int],
+    caption: str,
+    key: str,
+    aug: Augmentation,
+    epoch: int,
+    index: int,
+) -> Example:
+    """Resize an upright RGB image to cover its bucket, crop, and draw flip and caption for (epoch, index)."""
+    crop_rng = None if aug.center_crop else sample_rng(aug.seed, epoch, index, CROP_STREAM)
+    crop, top_left, top_left_flipped = crop_to_bucket(image, original_size, bucket, crop_rng)
+    flip = aug.random_flip and bool(sample_rng(aug.seed, epoch, index, FLIP_STREAM).random() < 0.5)
+    caption_rng = sample_rng(aug.seed, epoch, index, CAPTION_STREAM)
+    return Example(
+        pixel_values=to_tensor(crop),
+        caption=transform_caption(caption, caption_rng, aug.caption_dropout, aug.shuffle_tags, aug.keep_tokens),
+        key=key,
+        original_size=original_size,
+        crop_top_left=top_left,
+        crop_top_left_flipped=top_left_flipped,
+        target_size=bucket,
+        flip=flip,
+    )
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack samples of one bucket into the batch dict described in the module docstring."""
+    return {
+        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),  # (B, 3, H, W)
+        "captions": [s["caption"] for s in samples],
+        "original_size": torch.tensor([s["original_size"] for s in samples], dtype=torch.long),  # (B, 2)
+        "crop_top_left": torch.tensor([s["crop_top_left"] for s in samples], dtype=torch.long),  # (B, 2)
+        "target_size": torch.tensor([s["target_size"] for s in samples], dtype=torch.long),  # (B, 2)
+        "keys": [s["key"] for s in samples],
+        "flipped": torch.tensor([s["flipped"] for s in samples], dtype=torch.bool),  # (B,)
+    }
