@@ -1,0 +1,146 @@
+"""The evaluation report: a table for the terminal, a JSON file, and target checks.
+
+The JSON report (FORMAT_VERSION 1):
+
+    {"format_version": 1, "created": "2025-01-01T12:00:00+00:00",
+     "real":      {"folder": "/data/real", "n_found": 120, "n_used": 119, "skipped": [{"path": ..., "reason": ...}]},
+     "generated": {"folder": "/data/synthetic", "n_found": 200, "n_used": 200, "skipped": []},
+     "groups_by": "folder",
+     "groups":  [{"name": "all", "n_real": 119, "n_generated": 200, "compared_with": "all real images"}, ...],
+     "results": [{"group": "all", "metric": "fid", "value": 35.2, "n_real": 119, "n_generated": 200,
+                  "target": "<40", "passed": true},
+                 {"group": "all", "metric": "kid_mean", "value": 0.0041, "n_real": 119, "n_generated": 200,
+                  "subset_size": 119, "subsets": 100},
+                 {"group": "healthy", "metric": "clip_score", "value": null, "n_real": 0, "n_generated": 0,
+                  "note": "no generated image of this group has a prompt"}, ...],
+     "notes": ["..."], "unavailable": {"lpips": "needs torchvision, ..."},
+     "settings": {"metrics": [...], "kid_subsets": 100, ..., "inception_weights": ..., "clip_model": ...},
+     "versions": {"python": ..., "torch": ..., "torchmetrics": ..., "transformers": ..., "sdxl-lora": ...}}
+
+n_real / n_generated of a row are the images that entered that metric (the real pool of a nearest-real
+metric, the images with a prompt for the CLIP score).
+"""
+
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import re
+from pathlib import Path
+
+FORMAT_VERSION = 1
+TARGET_PATTERN = re.compile(r"^\s*([a-z_]+)\s*(<=|>=|<|>)\s*([-+0-9.eE]+)\s*$")
+
+# table column per metric, in display order ("kid_mean" also shows kid_std)
+COLUMNS = [("fid", "FID"), ("kid_mean", "KID ± std"), ("clip_score", "CLIP"), ("ssim_nearest_real", "SSIM nn"),
+           ("ms_ssim_generated_pairs", "MS-SSIM gen"), ("ms_ssim_real_pairs", "MS-SSIM real"),
+           ("lpips_nearest_real", "LPIPS nn"), ("lpips_generated_pairs", "LPIPS gen"),
+           ("lpips_real_pairs", "LPIPS real")]
+METRIC_NAMES = ["fid", "kid_mean", "kid_std", "clip_score", "ssim_nearest_real", "ms_ssim_generated_pairs",
+                "ms_ssim_real_pairs", "lpips_nearest_real", "lpips_generated_pairs", "lpips_real_pairs"]
+MAX_GROUP_WIDTH = 32
+
+
+# ---------------------------------------------------------------------------------------------------
+# Targets: "fid<40", "ssim_nearest_real>0.75"
+
+
+def parse_target(text: str) -> tuple[str, str, float]:
+    """'fid<40' -> ('fid', '<', 40.0); ValueError naming the valid metric names otherwise."""
+    match = TARGET_PATTERN.match(text)
+    if not match or match.group(1) not in METRIC_NAMES:
+        raise ValueError(f"expected METRIC<VALUE or METRIC>VALUE (also <=, >=) with METRIC one of "
+                         f"{', '.join(METRIC_NAMES)}, e.g. fid<40")
+    return match.group(1), match.group(2), float(match.group(3))
+
+
+def apply_targets(rows: list[dict], targets: list[tuple[str, str, float]]) -> bool:
+    """Mark each row with a target ("target", "passed"); True if every checked row passed."""
+    compare = {"<": float.__lt__, ">": float.__gt__, "<=": float.__le__, ">=": float.__ge__}
+    ok = True
+    for metric, op, bound in targets:
+        for r in rows:
+            if r["metric"] == metric and r["value"] is not None:
+                r["target"], r["passed"] = f"{op}{bound:g}", bool(compare[op](float(r["value"]), bound))
+                ok &= r["passed"]
+    return ok
+
+
+# ---------------------------------------------------------------------------------------------------
+# Terminal
+
+
+def format_table(groups: list[dict], rows: list[dict]) -> str:
+    """One line per group, one column per metric present; '-' where a group has no value."""
+    values = {(r["group"], r["metric"]): r["value"] for r in rows}
+    present = {r["metric"] for r in rows}
+    columns = [(m, title) for m, title in COLUMNS if m in present]
+    header = ["group", "n_real", "n_gen"] + [title for _, title in columns]
+    lines = []
+    for g in groups:
+        cells = [_short(g["name"]), str(g["n_real"]), str(g["n_generated"])]
+        for metric, _ in columns:
+            value = values.get((g["name"], metric))
+            text = "-" if value is None else f"{value:.4g}"
+            if metric == "kid_mean" and value is not None:
+                text += f" ± {values.get((g['name'], 'kid_std')):.2g}"
+            cells.append(text)
+        lines.append(cells)
+    widths = [max(len(c[k]) for c in [header, *lines]) for k in range(len(header))]
+
+    def fmt(cells):
+        return "  ".join(c.ljust(w) if k == 0 else c.rjust(w) for k, (c, w) in enumerate(zip(cells, widths,
+                                                                                             strict=True)))
+
+    return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *map(fmt, lines)])
+
+
+def format_targets(rows: list[dict]) -> str:
+    checked = [r for r in rows if "target" in r]
+    return "\n".join(f"target {r['metric']} {r['target']} in {_short(r['group'])}: {r['value']:.4g} "
+                     f"{'ok' if r['passed'] else 'MISSED'}" for r in checked)
+
+
+def _short(name: str) -> str:
+    name = " ".join(name.split())
+    return name if len(name) <= MAX_GROUP_WIDTH else name[: MAX_GROUP_WIDTH - 3] + "..."
+
+
+# ---------------------------------------------------------------------------------------------------
+# JSON
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in ("sdxl-lora", "torch", "torchmetrics", "transformers", "pillow", "numpy", "matplotlib"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def build_report(real: dict, generated: dict, groups_by: str, groups: list[dict], rows: list[dict], notes: list[str],
+                 unavailable: dict, settings: dict) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "real": real,
+        "generated": generated,
+        "groups_by": groups_by,
+        "groups": groups,
+        "results": rows,
+        "notes": notes,
+        "unavailable": unavailable,
+        "settings": settings,
+        "versions": versions(),
+    }
+
+
+def write_json(path: Path, report: dict) -> None:
+    """Write the report to a temporary name and rename it into place (never a half-written file)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
