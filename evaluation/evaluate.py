@@ -9,7 +9,7 @@ From Python (what training calls: the networks are loaded once, the real feature
     scores = score_images(pil_images, real, inception, clip=clip, prompts=prompts, device="cuda")
     # {"kid_mean", "kid_std", "kid_subset_size", "fid", "clip_score", "n_real", "n_generated"}
 
-The command line (`evaluation/cli.py`) runs `extract_folder` on both folders, then `evaluate_groups`.
+evaluate_images.py runs `evaluate_folders`: `extract_folder` on both folders, then `evaluate_groups`.
 Each result is a row {"group", "metric", "value", "n_real", "n_generated", ...}: value None with a "note"
 when the group cannot have that metric (too few images, no prompts, no matching real subfolder).
 """
