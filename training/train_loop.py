@@ -159,9 +159,7 @@ def train(args) -> dict:
                        min_snr_gamma=args.min_snr_gamma, autocast_dtype=DTYPES[args.precision])
     side = SideTasks(args, world, models, val_data, log, ema, loss_kwargs)
     if world.main:
-        print(f"training {sum(p.numel() for p in params):,} LoRA parameters ({args.lora_target_mode}, rank "
-              f"{args.lora_rank}) on {data.summary()['num_images']} images, {total_steps} steps, device {device}, "
-              f"{args.precision}" + (f", {world.size} processes" if world.size > 1 else ""))
+        print(banner(args, world, data, params, total_steps))
 
     def save(loop: LoopState) -> Path:
         state = training_state(loop, optimizer, scheduler, scaler, fingerprint) if world.main else None
@@ -170,7 +168,7 @@ def train(args) -> dict:
     if resume is None:
         side.validate(0)
     accumulation, max_norm = args.gradient_accumulation_steps, args.max_grad_norm or math.inf
-    saved_at, nonfinite_run = (loop.step if resume is not None else None), 0
+    saved_at, nonfinite_run = (loop.step if resume else None), 0
     bar = tqdm(total=total_steps, initial=loop.step, desc="training", unit="step", dynamic_ncols=True,
                disable=not world.main)
     t_step, samples = time.perf_counter(), 0
@@ -250,9 +248,20 @@ def train(args) -> dict:
         side.close()
         close_world(world)
     return {"steps": loop.step, "time_s": round(time.time() - t_start, 1), "final_loss": loop.last_loss,
-            "nonfinite_steps": loop.nonfinite_steps, "bad_files": len(data.summary().get("bad_files", [])),
-            "missing_captions": len(data.summary().get("missing_captions", [])), "lora": str(final),
+            "nonfinite_steps": loop.nonfinite_steps, **data_problems(data), "lora": str(final),
             "metrics": str(output_dir / "metrics.jsonl"), "output_dir": str(output_dir)}
+
+
+def banner(args, world, data, params, total_steps: int) -> str:
+    return (f"training {sum(p.numel() for p in params):,} LoRA parameters ({args.lora_target_mode}, rank "
+            f"{args.lora_rank}) on {data.summary()['num_images']} images, {total_steps} steps, device "
+            f"{world.device}, {args.precision}" + (f", {world.size} processes" if world.size > 1 else ""))
+
+
+def data_problems(data) -> dict:
+    summary = data.summary()
+    return {"bad_files": len(summary.get("bad_files", [])),
+            "missing_captions": len(summary.get("missing_captions", []))}
 
 
 def peak_memory_mib(device) -> float:
