@@ -116,6 +116,20 @@ def sample_grid(unet, vae, embeds, pooled, *, images_per_prompt: int, height: in
     return images_to_grid(torch.cat(rows), rows=len(rows))
 
 
+@torch.no_grad()
+def sample_images(unet, vae, embeds, pooled, seeds: list[int], *, height: int, width: int, steps: int = 20,
+                  guidance_scale: float = 5.0, batch_size: int = 8) -> list[Image.Image]:
+    """One image per (embeds[i] (77, ctx), pooled[i], seeds[i]), `batch_size` at a time, as PIL images: what
+    a training run scores (training/scoring.py)."""
+    images = []
+    for start in range(0, len(seeds), batch_size):
+        part = slice(start, start + batch_size)
+        latents = generate_latents(unet, embeds[part], pooled[part], seeds=seeds[part], height=height, width=width,
+                                   steps=steps, guidance_scale=guidance_scale)
+        images += [image for i in range(len(latents)) for image in to_pil(vae.decode(latents[i : i + 1]))]
+    return images
+
+
 def read_scheduler_config(model_path: Path) -> dict:
     """The model folder's scheduler/scheduler_config.json, else SDXL base's (single files carry none)."""
     path = Path(model_path) / "scheduler" / "scheduler_config.json"

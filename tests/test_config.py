@@ -81,7 +81,8 @@ def test_defaults(tmp, base):
         gradient_checkpointing=False, cache_latents="none", cache_text_embeddings=False, save_interval=500,
         save_format="kohya", save_every_n_epochs=0, keep_last=0, resume_from=None, overwrite_output_dir=False,
         config=None, validation_prompts=[], validation_interval=100, num_validation_images=4,
-        wandb_project=None, wandb_run_name=None, log_interval=1,
+        wandb_project=None, wandb_run_name=None, log_interval=1, eval_interval=0, eval_num_images=32,
+        eval_real_dir=None, inception_weights=None, clip_model=None, keep_best="none",
         data_dir=str(tmp / "data"), output_dir=str(tmp / "out"), cache_dir=str(tmp / "out" / "cache"),
     )
     got = vars(args)
@@ -204,6 +205,15 @@ BAD = [  # (extra flags; "{tmp}" is the fixture folder), flag the message must n
     (["--vae_model", "{tmp}/nope"], "vae_model"), (["--vae_model", "{tmp}/empty_dir"], "vae_model"),
     (["--validation_prompts", "{tmp}/missing.txt"], "validation_prompts"),
     (["--validation_prompts", "{tmp}/empty_prompts.txt"], "validation_prompts"),
+    (["--keep_best", "kid"], "keep_best"), (["--keep_best", "val_loss"], "keep_best"),
+    (["--eval_interval", "5", "--inception_weights", "{tmp}/file.txt"], "eval_interval"),  # no validation prompts
+    (["--eval_interval", "5", "--validation_prompts", "a dog", "--inception_weights", "{tmp}/nope.pt"],
+     "inception_weights"),
+    (["--eval_interval", "5", "--validation_prompts", "a dog", "--inception_weights", "{tmp}/file.txt",
+      "--clip_model", "{tmp}/empty_dir"], "clip_model"),
+    (["--eval_interval", "5", "--validation_prompts", "a dog", "--inception_weights", "{tmp}/file.txt",
+      "--eval_real_dir", "{tmp}/nope"], "eval_real_dir"),
+    (["--eval_num_images", "0"], "eval_num_images"), (["--eval_interval", "-1"], "eval_interval"),
 ]
 
 
@@ -226,6 +236,8 @@ def test_each_rule_rejects_a_bad_value(tmp, base, no_optional_packages, extra, f
     ["--precision", "bf16", "--device", "cpu"], ["--precision", "fp32", "--device", "cpu"],
     ["--caption_dropout", "0.1", "--cache_text_embeddings", "--cache_latents", "memory"],
     ["--min_timestep", "500", "--max_timestep", "500"], ["--max_grad_norm", "0", "--min_snr_gamma", "5"],
+    ["--eval_interval", "5", "--validation_prompts", "a dog", "--inception_weights", "{tmp}/file.txt",
+     "--keep_best", "kid"], ["--val_data_dir", "{tmp}/data", "--keep_best", "val_loss"],
 ])
 def test_good_values_pass(tmp, base, extra):
     check(base + [a.format(tmp=tmp) for a in extra])

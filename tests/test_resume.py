@@ -61,25 +61,45 @@ def optimizer_tensors(checkpoint: Path) -> list[torch.Tensor]:
     return [t for s in state["optimizer"]["state"].values() for t in s.values() if torch.is_tensor(t)]
 
 
-def test_stopped_and_resumed_run_equals_uninterrupted_run(tmp_path):
+@pytest.fixture(scope="module")
+def scoring(tmp_path_factory) -> list[str]:
+    """Scores during training and the best checkpoint, on a stand-in Inception file (tests/test_evaluate.py)."""
+    from tests.test_evaluate import RandomFeatureNet
+
+    torch.manual_seed(0)
+    net = tmp_path_factory.mktemp("net") / "inception-2015-12-05.pt"
+    torch.jit.script(RandomFeatureNet().eval()).save(str(net))
+    return ["--validation_prompts", "a red circle on a white background", "--validation_interval", "0",
+            "--num_validation_images", "1", "--eval_interval", "5", "--eval_num_images", "2", "--keep_best", "kid",
+            "--inception_weights", str(net)]
+
+
+def scores(out: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["kid_mean"] for r in records if "kid_mean" in r}
+
+
+def test_stopped_and_resumed_run_equals_uninterrupted_run(tmp_path, scoring):
     full, cut = tmp_path / "full", tmp_path / "cut"
-    run = subprocess.run(command(full), capture_output=True, text=True, cwd=ROOT)
+    run = subprocess.run(command(full, *scoring), capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
 
-    code, err = stop_after(command(cut), cut, 3, signal.SIGTERM, twice=True)
+    code, err = stop_after(command(cut, *scoring), cut, 3, signal.SIGTERM, twice=True)
     assert code == 143, err[-3000:]
-    first = sorted(p.name for p in (cut / "checkpoints").iterdir())
+    first = sorted(p.name for p in (cut / "checkpoints").iterdir() if p.name.startswith("step_"))
     assert len(first) == 1 and first[0] < f"step_{STEPS:06d}" and first[0] in err  # path printed
-    code, err = stop_after(command(cut, "--resume_from", "latest"), cut, 6, signal.SIGINT)
+    code, err = stop_after(command(cut, *scoring, "--resume_from", "latest"), cut, 6, signal.SIGINT)
     assert code == 130, err[-3000:]
-    run = subprocess.run(command(cut, "--resume_from", "latest"), capture_output=True, text=True, cwd=ROOT)
+    run = subprocess.run(command(cut, *scoring, "--resume_from", "latest"), capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "resuming from" in run.stdout
 
     assert losses(cut) == losses(full)  # every step's loss, bit for bit
     assert list(losses(full)) == list(range(1, STEPS + 1))
+    assert scores(cut) == scores(full) and list(scores(full)) == [0, 5, 10, 15, 20, 24]
     for name in ("lora_final.safetensors", f"checkpoints/step_{STEPS:06d}/lora.safetensors",
-                 f"checkpoints/step_{STEPS:06d}/ema.safetensors"):
+                 f"checkpoints/step_{STEPS:06d}/ema.safetensors", "checkpoints/best/ema.safetensors",
+                 "lora_best.safetensors"):
         a, b = load_file(full / name), load_file(cut / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     last = f"checkpoints/step_{STEPS:06d}"

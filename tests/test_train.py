@@ -273,3 +273,47 @@ def test_an_epochs_short_last_step_averages_the_micro_batches_it_has(tmp_path):
     assert abs(short["loss"] - single["loss"]) <= 1e-6 * single["loss"]
     assert abs(short["grad_norm"] - single["grad_norm"]) <= 1e-5 * single["grad_norm"]
     assert abs(runs[4][0]["loss"] - sum(m["loss"] for m in runs[1][:4]) / 4) <= 1e-5 * runs[4][0]["loss"]
+
+
+@pytest.fixture(scope="module")
+def feature_net(tmp_path_factory) -> Path:
+    """A small random TorchScript network standing in for the Inception-v3 file (tests/test_evaluate.py)."""
+    from tests.test_evaluate import RandomFeatureNet
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("net") / "inception-2015-12-05.pt"
+    torch.jit.script(RandomFeatureNet().eval()).save(str(path))
+    return path
+
+
+def test_scores_during_training_and_the_best_checkpoint(tmp_path, feature_net):
+    """--eval_interval logs KID (same numbers as evaluation.score_images) at steps 0, 3 and the last; --keep_best kid
+    keeps checkpoints/best at the step of the lowest KID, and lora_best.safetensors holds its (EMA) weights."""
+    run = run_train(tmp_path, "--image_size", "64", "--max_train_steps", "5", "--eval_interval", "3",
+                    "--eval_num_images", "4", "--keep_best", "kid", "--inception_weights", str(feature_net),
+                    "--use_ema", "--save_interval", "0", "--validation_interval", "0", "--val_data_dir", "")
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = tmp_path / "out"
+    scores = {m["step"]: m["kid_mean"] for m in read_metrics(out) if "kid_mean" in m}
+    assert list(scores) == [0, 3, 5]
+    best_step = min(scores, key=scores.get)
+    best = out / "checkpoints" / "best"
+    assert (best / "COMPLETE").is_file()
+    state = torch.load(best / "training_state.pt", weights_only=True)
+    assert state["step"] == best_step and state["best_step"] == best_step
+    from safetensors import safe_open
+
+    with safe_open(str(out / "lora_best.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["sdxl_lora.best_metric"] == "kid" and float(meta["sdxl_lora.best_score"]) == scores[best_step]
+    assert meta["sdxl_lora.best_step"] == str(best_step) and meta["sdxl_lora.weights"] == "ema"
+    from sdxl.configs import unet_config_to_diffusers
+    from sdxl.lora_files import read_lora_file
+    from sdxl.tiny import TINY_UNET_CONFIG
+
+    entries, _ = read_lora_file(out / "lora_best.safetensors", unet_config_to_diffusers(TINY_UNET_CONFIG))
+    ema = load_file(best / "ema.safetensors")  # the best step's EMA weights, exactly (fp32 kohya file)
+    assert len(entries) == len(ema) // 2 > 0
+    for name, (down, up, _) in entries.items():
+        assert torch.equal(down, ema[f"unet.{name}.lora_A.weight"])
+        assert torch.equal(up, ema[f"unet.{name}.lora_B.weight"])

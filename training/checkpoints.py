@@ -48,7 +48,7 @@ MUST_MATCH = (
     "adam_beta1", "adam_beta2", "adam_epsilon", "lr_scheduler", "warmup_steps", "max_grad_norm", "use_ema",
     "ema_decay",
 )
-RUN_OUTPUTS = ("checkpoints", "samples", "metrics.jsonl", "lora_final.safetensors")
+RUN_OUTPUTS = ("checkpoints", "samples", "metrics.jsonl", "lora_final.safetensors", "lora_best.safetensors")
 
 
 class CheckpointError(ValueError):
@@ -66,27 +66,30 @@ def _remove(folder: Path) -> None:
 
 
 def save_checkpoint(output_dir, step: int, lora: dict, state: dict, config_yaml: str, lora_config: LoRAConfig,
-                    ema: dict | None = None, keep_last: int = 0) -> Path:
-    """Write checkpoints/step_{step:06d}/ atomically and return its path; then keep only the newest
-    `keep_last` (0 = all). Refuses non-finite tensors; a disk error leaves earlier checkpoints intact."""
+                    ema: dict | None = None, keep_last: int = 0, name: str | None = None,
+                    metadata: dict[str, str] | None = None) -> Path:
+    """Write checkpoints/step_{step:06d}/ (or checkpoints/NAME/, e.g. `best`) atomically and return its path;
+    then keep only the newest `keep_last` step_* folders (0 = all). `metadata`: extra entries of its LoRA files.
+    Refuses non-finite tensors; a disk error leaves earlier checkpoints intact."""
     bad = [k for k, v in {**lora, **(ema or {})}.items() if not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(f"not saving a checkpoint at step {step}: non-finite values in {bad[0]}")
     root = Path(output_dir) / "checkpoints"
-    final = root / checkpoint_name(step)
+    final = root / (name or checkpoint_name(step))
 
     def write(folder: Path) -> None:
-        tensors, metadata = peft_tensors(lora, lora_config)
-        save_file(tensors, folder / FILES["lora"], metadata=metadata)
+        tensors, lora_metadata = peft_tensors(lora, lora_config)
+        metadata_ = {**lora_metadata, **(metadata or {})}
+        save_file(tensors, folder / FILES["lora"], metadata=metadata_)
         if ema is not None:
-            save_file(peft_tensors(ema, lora_config)[0], folder / FILES["ema"], metadata=metadata)
+            save_file(peft_tensors(ema, lora_config)[0], folder / FILES["ema"], metadata=metadata_)
         torch.save({"schema_version": SCHEMA_VERSION, **state}, folder / FILES["state"])
         (folder / FILES["config"]).write_text(config_yaml, encoding="utf-8")
         (folder / MARKER).write_text(f"schema_version: {SCHEMA_VERSION}\nstep: {step}\n")  # last
 
     try:
         root.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(root, "step_*")  # left by a process killed mid-save
+        remove_stale_temporaries(root, final.name if name else "step_*")  # left by a process killed mid-save
         atomic_write(final, write, folder=True)
     except OSError as e:
         earlier = complete_checkpoints(output_dir)
@@ -223,6 +226,8 @@ class LoopState:
     micro_step: int = 0  # micro-batches done in all (each one's noise is seeded by it)
     last_loss: float = math.nan
     nonfinite_steps: int = 0  # skipped steps in all
+    best_score: float = math.inf  # --keep_best: the lowest score so far, and its step (-1: none yet)
+    best_step: int = -1
 
 
 def training_state(loop: LoopState, optimizer, scheduler, scaler, data_fingerprint: str) -> dict:
@@ -246,7 +251,8 @@ def restore(checkpoint: "Checkpoint", unet, optimizer, scheduler, scaler, ema, s
         group["lr"] = base_lr * schedule(scheduler.last_epoch)  # the same value when the length is unchanged
     scaler.load_state_dict(st["grad_scaler"])
     restore_rng(st["rng"])
-    loop = LoopState(st["step"], st["epoch"], st["position"], st["micro_step"], st["last_loss"], st["nonfinite_steps"])
+    loop = LoopState(st["step"], st["epoch"], st["position"], st["micro_step"], st["last_loss"], st["nonfinite_steps"],
+                     st.get("best_score", math.inf), st.get("best_step", -1))
     if batches_per_epoch is not None and loop.position >= batches_per_epoch:  # saved at an epoch's end
         loop.epoch, loop.position = loop.epoch + 1, 0
     return loop

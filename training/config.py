@@ -36,7 +36,8 @@ from training.flags import DATA_HINT, build_parser
 
 __all__ = ["ConfigError", "build_parser", "parse_config", "parse_or_exit", "resolved_config_yaml",
            "save_resolved_config", "validate"]
-PATH_FLAGS = ("data_dir", "val_data_dir", "pretrained_model", "vae_model", "cache_dir", "output_dir")
+PATH_FLAGS = ("data_dir", "val_data_dir", "pretrained_model", "vae_model", "cache_dir", "output_dir", "eval_real_dir",
+              "inception_weights", "clip_model")
 
 
 # --- Parsing: YAML values become the parser's defaults, so command-line flags override them. ---
@@ -162,9 +163,9 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
 # (flags, accepts(value), what they must be)
 RULES = [
     (("lora_rank", "batch_size", "gradient_accumulation_steps", "num_epochs", "num_validation_images",
-      "log_interval"), lambda v: v >= 1, ">= 1"),
+      "log_interval", "eval_num_images"), lambda v: v >= 1, ">= 1"),
     (("keep_tokens", "num_workers", "save_every_n_epochs", "keep_last", "warmup_steps", "max_nonfinite_steps",
-      "save_interval", "validation_interval",
+      "save_interval", "validation_interval", "eval_interval",
       "weight_decay", "max_grad_norm", "min_snr_gamma", "noise_offset"), lambda v: v >= 0, ">= 0"),
     (("learning_rate", "lora_alpha", "adam_epsilon"), lambda v: v > 0, "> 0"),
     (("caption_dropout", "lora_dropout", "adam_beta1", "adam_beta2"), lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -199,6 +200,34 @@ def _check_models(args: argparse.Namespace) -> None:
         fail("pretrained_model", args.pretrained_model, problem)
     if args.vae_model and (problem := vae_path_problem(args.vae_model)):
         fail("vae_model", args.vae_model, problem)
+
+
+def _check_evaluation(args: argparse.Namespace) -> None:
+    """--eval_interval and --keep_best: what they need must be there before any model loads."""
+    if args.keep_best == "kid" and not args.eval_interval:
+        fail("keep_best", "kid", "needs --eval_interval N (KID is computed at each evaluation)")
+    if args.keep_best == "val_loss" and args.val_data_dir is None:
+        fail("keep_best", "val_loss", "needs --val_data_dir (the validation loss is computed on it)")
+    if not args.eval_interval:
+        return
+    if importlib.util.find_spec("torchmetrics") is None:
+        fail("eval_interval", args.eval_interval, "needs torchmetrics; run `pip install -e .[eval]` or leave the flag "
+             "out")
+    if not args.validation_prompts:
+        fail("eval_interval", args.eval_interval, "needs --validation_prompts (the images it scores are made of "
+             "them)")
+    real = args.eval_real_dir or args.data_dir
+    if not Path(real).is_dir():
+        fail("eval_real_dir" if args.eval_real_dir else "eval_interval", real, "KID needs a folder of real images; "
+             "give --eval_real_dir DIR (shards cannot be scored)")
+    from evaluation.inception import default_inception_path, download_hint  # here: --help needs no torchmetrics
+
+    weights = Path(args.inception_weights or default_inception_path())
+    if not weights.is_file():
+        fail("inception_weights", weights, f"does not exist (--eval_interval needs it); {download_hint(weights)}")
+    if args.clip_model is not None and not (Path(args.clip_model) / "config.json").is_file():
+        fail("clip_model", args.clip_model, "is not a transformers CLIP folder (no config.json); give a local "
+             "download of e.g. openai/clip-vit-large-patch14, or leave the flag out")
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -238,6 +267,7 @@ def validate(args: argparse.Namespace) -> None:
     if prompts_file is not None and not Path(prompts_file).is_file():
         fail("validation_prompts", prompts_file, "this prompts file does not exist; give an existing .txt file "
               "with one prompt per line, or the prompts themselves")
+    _check_evaluation(args)
     if args.wandb_project is not None and importlib.util.find_spec("wandb") is None:
         fail("wandb_project", args.wandb_project, "needs wandb, which is not installed; run `pip install wandb` "
               "or leave --wandb_project out")

@@ -125,6 +125,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(g, "validation_interval", "sample them every N optimizer steps; 0 = only at the end (default: 100)",
          type=int, default=100, metavar="N")
     add_flag(g, "num_validation_images", "images per validation prompt (default: 4)", type=int, default=4, metavar="N")
+    add_flag(g, "eval_interval", "score the LoRA every N optimizer steps (and at the first and last): KID, and the "
+             "CLIP score with --clip_model, of --eval_num_images images generated for the validation prompts "
+             "against --eval_real_dir; needs the eval extra and --inception_weights; 0 = off (default: 0)",
+             type=int, default=0, metavar="N")
+    add_flag(g, "eval_num_images", "images generated per evaluation, the validation prompts in turn, image i "
+             "seeded i (default: 32)", type=int, default=32, metavar="N")
+    add_flag(g, "eval_real_dir", "the real images KID compares with (default: --data_dir)", metavar="DIR")
+    add_flag(g, "inception_weights", "the TorchScript Inception-v3 of clean-fid/StyleGAN for KID (default: "
+             "~/.cache/sdxl-lora/inception-2015-12-05.pt; README, 'Evaluating')", metavar="FILE")
+    add_flag(g, "clip_model", "a local transformers CLIP folder: adds the CLIP score to --eval_interval "
+             "(default: none)", metavar="DIR")
+    add_flag(g, "keep_best", "keep checkpoints/best/ (and lora_best.safetensors at the end) for the lowest KID or "
+             "validation loss; none = off (default: none)", choices=["none", "kid", "val_loss"], default="none")
     add_flag(g, "wandb_project", "log to this Weights & Biases project; needs wandb (default: off)", metavar="NAME")
     add_flag(g, "wandb_run_name", "W&B run name (default: chosen by wandb)", metavar="NAME")
     add_flag(g, "log_interval", "log every N optimizer steps (default: 1)", type=int, default=1, metavar="N")

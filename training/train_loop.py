@@ -32,13 +32,15 @@ from sampling.inference import sample_grid
 from sdxl.diffusion import alphas_cumprod
 from sdxl.loading import load_text_encoder, load_unet, load_vae
 from sdxl.lora import LoRAConfig, apply_lora, lora_parameters, lora_state_dict
-from sdxl.lora_files import save_lora
+from sdxl.lora_files import save_lora, write_lora
 from training.caching import LatentCache, TextEmbeddingCache
 from training.checkpoints import (
     CheckpointError,
     LoopState,
     check_resumable,
+    checkpoint_lora,
     checkpoint_name,
+    load_checkpoint,
     restore,
     rewind_metrics,
     save_checkpoint,
@@ -51,6 +53,7 @@ from training.ema import EMA
 from training.loss import diffusion_loss, draw_timesteps_and_noise, time_ids_of, validation_loss
 from training.metrics import MetricsLog
 from training.optim import lr_multiplier, make_optimizer
+from training.scoring import TrainingScores
 from training.signals import Stopped, StopRequest
 
 
@@ -157,16 +160,13 @@ def train(args) -> dict:
     log = MetricsLog(output_dir, args.wandb_project, args.wandb_run_name, config=vars(args)) if world.main else None
     loss_kwargs = dict(alphas_cumprod=alphas_cumprod().to(device), prediction_type=args.prediction_type,
                        min_snr_gamma=args.min_snr_gamma, autocast_dtype=DTYPES[args.precision])
-    side = SideTasks(args, world, models, val_data, log, ema, loss_kwargs)
+    side = SideTasks(args, world, models, val_data, log, ema, loss_kwargs,
+                     state_of=lambda loop: training_state(loop, optimizer, scheduler, scaler, fingerprint))
     if world.main:
         print(banner(args, world, data, params, total_steps))
 
-    def save(loop: LoopState) -> Path:
-        state = training_state(loop, optimizer, scheduler, scaler, fingerprint) if world.main else None
-        return side.save(loop.step, state, resolved_config_yaml(args))
-
     if resume is None:
-        side.validate(0)
+        side.validate(loop)
     accumulation, max_norm = args.gradient_accumulation_steps, args.max_grad_norm or math.inf
     saved_at, nonfinite_run = (loop.step if resume else None), 0
     bar = tqdm(total=total_steps, initial=loop.step, desc="training", unit="step", dynamic_ncols=True,
@@ -224,25 +224,24 @@ def train(args) -> dict:
                     samples = 0
                     bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
                     bar.update(1)
-                    if args.validation_interval and loop.step % args.validation_interval == 0 and (
-                            loop.step < total_steps):  # the last step validates after the loop
-                        side.validate(loop.step)
+                    if side.due(loop.step) and loop.step < total_steps:  # the last step validates after the loop
+                        side.validate(loop)
                     epoch_end = loop.position == batches_per_epoch
                     due = (args.save_interval and loop.step % args.save_interval == 0) or (
                         epoch_end and args.save_every_n_epochs and (loop.epoch + 1) % args.save_every_n_epochs == 0)
                     stopping = world.any(stop.signum is not None)  # every rank stops at the same step
                     if due or stopping:
                         saved_at = loop.step
-                        path = save(loop)
+                        path = side.save(loop)
                     if stopping:
                         raise Stopped(stop.signum or signal.SIGTERM, path)
                 if loop.step < total_steps:  # the epoch ran out
                     loop.epoch, loop.position = loop.epoch + 1, 0
             bar.close()
-            side.validate(loop.step)
+            side.validate(loop, last=True)
             if saved_at != loop.step and (args.save_interval or args.save_every_n_epochs):  # so a longer run can
-                save(loop)  # continue it
-            final = side.save_final(loop.step)
+                side.save(loop)  # continue it
+            final = side.save_final(loop)
     finally:  # every exit, a stop or an error included
         bar.close()
         side.close()
@@ -272,59 +271,96 @@ def peak_memory_mib(device) -> float:
 
 
 class SideTasks:
-    """What the loop does besides training, on rank 0 (other ranks wait at a barrier): the validation loss and
-    sample grid, checkpoints, the final LoRA file, closing the metrics log."""
+    """What the loop does besides training, on rank 0 (other ranks wait at a barrier): the validation loss,
+    sample grids and scores (--eval_interval), checkpoints, the best checkpoint, the final LoRA files."""
 
     def __init__(self, args, world, models: Models, val_data, log: MetricsLog | None, ema: EMA | None,
-                 loss_kwargs: dict):
+                 loss_kwargs: dict, state_of):
         self.args, self.world, self.models, self.val_data, self.log, self.ema = args, world, models, val_data, log, ema
-        self.loss_kwargs, self.output_dir = loss_kwargs, Path(args.output_dir)
+        self.loss_kwargs, self.state_of, self.output_dir = loss_kwargs, state_of, Path(args.output_dir)
+        self.scores = TrainingScores(args, world.device) if args.eval_interval and world.main else None
 
-    def validate(self, step: int) -> None:
-        """Validation loss (fixed timesteps and noise) and a sample grid of the validation prompts (EMA weights)."""
-        args, models = self.args, self.models
+    def due(self, step: int) -> bool:
+        """Whether an optimizer step is followed by a validation (loss, grid) or an evaluation (scores)."""
+        return any(interval and step % interval == 0
+                   for interval in (self.args.validation_interval, self.args.eval_interval))
+
+    def validate(self, loop: LoopState, last: bool = False) -> None:
+        """Validation loss (fixed timesteps and noise) and a sample grid of the validation prompts, at validation
+        steps; KID (+ CLIP score) at evaluation steps; the first and last step have both. EMA weights are used."""
+        args, models, step = self.args, self.models, loop.step
         if not self.world.main:
             return  # the other ranks wait in the next gradient all-reduce
+        validating = last or step == 0 or (args.validation_interval and step % args.validation_interval == 0)
+        evaluating = self.scores is not None and (last or step % args.eval_interval == 0)
         models.unet.eval()
-        if self.val_data is not None:
-            loss = validation_loss(lambda b: models.encode(b, self.world.device), models.unet, self.val_data,
-                                   seed=args.seed, min_timestep=args.min_timestep, max_timestep=args.max_timestep,
-                                   **self.loss_kwargs)
-            self.log.log({"step": step, "val_loss": loss})
-        if args.validation_prompts:
-            embeds, pooled = models.texts.get(args.validation_prompts, models.text_encoder)
-            with self.ema.applied() if self.ema else nullcontext():
-                grid = sample_grid(models.unet, models.vae, embeds.to(self.world.device), pooled.to(self.world.device),
-                                   images_per_prompt=args.num_validation_images, height=args.image_size,
-                                   width=args.image_size)
-            path = self.output_dir / "samples" / f"step_{step:06d}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
-            self.log.log_image(step, "samples", path)
+        with self.ema.applied() if self.ema else nullcontext():
+            if validating and self.val_data is not None:
+                loss = validation_loss(lambda b: models.encode(b, self.world.device), models.unet, self.val_data,
+                                       seed=args.seed, min_timestep=args.min_timestep, max_timestep=args.max_timestep,
+                                       **self.loss_kwargs)
+                self.log.log({"step": step, "val_loss": loss})
+                self.keep_if_best(loop, "val_loss", loss)
+            if validating and args.validation_prompts:
+                self.sample_grid(step)
+            if evaluating:
+                scores = self.scores(models.unet, models.vae, models.texts, models.text_encoder)
+                self.log.log({"step": step, **scores})
+                self.keep_if_best(loop, "kid", scores.get("kid_mean", math.inf))
         models.unet.train()
 
-    def save(self, step: int, state: dict | None, config_yaml: str) -> Path:
+    def sample_grid(self, step: int) -> None:
+        args, models, device = self.args, self.models, self.world.device
+        embeds, pooled = models.texts.get(args.validation_prompts, models.text_encoder)
+        grid = sample_grid(models.unet, models.vae, embeds.to(device), pooled.to(device),
+                           images_per_prompt=args.num_validation_images, height=args.image_size, width=args.image_size)
+        path = self.output_dir / "samples" / f"step_{step:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
+        self.log.log_image(step, "samples", path)
+
+    def keep_if_best(self, loop: LoopState, metric: str, score: float) -> None:
+        """--keep_best: a score lower than every earlier one replaces checkpoints/best/ (rank 0 only)."""
+        if self.args.keep_best != metric or not score < loop.best_score:
+            return
+        loop.best_score, loop.best_step = score, loop.step
+        self._write(loop, name="best", metadata={"sdxl_lora.best_metric": metric, "sdxl_lora.best_score": repr(score),
+                                                 "sdxl_lora.best_step": str(loop.step)})
+        tqdm.write(f"step {loop.step}: best {metric} so far ({score:.6g}), saved checkpoints/best")
+
+    def _write(self, loop: LoopState, **kwargs) -> Path:
+        try:
+            return save_checkpoint(self.output_dir, loop.step, lora_state_dict(self.models.unet), self.state_of(loop),
+                                   resolved_config_yaml(self.args), self.models.lora_config,
+                                   ema=self.ema.state_dict() if self.ema else None, **kwargs)
+        except CheckpointError as e:
+            raise TrainingError(str(e)) from e
+
+    def save(self, loop: LoopState) -> Path:
         """checkpoints/step_XXXXXX (rank 0 writes, every rank waits for it)."""
-        path = self.output_dir / "checkpoints" / checkpoint_name(step)
+        path = self.output_dir / "checkpoints" / checkpoint_name(loop.step)
         if self.world.main:
-            try:
-                path = save_checkpoint(self.output_dir, step, lora_state_dict(self.models.unet), state, config_yaml,
-                                       self.models.lora_config, ema=self.ema.state_dict() if self.ema else None,
-                                       keep_last=self.args.keep_last)
-            except CheckpointError as e:
-                raise TrainingError(str(e)) from e
+            path = self._write(loop, keep_last=self.args.keep_last)
             tqdm.write(f"saved checkpoint {path}")
         self.world.barrier()
         return path
 
-    def save_final(self, step: int) -> Path:
-        """lora_final.safetensors (the EMA weights with --use_ema) in --save_format."""
+    def save_final(self, loop: LoopState) -> Path:
+        """lora_final.safetensors (the EMA weights with --use_ema) in --save_format, and lora_best.safetensors
+        from checkpoints/best with --keep_best."""
         final, args = self.output_dir / "lora_final.safetensors", self.args
-        metadata = {"sdxl_lora.training": resolved_config_yaml(args), "ss_steps": str(step), "ss_seed": str(args.seed),
-                    "ss_learning_rate": str(args.learning_rate), "ss_resolution": str(args.image_size)}
+        metadata = {"sdxl_lora.training": resolved_config_yaml(args), "ss_steps": str(loop.step),
+                    "ss_seed": str(args.seed), "ss_learning_rate": str(args.learning_rate),
+                    "ss_resolution": str(args.image_size)}
         if self.world.main:
             with self.ema.applied() if self.ema else nullcontext():
                 save_lora(self.models.unet, final, self.models.lora_config, format=args.save_format, metadata=metadata)
+            best = self.output_dir / "checkpoints" / "best"
+            if args.keep_best != "none" and (best / "COMPLETE").is_file():
+                checkpoint = load_checkpoint(best)
+                weights = checkpoint_lora(checkpoint, ema=checkpoint.ema is not None)
+                weights.metadata |= {k: v for k, v in checkpoint.metadata.items() if k.startswith("sdxl_lora.best_")}
+                write_lora(weights, self.output_dir / "lora_best.safetensors", format=args.save_format)
         self.world.barrier()
         return final
 

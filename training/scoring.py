@@ -1,0 +1,37 @@
+"""Scoring a LoRA while it trains (`--eval_interval`): KID, and the CLIP score with `--clip_model`, of images
+generated for the validation prompts against the real images (evaluation/, the same numbers evaluate_images.py
+reports).
+
+The real images' Inception features are computed once, at start-up. At each evaluation `--eval_num_images`
+images are generated from the validation prompts in turn, image i seeded i (20 euler steps, CFG 5, the
+training resolution), so successive scores differ only by what the LoRA learned; KID's random subsets are
+seeded too, so a resumed run computes the same scores as one never stopped.
+"""
+
+import torch
+
+from evaluation import ClipScorer, load_inception, reference_features, score_images
+from sampling.inference import sample_images
+
+
+class TrainingScores:
+    """KID (+ CLIP score) of the run's generated images against its real images."""
+
+    def __init__(self, args, device: torch.device):
+        self.args, self.device = args, device
+        self.inception = load_inception(args.inception_weights, device)
+        self.clip = ClipScorer.from_pretrained(args.clip_model, device) if args.clip_model else None
+        self.real = reference_features(args.eval_real_dir or args.data_dir, self.inception, device=device)
+        prompts = args.validation_prompts
+        self.prompts = [prompts[i % len(prompts)] for i in range(args.eval_num_images)]
+
+    @torch.no_grad()
+    def __call__(self, unet, vae, texts, text_encoder) -> dict:
+        """{"kid_mean", "kid_std", "fid", "clip_score" (with --clip_model)} of this step's LoRA."""
+        embeds, pooled = texts.get(self.prompts, text_encoder)
+        images = sample_images(unet, vae, embeds.to(self.device), pooled.to(self.device),
+                               list(range(len(self.prompts))), height=self.args.image_size,
+                               width=self.args.image_size)
+        scores = score_images(images, self.real, self.inception, clip=self.clip,
+                              prompts=self.prompts if self.clip else None, device=self.device, seed=self.args.seed)
+        return {k: v for k, v in scores.items() if k in ("kid_mean", "kid_std", "fid", "clip_score")}
