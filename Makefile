@@ -10,7 +10,7 @@ install:
 	$(PIP) install -e ".[dev,eval]"
 
 demo: install
-	$(PYTHON) train_sdxl.py --config configs/tiny_demo.yaml --overwrite_output_dir
+	$(PYTHON) demo.py
 
 test: install lint
 	$(PYTHON) -m pytest

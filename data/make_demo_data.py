@@ -1,48 +1,26 @@
-"""Write the small demo dataset (data/demo/train, data/demo/val): coloured shapes with captions.
+"""Write the demo dataset (data/demo/train, data/demo/val): pictures of the colour the tiny model never saw.
 
     python data/make_demo_data.py      # deterministic; the result is committed in the repository
 
-Simple enough that a tiny model's LoRA can visibly learn it on a CPU in a minute.
+Purple shapes of the tiny world (sdxl/tiny_world.py) at 64x64 with their captions ("a small purple star on a
+gray background, top left"): the embedded tiny SDXL was pretrained on every other colour, so it draws none
+of these purple until a LoRA teaches it (`make demo`).
 """
 
-import random
+import shutil
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from sdxl.tiny_world import HELD_BACK, write_folder
 
-COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40)}
-BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15)}
-SHAPES = ("circle", "square", "triangle")
-SIZES = ((128, 128), (160, 112), (112, 160))  # square, landscape, portrait: exercises bucketing
+ROOT = Path(__file__).resolve().parent / "demo"
 
 
-def draw(shape: str, colour, background, size, rng: random.Random) -> Image.Image:
-    w, h = size
-    image = Image.new("RGB", size, background)
-    d = ImageDraw.Draw(image)
-    r = rng.randint(min(w, h) // 4, min(w, h) // 3)
-    cx, cy = rng.randint(r, w - r), rng.randint(r, h - r)
-    if shape == "circle":
-        d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=colour)
-    elif shape == "square":
-        d.rectangle((cx - r, cy - r, cx + r, cy + r), fill=colour)
-    else:
-        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
-    return image
-
-
-def write(folder: Path, count: int, seed: int) -> None:
-    rng = random.Random(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-        shape, colour, bg = rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(list(BACKGROUNDS))
-        image = draw(shape, COLOURS[colour], BACKGROUNDS[bg], SIZES[i % len(SIZES)], rng)
-        image.save(folder / f"{i:03d}.png", optimize=True)
-        (folder / f"{i:03d}.txt").write_text(f"a {colour} {shape} on a {bg} background\n")
+def main() -> None:
+    for name, count, seed in (("train", 36, 7), ("val", 6, 8)):
+        shutil.rmtree(ROOT / name, ignore_errors=True)
+        write_folder(ROOT / name, count, seed, 64, only={"colour": [HELD_BACK]})
+    print(f"wrote {ROOT}")
 
 
 if __name__ == "__main__":
-    root = Path(__file__).resolve().parent / "demo"
-    write(root / "train", 36, seed=0)
-    write(root / "val", 6, seed=1)
-    print(f"wrote {root}")
+    main()

@@ -1,16 +1,18 @@
-"""The embedded tiny SDXL: a random, SDXL-shaped model small enough for a CPU test.
+"""The embedded tiny SDXL: an SDXL-shaped model small enough for a CPU, that draws the tiny world.
 
-`python -m sdxl.tiny OUT_DIR` writes it from a fixed seed in diffusers' folder layout (unet/, vae/,
-text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/, model_index.json), which
-diffusers' `StableDiffusionXLPipeline.from_pretrained` also loads. It has SDXL's block structure
-(3 levels, DownBlock2D first, cross-attention in levels 2-3, mid block, text_time embedding, 8x VAE)
-at small widths, and locally built byte-level CLIP tokenizers (every byte is a symbol, so any text,
-emoji included, tokenizes without unknown tokens), so nothing is downloaded.
-`--pretrained_model tiny` anywhere calls `tiny_model_path()` (through sdxl/loading.py), which builds it
-once into a cache.
+It has SDXL's block structure (3 levels, DownBlock2D first, cross-attention in levels 2-3, mid block,
+text_time embedding, 8x VAE with 4 latent channels) at small widths, and locally built byte-level CLIP
+tokenizers (every byte is a symbol, so any text, emoji included, tokenizes without unknown tokens). Its
+UNet and VAE were pretrained on a CPU on the captioned coloured shapes of sdxl/tiny_world.py, purple held
+back (`python -m training.pretrain_tiny`); its two CLIP encoders are random and frozen. The weights ship in
+sdxl/tiny_weights/ (17 MB: the UNet in fp16), so nothing is trained or downloaded.
 
-Two builds are byte-identical (fixed seeds, sorted JSON); `TINY_VERSION` names the cache folder
-and changes whenever what is written changes.
+`python -m sdxl.tiny OUT_DIR` writes it in diffusers' folder layout (unet/, vae/, text_encoder/,
+text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/, model_index.json; fp32 files), which diffusers'
+`StableDiffusionXLPipeline.from_pretrained` also loads; `--random` writes the same model with freshly
+initialised weights (what the pretraining starts from). `--pretrained_model tiny` anywhere calls
+`tiny_model_path()` (through sdxl/loading.py), which builds it once into a cache. Two builds are
+byte-identical; `TINY_VERSION` names the cache folder and changes whenever what is written changes.
 """
 
 import argparse
@@ -22,7 +24,8 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from common.files import atomic_write
@@ -30,32 +33,34 @@ from sdxl.configs import unet_config_to_diffusers
 from sdxl.diffusion import SDXL_SCHEDULER_CONFIG
 from sdxl.unet import SDXLUNet, UNetConfig
 
-TINY_VERSION = 1
+TINY_VERSION = 2  # 1: random weights
+WEIGHTS = Path(__file__).resolve().parent / "tiny_weights"  # unet.fp16, vae, text_encoder, text_encoder_2
 
-# Context 96 = tiny CLIP-L 32 + tiny bigG 64; pooled 32 + 6 time ids * 8 = 80.
+# 6.2 M parameters. Context 96 = tiny CLIP-L 32 + tiny bigG 64; pooled 32 + 6 time ids * 8 = 80.
 TINY_UNET_CONFIG = UNetConfig(
-    block_out_channels=(32, 64, 128),
+    block_out_channels=(64, 96, 96),
     layers_per_block=2,
-    transformer_layers_per_block=(1, 1, 2),
-    num_attention_heads=(2, 4, 8),
+    transformer_layers_per_block=(1, 1, 1),
+    num_attention_heads=(2, 3, 3),
     cross_attention_dim=96,
     addition_time_embed_dim=8,
     projection_class_embeddings_input_dim=80,
 )
 
-TINY_VAE_CONFIG = {
+TINY_VAE_CONFIG = {  # 1.0 M parameters; scaling_factor: scaled latents of the tiny world have unit std
     "in_channels": 3,
     "out_channels": 3,
     "down_block_types": ["DownEncoderBlock2D"] * 4,
     "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [32, 32, 64, 64],
+    "block_out_channels": [16, 32, 64, 64],
     "layers_per_block": 1,
     "latent_channels": 4,
-    "norm_num_groups": 32,
+    "norm_num_groups": 16,
     "sample_size": 128,
-    "scaling_factor": 0.13025,
+    "scaling_factor": 0.66897,
     "force_upcast": True,
 }
+TEXT_ENCODER_SEED = 2  # the random CLIP pair the shipped UNet was trained with (its weights ship too)
 
 MODEL_INDEX = {
     "_class_name": "StableDiffusionXLPipeline",
@@ -152,8 +157,9 @@ def tiny_text_encoder_configs(tokenizer, tokenizer_2) -> tuple[CLIPTextConfig, C
     return configs[0], configs[1]
 
 
-def write_tiny_text_encoders(root: Path, seed: int = 0) -> None:
-    """Write root/{text_encoder, text_encoder_2, tokenizer, tokenizer_2}; same seed -> identical bytes."""
+def write_tiny_text_encoders(root: Path, seed: int = TEXT_ENCODER_SEED, weights: Path | None = None) -> None:
+    """Write root/{text_encoder, text_encoder_2, tokenizer, tokenizer_2}: random from `seed`, or with the
+    weights of `weights/text_encoder*.safetensors`; the same inputs give identical bytes."""
     root = Path(root)
     tokenizer, tokenizer_2 = build_clip_tokenizer("<|endoftext|>"), build_clip_tokenizer("!")
     config, config_2 = tiny_text_encoder_configs(tokenizer, tokenizer_2)
@@ -162,8 +168,10 @@ def write_tiny_text_encoders(root: Path, seed: int = 0) -> None:
         text_encoder = CLIPTextModel(config)
         torch.manual_seed(seed + 1)
         text_encoder_2 = CLIPTextModelWithProjection(config_2)
-    text_encoder.save_pretrained(root / "text_encoder", safe_serialization=True)
-    text_encoder_2.save_pretrained(root / "text_encoder_2", safe_serialization=True)
+    for name, model in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
+        if weights is not None:
+            model.load_state_dict(load_file(weights / f"{name}.safetensors"), strict=True)
+        model.save_pretrained(root / name, safe_serialization=True)
     for name, tok in (("tokenizer", tokenizer), ("tokenizer_2", tokenizer_2)):
         tok.save_pretrained(root / name)
         # transformers 5 saves only tokenizer.json; vocab.json + merges.txt (as in SDXL's own folders)
@@ -175,13 +183,34 @@ def write_tiny_text_encoders(root: Path, seed: int = 0) -> None:
 # The model folder
 
 
-def write_tiny_vae(root: Path, seed: int = 0) -> Path:
-    """Write a random SDXL-shaped VAE (`TINY_VAE_CONFIG`) to root/vae/; byte-identical per seed."""
+def write_tiny_vae(root: Path, seed: int = 0, weights: Path | None = None) -> Path:
+    """Write the SDXL-shaped tiny VAE (`TINY_VAE_CONFIG`) to root/vae/: random from `seed`, or with the
+    weights of `weights/vae.safetensors`; byte-identical for the same inputs."""
     with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
         torch.manual_seed(seed)
         vae = AutoencoderKL(**TINY_VAE_CONFIG)
+    if weights is not None:
+        vae.load_state_dict(load_file(weights / "vae.safetensors"), strict=True)
+        with safe_open(str(weights / "vae.safetensors"), framework="pt") as f:  # as measured by the pretraining
+            vae.register_to_config(scaling_factor=float(f.metadata()["scaling_factor"]))
     out = Path(root) / "vae"
     vae.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def write_tiny_unet(root: Path, seed: int = 0, weights: Path | None = None) -> Path:
+    """Write the tiny UNet (`TINY_UNET_CONFIG`) to root/unet/ in fp32: random from `seed`, or the weights of
+    `weights/unet.fp16.safetensors` (exactly, fp16 -> fp32)."""
+    if weights is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            sd = SDXLUNet(TINY_UNET_CONFIG).state_dict()
+    else:
+        sd = load_file(weights / "unet.fp16.safetensors")
+    out = Path(root) / "unet"
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.float().contiguous() for k, v in sd.items()}, out / "diffusion_pytorch_model.safetensors")
+    write_json(out / "config.json", unet_config_to_diffusers(TINY_UNET_CONFIG))
     return out
 
 
@@ -190,18 +219,14 @@ def write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def build(out_dir: Path, seed: int = 0) -> Path:
-    """Write the tiny SDXL into `out_dir` (created; must be empty or absent)."""
+def build(out_dir: Path, weights: Path | None = WEIGHTS) -> Path:
+    """Write the tiny SDXL into `out_dir` (created; must be empty or absent): the pretrained weights of the
+    folder `weights` (default: the shipped ones), or random weights with `weights=None`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    unet = SDXLUNet(TINY_UNET_CONFIG)
-    (out_dir / "unet").mkdir(exist_ok=True)
-    save_file({k: v.contiguous() for k, v in unet.state_dict().items()},
-              out_dir / "unet" / "diffusion_pytorch_model.safetensors")
-    write_json(out_dir / "unet" / "config.json", unet_config_to_diffusers(TINY_UNET_CONFIG))
-    write_tiny_vae(out_dir, seed=seed + 1)
-    write_tiny_text_encoders(out_dir, seed=seed + 2)
+    write_tiny_unet(out_dir, seed=0, weights=weights)
+    write_tiny_vae(out_dir, seed=1, weights=weights)
+    write_tiny_text_encoders(out_dir, seed=TEXT_ENCODER_SEED, weights=weights)
     write_json(out_dir / "scheduler" / "scheduler_config.json", SDXL_SCHEDULER_CONFIG)
     write_json(out_dir / "model_index.json", MODEL_INDEX)
     return out_dir
@@ -225,15 +250,17 @@ def tiny_model_path() -> Path:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Write the tiny random SDXL (diffusers folder layout) to OUT_DIR.")
+    p = argparse.ArgumentParser(description="Write the tiny SDXL (diffusers folder layout) to OUT_DIR.")
     p.add_argument("out_dir", type=Path, help="folder to create, e.g. ./weights/tiny-sdxl")
-    p.add_argument("--seed", type=int, default=0, help="seed for the random weights (default 0)")
+    p.add_argument("--weights", type=Path, default=WEIGHTS, help="folder of pretrained weights, as "
+                   "`python -m training.pretrain_tiny` writes them (default: the shipped sdxl/tiny_weights)")
+    p.add_argument("--random", action="store_true", help="random weights instead (what the pretraining starts from)")
     args = p.parse_args(argv)
     if args.out_dir.exists() and (not args.out_dir.is_dir() or any(args.out_dir.iterdir())):
         print(f"error: {args.out_dir} already exists and is not an empty folder; choose a new path", file=sys.stderr)
         return 2
-    build(args.out_dir, seed=args.seed)
-    print(f"wrote the tiny SDXL to {args.out_dir}")
+    build(args.out_dir, weights=None if args.random else args.weights)
+    print(f"wrote the tiny SDXL ({'random' if args.random else 'pretrained'} weights) to {args.out_dir}")
     return 0
 
 

@@ -30,6 +30,15 @@ def tiny_dir():
     return tiny_model_path()
 
 
+@pytest.fixture(scope="session")
+def tiny_random_dir(tmp_path_factory):
+    """The tiny SDXL with freshly initialised weights (`python -m sdxl.tiny OUT --random`): for tests that use
+    the UNet as a generic function, whose outputs should not depend on what the pretrained model learned."""
+    from sdxl.tiny import build
+
+    return build(tmp_path_factory.mktemp("tiny-random"), weights=None)
+
+
 @pytest.fixture(scope="module")
 def pipe(tiny_dir):
     """diffusers' StableDiffusionXLPipeline on the tiny model (the real client), fresh per test module."""

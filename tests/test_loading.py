@@ -148,7 +148,7 @@ def test_folder_errors(tiny_dir, tmp_path):
     with pytest.raises(ValueError, match="1 unexpected keys: extra.weight"):
         load_unet(tmp_path / "bad")
     save_file({**weights, key: torch.zeros(3, 3)}, target)
-    with pytest.raises(ValueError, match=rf"mis-shaped keys: {key} \(3, 3\) != \(64, 64\)"):
+    with pytest.raises(ValueError, match=rf"mis-shaped keys: {key} \(3, 3\) != \(96, 96\)"):
         load_unet(tmp_path / "bad")
 
     target.unlink()

@@ -242,7 +242,7 @@ def test_kohya_file_layout(tmp_path):
     sd = load_file(path)
     name = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"  # = down_blocks.1.attentions.0
     assert sd[f"{name}.alpha"].ndim == 0 and sd[f"{name}.alpha"].item() == 3.0
-    assert sd[f"{name}.lora_down.weight"].shape == (4, 64) and sd[f"{name}.lora_up.weight"].shape == (64, 4)
+    assert sd[f"{name}.lora_down.weight"].shape == (4, 96) and sd[f"{name}.lora_up.weight"].shape == (96, 4)
     assert all(k.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_"))
                for k in sd)
     with safe_open(str(path), framework="pt") as f:

@@ -113,10 +113,10 @@ def test_resume_refuses_changed_settings_and_fresh_runs_keep_old_outputs(tmp_pat
     assert run.returncode == 0, run.stderr[-3000:]
     before = (out / "lora_final.safetensors").read_bytes()
 
-    run = subprocess.run(command(out, "--resume_from", "latest", "--lora_rank", "8", "--seed", "3"),
+    run = subprocess.run(command(out, "--resume_from", "latest", "--lora_rank", "4", "--seed", "3"),
                          capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
-    assert "lora_rank: checkpoint 16, now 8" in run.stderr and "seed: checkpoint 0, now 3" in run.stderr
+    assert "lora_rank: checkpoint 8, now 4" in run.stderr and "seed: checkpoint 0, now 3" in run.stderr
 
     run = subprocess.run(command(out, "--max_train_steps", "2"), capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 2 and "--overwrite_output_dir" in run.stderr and run.stderr.count("\n") == 1

@@ -42,10 +42,10 @@ def test_demo_run_writes_everything_and_learns(tmp_path):
     assert all({"lr", "grad_norm", "samples_per_s"} <= set(m) for m in losses)
     val = [m for m in metrics if "val_loss" in m]
     assert [m["step"] for m in val] == [0, 30]
-    assert val[-1]["val_loss"] < val[0]["val_loss"] - 0.02  # measured: 1.067 -> ~0.996
+    assert val[-1]["val_loss"] < 0.8 * val[0]["val_loss"]  # the purple validation pictures; measured 0.274 -> 0.175
     assert (out / "config.yaml").is_file()
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_000000.png", "step_000030.png"]
-    assert Image.open(out / "samples/step_000030.png").size == (2 * 128, 2 * 128)  # 2 prompts x 2 images
+    assert Image.open(out / "samples/step_000030.png").size == (4 * 64, 2 * 64)  # 2 prompts x 4 images
     for step in ("step_000015", "step_000030"):
         assert {"lora.safetensors", "training_state.pt", "config.yaml", "COMPLETE"} <= {
             p.name for p in (out / "checkpoints" / step).iterdir()}
@@ -54,7 +54,7 @@ def test_demo_run_writes_everything_and_learns(tmp_path):
     final = out / "lora_final.safetensors"
     assert any(k.startswith("lora_unet_input_blocks_") for k in load_file(final))
     unet = load_unet("tiny")
-    assert load_lora(unet, final)["ss_network_dim"] == "16"
+    assert load_lora(unet, final)["ss_network_dim"] == "8"
     assert "done: steps 30" in run.stdout
 
 
@@ -68,7 +68,7 @@ def make_messy_folder(root: Path) -> list[str]:
     Image.new("P", (96, 96), 3).save(root / "palette.png")  # no caption file either
     for name in ("cmyk", "rgba"):
         (root / f"{name}.txt").write_text("a colour")
-    full = (DEMO / "train/000.png").read_bytes()
+    full = (DEMO / "train/00000.png").read_bytes()
     (root / "truncated.png").write_bytes(full[: len(full) // 2])
     (root / "empty.jpg").write_bytes(b"")
     (root / "notes.webp").write_text("this is not an image")
@@ -181,20 +181,19 @@ def test_caches_hit_and_rebuild_bad_entries(tmp_path, caplog):
             calls.append(len(pixels))
             return pixels[:, :4, ::8, ::8] * 2
 
-    pixels = torch.rand(3, 3, 16, 16)
-    pixels = torch.cat([pixels, pixels[:, :1]], dim=1)[:, :3]
-    batch = {"pixel_values": pixels}
+    pixels = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
+    batch = {"pixel_values": pixels, "keys": ["s/a", "s/b", "s/c"]}  # streamed samples: keyed by their pixels
     cache = LatentCache("disk", tmp_path, "model-a")
-    first = cache.get(batch, FakeVAE())
-    again = LatentCache("disk", tmp_path, "model-a").get(batch, FakeVAE())  # a new run: read from disk
+    first = cache.get(batch, FakeVAE(), "cpu")
+    again = LatentCache("disk", tmp_path, "model-a").get(batch, FakeVAE(), "cpu")  # a new run: read from disk
     assert torch.equal(first, again) and calls == [3]
     files = sorted((tmp_path / "latents").glob("*.safetensors"))
     assert len(files) == 3
     files[0].write_bytes(files[0].read_bytes()[:20])  # truncated entry: rebuilt with a warning
     with caplog.at_level("WARNING"):
-        rebuilt = LatentCache("disk", tmp_path, "model-a").get(batch, FakeVAE())
+        rebuilt = LatentCache("disk", tmp_path, "model-a").get(batch, FakeVAE(), "cpu")
     assert torch.equal(rebuilt, first) and calls == [3, 1] and "unusable" in caplog.text
-    LatentCache("disk", tmp_path, "model-b").get(batch, FakeVAE())  # another model never hits model-a's entries
+    LatentCache("disk", tmp_path, "model-b").get(batch, FakeVAE(), "cpu")  # another model never hits model-a's
     assert calls == [3, 1, 3]
 
     class FakeText:
@@ -219,10 +218,12 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path):
 
 
 def test_cached_latents_with_random_flips_cache_both_flips(tmp_path):
-    """With center crops, an image has exactly two pixel variants (flipped or not): the cache holds at most two
-    entries per image and, once both were seen, never runs the VAE for it again."""
+    """With center crops, an image has exactly two pixel variants (flipped or not): `fill` encodes both, in fixed
+    batches, before the first step; then no epoch runs the VAE or decodes an image, and every batch's latents
+    are the ones its images (mirrored where flipped) encode to."""
     from training.caching import LatentCache
     from training.datasets import build_dataset
+    from training.images import to_unit
 
     encoded = []
 
@@ -232,12 +233,20 @@ def test_cached_latents_with_random_flips_cache_both_flips(tmp_path):
             return pixels[:, :4, ::8, ::8]
 
     data = build_dataset(DEMO / "train", resolution=64, batch_size=4, center_crop=True, random_flip=True)
-    cache, seen = LatentCache("memory", tmp_path, "m"), set()
-    for epoch in range(6):
+    cache = LatentCache("memory", tmp_path, "m")
+    cache.fill(data, FakeVAE(), "cpu")
+    assert sum(encoded) == 2 * 36 and max(encoded) <= 16 and not data.decode
+    seen = set()
+    for epoch in range(3):
         for batch in data.iter_epoch(epoch):
-            cache.get(batch, FakeVAE())
+            assert "pixel_values" not in batch  # nothing decoded
+            cache.get(batch, FakeVAE(), "cpu")
             seen |= set(zip(batch["keys"], batch["flipped"].tolist(), strict=True))
-    assert sum(encoded) == len(seen) <= 2 * 36 and len(seen) > 36  # both flips of many images, each encoded once
+    assert sum(encoded) == 2 * 36 and len(seen) > 36  # both flips seen, none encoded again
+    data.decode = True  # a batch with its pixels (mirrored where flipped): the cache holds exactly their latents
+    batch = next(data.iter_epoch(5))
+    assert batch["flipped"].any() and not batch["flipped"].all()
+    assert torch.equal(cache.get(batch, FakeVAE(), "cpu"), to_unit(batch["pixel_values"])[:, :4, ::8, ::8])
 
 
 @pytest.mark.gpu
@@ -258,7 +267,8 @@ def test_an_epochs_short_last_step_averages_the_micro_batches_it_has(tmp_path):
     equals step 9 of a run with accumulation 1, which trains the same micro-batch (same micro-step, so the same noise
     and timesteps). A learning rate of 1e-30 keeps the weights unchanged in fp32, so the two runs see the same
     weights. Dividing by --gradient_accumulation_steps instead would log a quarter of the loss and gradient."""
-    flags = ["--image_size", "64", "--lr_scheduler", "constant", "--warmup_steps", "0", "--learning_rate", "1e-30",
+    flags = ["--image_size", "64", "--batch_size", "4", "--lr_scheduler", "constant", "--warmup_steps", "0",
+             "--learning_rate", "1e-30",
              "--validation_prompts", "--val_data_dir", "", "--save_interval", "0", "--no-random_flip"]
     runs = {}
     for accumulation, steps in ((4, 3), (1, 9)):

@@ -98,30 +98,28 @@ def corr(a, b):
     return float((a * b).sum() / (a.norm() * b.norm()))
 
 
-def test_tiled_decode(tiny_vae_root, ref):
-    # tile_size 128 px = the tiny config's sample_size = diffusers' own default tile.
-    vae = SDXLVAE.from_pretrained(tiny_vae_root, tile_size=128)
+def test_tiled_decode(tiny_dir):
+    # tile_size 128 px = the tiny config's sample_size = diffusers' own default tile. The pretrained tiny VAE.
+    vae = SDXLVAE.from_pretrained(tiny_dir, tile_size=128)
+    ref = AutoencoderKL.from_pretrained(tiny_dir / "vae").eval()
     z = latents(48, 40)  # 3 x 2.5 tiles of 16 latent px: overlaps, blends and partial tiles
     tiled = vae.decode(z)  # automatic: area above one tile
     assert tiled.shape == (1, 3, 384, 320)
 
     # Same as diffusers' own tiling (enable_tiling + decode) on the same weights.
     ref.enable_tiling()
-    try:
-        with torch.no_grad():
-            want = ref.decode(z / SF).sample
-    finally:
-        ref.disable_tiling()
+    with torch.no_grad():
+        want = ref.decode(z / ref.config.scaling_factor).sample
     torch.testing.assert_close(tiled, want, rtol=0, atol=1e-6)
 
-    # Close to the untiled decode. Tiling is approximate: each tile has its own GroupNorm
-    # statistics and mid-block attention, and the overlaps are linearly blended; with these
-    # random weights that costs a relative RMS error of ~0.19 (correlation 0.98) over seeds 0-3.
-    # Wrong wiring is far off: two tile rows swapped measures 0.99 (corr 0.52), an 8 px shift
-    # 1.34 (0.13), unrelated latents 1.37 (0.07). The bounds leave ~2x margin on the right side.
+    # Close to the untiled decode. Tiling is approximate: each tile has its own GroupNorm statistics and
+    # mid-block attention, and the overlaps are linearly blended; with the tiny VAE on random latents that costs
+    # a relative RMS error of 0.37-0.46 (correlation 0.95-0.96) over seeds 0-3. Wrong wiring is far off: two tile
+    # rows swapped measures 1.12-1.21, an 8 px shift 1.24-1.31, unrelated latents 1.34-1.42. The bounds sit
+    # between the two.
     full = vae.decode(z, tile=False)
     rel_rms = float((tiled - full).pow(2).mean().sqrt() / full.std())
-    assert rel_rms < 0.35 and corr(tiled, full) > 0.95, (rel_rms, corr(tiled, full))
+    assert rel_rms < 0.75 and corr(tiled, full) > 0.9, (rel_rms, corr(tiled, full))
 
 
 def test_tile_size_argument_matches_diffusers_tiling(tiny_vae_root, ref):

@@ -76,6 +76,14 @@ def flipped_crop_offset(resized: Size, bucket: Size, top_left: Size) -> Size:
     return top, resized[1] - bucket[1] - left
 
 
+def crop_geometry(original_size: Size, bucket: Size, rng: np.random.Generator | None) -> tuple[Size, Size, Size]:
+    """(resized (h, w), crop (top, left), the mirrored crop's (top, left)) of an image of `original_size` in
+    its bucket: what `crop_to_bucket` does, without the pixels. Random crop offset from `rng`, centered if None."""
+    resized = cover_size(*original_size, bucket)  # (h, w)
+    top_left = crop_offset(resized, bucket, rng)
+    return resized, top_left, flipped_crop_offset(resized, bucket, top_left)
+
+
 def crop_to_bucket(
     image: Image.Image, original_size: Size, bucket: Size, rng: np.random.Generator | None
 ) -> tuple[Image.Image, Size, Size]:
@@ -84,12 +92,10 @@ def crop_to_bucket(
     Returns the unflipped crop, its (top, left) in the resized image, and the (top, left) that the same
     crop mirrored has in the mirrored resized image. Random crop offset from `rng`, centered if None.
     """
-    resized = cover_size(*original_size, bucket)  # (h, w)
+    resized, (top, left), flipped = crop_geometry(original_size, bucket, rng)
     if image.size != (resized[1], resized[0]):
         image = image.resize((resized[1], resized[0]), Image.Resampling.LANCZOS)
-    top, left = crop_offset(resized, bucket, rng)
-    crop = image.crop((left, top, left + bucket[1], top + bucket[0]))
-    return crop, (top, left), flipped_crop_offset(resized, bucket, (top, left))
+    return image.crop((left, top, left + bucket[1], top + bucket[0])), (top, left), flipped
 
 
 def plan_global_batches(

@@ -77,6 +77,7 @@ class FolderDataset(torch.utils.data.Dataset):
             self._same_bucket[bucket].append(index)
         self._position = {i: n for members in self._same_bucket.values() for n, i in enumerate(members)}
         self._failed: set[int] = set()  # indices that failed to load in this process
+        self.decode = True  # False once the latents are cached: samples then carry no pixels
         self._num_batches = len(self.batches_for_epoch(0))  # the same for every epoch
 
     def global_batches_for_epoch(self, epoch: int) -> list[list[int]]:
@@ -102,6 +103,10 @@ class FolderDataset(torch.utils.data.Dataset):
         deterministic.
         """
         bucket = self.buckets[self.bucket_of[index]]
+        if not self.decode:
+            record = self.records[index]
+            return make_example(None, (record.height, record.width), bucket, record.caption, record.key, self.aug,
+                                epoch, index)
         same = self._same_bucket[self.bucket_of[index]]
         start = self._position[index]
         others = (i for i, b in enumerate(self.bucket_of) if b != self.bucket_of[index])

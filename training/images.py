@@ -2,7 +2,8 @@
 bucket, flipped, its caption dropped out or tag-shuffled; and samples of one bucket collated into a batch.
 
 Every optimizer micro-batch is a dict (B images of one bucket (H, W)):
-    pixel_values   float32 (B, 3, H, W) in [-1, 1]
+    pixel_values   uint8 (B, 3, H, W): 4x less to ship from the loader's workers than float; `to_unit` on the
+                   device turns them into the VAE's [-1, 1]. Absent when the latents are cached (nothing decoded)
     captions       list[str]         after caption dropout and tag shuffling
     original_size  int64 (B, 2)      (h, w) of the image as displayed (EXIF rotation applied), before resizing
     crop_top_left  int64 (B, 2)      (top, left) of the crop in the resized image (the mirrored one if flipped)
@@ -27,16 +28,20 @@ import numpy as np
 import torch
 from PIL import Image
 
-from training.buckets import crop_to_bucket
+from training.buckets import crop_geometry, crop_to_bucket
 
 # Independent random streams of one sample, seeded by (seed, epoch, index, stream).
 CROP_STREAM, FLIP_STREAM, CAPTION_STREAM = 1, 2, 3
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
-    """8-bit RGB PIL image -> float32 (3, H, W) in [-1, 1]."""
-    pixels = torch.from_numpy(np.array(image, dtype=np.uint8))  # (H, W, 3)
-    return pixels.permute(2, 0, 1).float() / 127.5 - 1.0
+    """8-bit RGB PIL image -> uint8 (3, H, W)."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()  # (3, H, W)
+
+
+def to_unit(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 in [-1, 1], what the VAE encodes (on whatever device `pixels` are)."""
+    return pixels.float() / 127.5 - 1.0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -75,7 +80,7 @@ def transform_caption(caption: str, rng: np.random.Generator, dropout: float, sh
 class Example:
     """One sample before the flip: the unflipped crop and both crop offsets (a latent cache can store both flips)."""
 
-    pixel_values: torch.Tensor  # (3, H, W) in [-1, 1], unflipped
+    pixel_values: torch.Tensor | None  # uint8 (3, H, W), unflipped; None when not decoded
     caption: str
     key: str
     original_size: tuple[int, int]  # (h, w)
@@ -87,7 +92,8 @@ class Example:
     def to_sample(self) -> dict:
         """The training sample: mirrored (pixels and crop offset) when `flip`."""
         return {
-            "pixel_values": self.pixel_values.flip(-1) if self.flip else self.pixel_values,
+            "pixel_values": None if self.pixel_values is None else self.pixel_values.flip(-1) if self.flip
+            else self.pixel_values,
             "caption": self.caption,
             "key": self.key,
             "original_size": self.original_size,
@@ -98,7 +104,7 @@ class Example:
 
 
 def make_example(
-    image: Image.Image,
+    image: Image.Image | None,
     original_size: tuple[int, int],
     bucket: tuple[int, int],
     caption: str,
@@ -107,13 +113,17 @@ def make_example(
     epoch: int,
     index: int,
 ) -> Example:
-    """Resize an upright RGB image to cover its bucket, crop, and draw flip and caption for (epoch, index)."""
+    """Resize an upright RGB image to cover its bucket, crop, and draw flip and caption for (epoch, index).
+    With `image` None, the same without pixels (when the latents are cached)."""
     crop_rng = None if aug.center_crop else sample_rng(aug.seed, epoch, index, CROP_STREAM)
-    crop, top_left, top_left_flipped = crop_to_bucket(image, original_size, bucket, crop_rng)
+    if image is None:
+        crop, (_, top_left, top_left_flipped) = None, crop_geometry(original_size, bucket, crop_rng)
+    else:
+        crop, top_left, top_left_flipped = crop_to_bucket(image, original_size, bucket, crop_rng)
     flip = aug.random_flip and bool(sample_rng(aug.seed, epoch, index, FLIP_STREAM).random() < 0.5)
     caption_rng = sample_rng(aug.seed, epoch, index, CAPTION_STREAM)
     return Example(
-        pixel_values=to_tensor(crop),
+        pixel_values=None if crop is None else to_tensor(crop),
         caption=transform_caption(caption, caption_rng, aug.caption_dropout, aug.shuffle_tags, aug.keep_tokens),
         key=key,
         original_size=original_size,
@@ -126,8 +136,10 @@ def make_example(
 
 def collate(samples: list[dict]) -> dict:
     """Stack samples of one bucket into the batch dict described in the module docstring."""
+    pixels = {} if samples[0]["pixel_values"] is None else {
+        "pixel_values": torch.stack([s["pixel_values"] for s in samples])}  # uint8 (B, 3, H, W)
     return {
-        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),  # (B, 3, H, W)
+        **pixels,
         "captions": [s["caption"] for s in samples],
         "original_size": torch.tensor([s["original_size"] for s in samples], dtype=torch.long),  # (B, 2)
         "crop_top_left": torch.tensor([s["crop_top_left"] for s in samples], dtype=torch.long),  # (B, 2)

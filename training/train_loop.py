@@ -72,9 +72,15 @@ class Models:
     texts: TextEmbeddingCache
     lora_config: LoRAConfig
 
+    def fill_caches(self, data, device) -> None:
+        """Encode every image and caption of a folder dataset once, before the first step (training/caching.py)."""
+        self.latents.fill(data, self.vae, device)
+        if hasattr(data, "records"):
+            self.texts.fill([r.caption for r in data.records] + [""], self.text_encoder)
+
     def encode(self, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A data batch -> (x0 latents fp32, prompt embeds, pooled) on `device`."""
-        x0 = self.latents.get(batch, self.vae).to(device)  # (B, 4, H/8, W/8)
+        x0 = self.latents.get(batch, self.vae, device)  # (B, 4, H/8, W/8)
         embeds, pooled = self.texts.get(batch["captions"], self.text_encoder)
         return x0, embeds.to(device), pooled.to(device)
 
@@ -144,6 +150,7 @@ def train(args) -> dict:
     if resume is not None:
         check_resumable(resume, args, fingerprint)
     models = build_models(args, device)
+    models.fill_caches(data, device)
     unet, params = models.unet, lora_parameters(models.unet)
     total_steps, batches_per_epoch = run_length(args, data)
     optimizer = make_optimizer(params, args)
