@@ -106,7 +106,8 @@ def main(argv=None):
     print(f"# data path, {args.num_images} JPEGs {args.width}x{args.height} -> {args.resolution} px buckets, batch "
           f"{args.batch_size}, {os.cpu_count()} CPUs ({cpu}), {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}")
-    print(f"| num_workers | pin_memory | persistent | prefetch | start s | images/s | x GPU need ({GPU_IMAGES_PER_S:g}/s) |")
+    print(f"| num_workers | pin_memory | persistent | prefetch | start s | images/s "
+          f"| x GPU need ({GPU_IMAGES_PER_S:g}/s) |")
     print("|---|---|---|---|---|---|---|")
     for kw in settings(args.workers, args.prefetch, pin):
         workers = kw.pop("num_workers")
