@@ -15,13 +15,15 @@
 # repository root:
 #   pip download --no-deps diffusers importlib_metadata webdataset braceexpand -d wheels/
 # and this script, when wheels/*.whl exist, installs them with
-#   pip install --no-index --no-deps --target "$TMPDIR/gpu_check_site" wheels/*.whl
-# (into a private folder put first on PYTHONPATH, so the machine's own packages are left alone).
+#   pip install --no-index --no-deps --target WORK/site wheels/*.whl
+# into its own temporary folder, put first on PYTHONPATH, so the machine's own packages are left alone.
+# wheels/ is git-ignored: copy it next to the clone's files by hand.
 #
 # Each step has its own time limit, and the whole run a budget (BUDGET_S, default 450 s): a step that would
 # start with less than its minimum left is skipped and marked so; the most informative steps run first.
-# Environment: CPU_SMOKE=1, BUDGET_S, RESULTS (default benchmarks/RESULTS.md; with CPU_SMOKE=1 LOG_DIR/RESULTS.md),
-# LOG_DIR (default $OUT/gpu_check when $OUT is set, else $TMPDIR/gpu_check), WHEELS (default wheels), PYTHON.
+# Environment: CPU_SMOKE=1; BUDGET_S; COMMIT (when the copy has no .git); RESULTS (default
+# benchmarks/RESULTS.md, with CPU_SMOKE=1 LOG_DIR/RESULTS.md); LOG_DIR (default $OUT/gpu_check when $OUT is
+# set, else $TMPDIR/gpu_check: the log and a copy of the appended section); WHEELS (default wheels); PYTHON.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 
@@ -82,7 +84,7 @@ EOF
 )
 VERSIONS=$($PY -c "import diffusers, peft, transformers; print(f'diffusers {diffusers.__version__}, \
 peft {peft.__version__}, transformers {transformers.__version__}')" 2>&1 | tail -1)
-COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo "unknown")
+COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo "unknown (set COMMIT)")}
 {
     echo
     echo "## GPU check: ${DEVICE_NAME//_/ }, $(date -u '+%Y-%m-%d %H:%M UTC')"
