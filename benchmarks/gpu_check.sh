@@ -35,7 +35,8 @@ LOG_DIR=${LOG_DIR:-${OUT:+$OUT/gpu_check}}
 LOG_DIR=${LOG_DIR:-$TMP/gpu_check}
 if ((SMOKE)); then RESULTS=${RESULTS:-$LOG_DIR/RESULTS.md}; else RESULTS=${RESULTS:-benchmarks/RESULTS.md}; fi
 WHEELS=${WHEELS:-wheels}
-WORK=$(mktemp -d "$TMP/gpu_check.XXXXXX")
+WORK=$(mktemp -d "$TMP/gpu_check.XXXXXX")  # data, the random model (~7 GB), wheels' install: removed at exit
+trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$LOG_DIR"
 LOG="$LOG_DIR/gpu_check.log"        # every step's output, in order
 SECTION="$LOG_DIR/results_section.md"  # what this run appends to RESULTS.md (a copy that survives the machine)
@@ -162,5 +163,4 @@ step "UNet b4" 40 120 $PY benchmarks/bench_unet.py "${FULL_UNET[@]}" "${DEV[@]}"
     echo '```'
     echo "</details>"
 } | tee -a "$SECTION" >>"$RESULTS"
-rm -rf "$WORK"
 echo "gpu_check: $(($(date +%s) - START)) s; appended to $RESULTS (copy: $SECTION; log: $LOG)"

@@ -1,6 +1,6 @@
-"""One cell of gpu_check.sh's table from a step's output: the benchmark's table (column names once, then one
-line per row, ratio rows included), its compile and pixel-difference lines, or pytest's summary line; for a
-failed or timed-out step, that and the output's last line.
+"""One cell of gpu_check.sh's table from a step's output: the benchmark's settings line, its table (column
+names once, then one line per row, ratio rows included), its compile and pixel-difference lines, or pytest's
+summary line; for a failed or timed-out step, that and the output's last line.
 
     python benchmarks/gpu_summary.py STEP_OUTPUT RC LIMIT_S
 """
@@ -23,6 +23,7 @@ def summary(text: str, rc: int, limit_s: int) -> str:
         parts.append(f"**timed out after {limit_s} s**")
     elif rc:
         parts.append(f"**failed (exit {rc})**: {lines[-1] if lines else 'no output'}")
+    parts += [line.lstrip("# ") for line in lines if line.startswith("# ")]  # a benchmark's settings line
     if table:
         head = cells(table[0])
         parts.append(f"{head[0]}: " + " / ".join(head[1:]))

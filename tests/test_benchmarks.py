@@ -100,7 +100,7 @@ def test_gpu_summary_condenses_a_table_a_timeout_and_pytest():
     from gpu_summary import summary
 
     bench = "# header\n| model | ms | MiB |\n|---|---|---|\n| peer | 2.0 | 10 |\n| ours | 1.0 | 5 |\ncompile 3 s\n"
-    assert summary(bench, 0, 60) == "model: ms / MiB<br>peer: 2.0 / 10<br>ours: 1.0 / 5<br>compile 3 s"
+    assert summary(bench, 0, 60) == "header<br>model: ms / MiB<br>peer: 2.0 / 10<br>ours: 1.0 / 5<br>compile 3 s"
     assert summary("| a | b |\n", 124, 60).startswith("**timed out after 60 s**")
     assert summary("x\nTraceback\nValueError: bad\n", 1, 60) == "**failed (exit 1)**: ValueError: bad"
     assert summary("..\n==== 2 passed in 3.1s ====\n", 0, 60) == "2 passed in 3.1s"
