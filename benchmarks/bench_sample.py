@@ -6,8 +6,8 @@ writing). Prints images/s and peak memory for each and the ratio ours/diffusers 
 are faster; memory below 1 = we use less), plus the largest pixel difference between the two outputs.
 
 Timed calls alternate between the samplers (a change of load hits both alike) and each one's median counts.
-With --compile a third sampler, ours with the UNet's blocks compiled (a second UNet on the same tensors), is
-timed too; its first call (compilation) is reported on its own line, never in the table.
+With --compile both again with their UNet's ResNet and transformer blocks compiled (a second UNet each, on the
+same tensors) are timed too; their first calls (compilation) are reported on their own line, never in the table.
 
 Memory is what a call needs above the resident weights: on CUDA the peak allocated minus the allocated
 memory before the call; on CPU the peak of glibc's in-use heap (`mallinfo2`, sampled every millisecond)
@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness import add_speed_flags, compile_unet, device_name, seconds, set_threads  # noqa: E402,I001
+from harness import add_speed_flags, compile_peer, compile_unet, device_name, seconds, set_threads  # noqa: E402,I001
 
 from sampling.inference import SDXLGenerator  # noqa: E402
 from sdxl.configs import unet_config_from_diffusers, unet_config_to_diffusers  # noqa: E402
@@ -104,6 +104,18 @@ def ours_from(pipe) -> SDXLGenerator:
     text_encoder = SDXLTextEncoder(pipe.tokenizer, pipe.tokenizer_2, pipe.text_encoder, pipe.text_encoder_2)
     vae = SDXLVAE(copy.deepcopy(pipe.vae))  # SDXLVAE makes its VAE fp32; the pipeline keeps its own dtype
     return SDXLGenerator(unet.eval(), text_encoder, vae, dict(pipe.scheduler.config))
+
+
+def compiled_pipeline(pipe):
+    """`pipe` with a second UNet on the same tensors whose blocks are compiled (benchmarks/harness.py)."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(pipe.unet.config)
+    unet.load_state_dict(pipe.unet.state_dict(), strict=True, assign=True)
+    compiled = StableDiffusionXLPipeline(**{**pipe.components, "unet": compile_peer(unet.eval())})
+    compiled.set_progress_bar_config(disable=True)
+    return compiled
 
 
 def compiled_from(ours: SDXLGenerator) -> SDXLGenerator:
@@ -205,13 +217,14 @@ def main(argv=None):
     settings = {"width": r, "height": r, "steps": args.steps, "guidance_scale": args.guidance_scale,
                 "sampler": "euler"}
 
-    def run_diffusers():
+    def run_diffusers(pipe=pipe):
         return pipe([PROMPT] * b, num_inference_steps=args.steps, guidance_scale=args.guidance_scale, height=r,
                     width=r, generator=[torch.Generator("cpu").manual_seed(s) for s in seeds]).images
 
     calls = {"diffusers": run_diffusers, "ours": lambda: ours.generate_unique_batch([PROMPT] * b, seeds, **settings)}
     if args.compile:
-        compiled = compiled_from(ours)
+        peer, compiled = compiled_pipeline(pipe), compiled_from(ours)
+        calls["diffusers compiled"] = lambda: run_diffusers(peer)
         calls["ours compiled"] = lambda: compiled.generate_unique_batch([PROMPT] * b, seeds, **settings)
     rows, first = bench(calls, args, device)
     diff = max(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(o, dtype=np.int16)).max()
@@ -224,14 +237,17 @@ def main(argv=None):
     print("|---|---|---|---|")
     for name, row in rows.items():
         print(f"| {name} | {row['images_s']:.3f} | {1 / row['images_s']:.3f} | {row['mem'] / 2**20:.0f} |")
-    d = rows["diffusers"]
-    for name, o in list(rows.items())[1:]:
-        print(f"| ratio {name}/diffusers | {o['images_s'] / d['images_s']:.3f} | {d['images_s'] / o['images_s']:.3f} "
+    pairs = [("ours", "diffusers")]
+    if args.compile:
+        pairs += [("ours compiled", "diffusers"), ("diffusers compiled", "diffusers"),
+                  ("ours compiled", "diffusers compiled")]
+    for a, b in pairs:
+        o, d = rows[a], rows[b]
+        print(f"| ratio {a} / {b} | {o['images_s'] / d['images_s']:.3f} | {d['images_s'] / o['images_s']:.3f} "
               f"| {o['mem'] / max(d['mem'], 1):.3f} |")
     print(f"largest pixel difference between diffusers' and our outputs: {diff}/255")
     if args.compile:
-        print(f"compile (first call, not in the table): {first['ours compiled']:.1f} s "
-              f"(eager first call {first['ours']:.1f} s)")
+        print("compile (first call, not in the table): " + ", ".join(f"{n} {s:.1f} s" for n, s in first.items()))
 
 
 if __name__ == "__main__":

@@ -7,9 +7,10 @@ LoRA A/B values, batch, noise and timesteps; the loss of training/loss.py `diffu
 autocast over the --precision base weights; backward; clip; AdamW step. Prints a table with the ratio
 ours/diffusers (below 1 = we are faster / smaller) and the first step's loss of each (equal in fp32).
 Time: ms per optimizer step, the best of --rounds rounds of --steps steps; each round runs the models in turn,
-so load from other jobs hits them alike. With --compile a third side, our UNet with its blocks compiled (on the
-same base tensors, its own LoRA with the same values), is timed too; its first step (compilation) is reported on
-its own line, never in the table.
+so load from other jobs hits them alike. With --compile two more sides, our UNet with its blocks compiled (on
+the same base tensors, its own LoRA with the same values) and diffusers' UNet + peft compiled the same way (each
+ResNet and transformer block), are timed too; their first steps (compilation) are reported on their own line,
+never in the table.
 Memory: on CUDA the peak allocated during the steps; on CPU the bytes of activations saved for the
 backward pass (distinct storages), the part of training memory the model code decides.
 
@@ -26,7 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness import SavedBytes, add_speed_flags, alternate, compile_unet, device_name, seconds, set_threads, sync  # noqa: E402,I001
+from harness import (  # noqa: E402,I001
+    SavedBytes, add_speed_flags, alternate, compile_peer, compile_unet, device_name, seconds, set_threads, sync)
 
 from common.runtime import DTYPES  # noqa: E402
 from sdxl.configs import unet_config_to_diffusers  # noqa: E402
@@ -90,18 +92,37 @@ class DiffusersCall(torch.nn.Module):
         return self.unet(sample, t, context, added_cond_kwargs=cond).sample
 
 
-def build(cfg: UNetConfig, args, device, dtype) -> dict[str, torch.nn.Module]:
-    """diffusers UNet + peft LoRA, our UNet + our LoRA (and with --compile, a second one of ours with its blocks
-    compiled): the same base tensors (made on the device), the same LoRA A/B values, each side its own LoRA."""
+def diffusers_unet(cfg: UNetConfig, device) -> torch.nn.Module:
     from diffusers import UNet2DConditionModel
-    from diffusers.utils import logging
+
+    with torch.device(device):
+        return UNet2DConditionModel(**{k: v for k, v in unet_config_to_diffusers(cfg).items() if not k.startswith("_")})
+
+
+def add_peft_lora(ref, names: list[str], values: dict[str, torch.Tensor], args) -> None:
+    """A peft LoRA on `names`, trainable params in fp32 (as diffusers' LoRA example), A/B set to `values`
+    (our `<name>.lora_down.weight` / `.lora_up.weight`)."""
     from peft import LoraConfig
+
+    ref.requires_grad_(False)
+    ref.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=names))
+    for p in ref.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    modules = dict(ref.named_modules())
+    for name in names:
+        modules[name].lora_A["default"].weight.data.copy_(values[f"{name}.lora_down.weight"])
+        modules[name].lora_B["default"].weight.data.copy_(values[f"{name}.lora_up.weight"])
+
+
+def build(cfg: UNetConfig, args, device, dtype) -> dict[str, torch.nn.Module]:
+    """diffusers UNet + peft LoRA and our UNet + our LoRA, and with --compile a second of each with its blocks
+    compiled: the same base tensors (made on the device), the same LoRA A/B values, each side its own LoRA."""
+    from diffusers.utils import logging
 
     logging.set_verbosity_error()  # not the `to(dtype)` advice: the bench casts on purpose
     torch.manual_seed(0)
-    with torch.device(device):
-        ref = UNet2DConditionModel(**{k: v for k, v in unet_config_to_diffusers(cfg).items() if not k.startswith("_")})
-    ref = ref.to(dtype=dtype).train()
+    ref = diffusers_unet(cfg, device).to(dtype=dtype).train()
     base = ref.state_dict()
     ours = {}
     for name in ["ours", "ours compiled"] if args.compile else ["ours"]:
@@ -113,23 +134,26 @@ def build(cfg: UNetConfig, args, device, dtype) -> dict[str, torch.nn.Module]:
     lora = {k: v for k, v in ours["ours"].state_dict().items() if ".lora_" in k}
     for unet in ours.values():
         unet.load_state_dict(lora, strict=False)  # the same LoRA values everywhere
-
-    ref.requires_grad_(False)
-    ref.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=list(wrapped)))
-    for p in ref.parameters():  # fp32 trainable params over a bf16 base, as diffusers' LoRA example
-        if p.requires_grad:
-            p.data = p.data.float()
-    ref_modules, our_modules = dict(ref.named_modules()), dict(ours["ours"].named_modules())
-    for name in wrapped:
-        ref_modules[name].lora_A["default"].weight.data.copy_(our_modules[name].lora_down.weight)
-        ref_modules[name].lora_B["default"].weight.data.copy_(our_modules[name].lora_up.weight)
+    peers = {"diffusers+peft": ref}
+    if args.compile:
+        peers["diffusers+peft compiled"] = diffusers_unet(cfg, "meta")
+        peers["diffusers+peft compiled"].load_state_dict(base, strict=True, assign=True)
+        peers["diffusers+peft compiled"].train()
+    for peer in peers.values():
+        add_peft_lora(peer, list(wrapped), lora, args)
     if args.gradient_checkpointing:
-        ref.enable_gradient_checkpointing()
+        for peer in peers.values():
+            peer.enable_gradient_checkpointing()
         for unet in ours.values():
             unet.set_gradient_checkpointing(True)
     if args.compile:
         compile_unet(ours["ours compiled"])
-    return {"diffusers+peft": DiffusersCall(ref), **ours}
+        compile_peer(peers["diffusers+peft compiled"])
+    models = {"diffusers+peft": DiffusersCall(ref), "ours": ours["ours"]}
+    if args.compile:
+        models |= {"diffusers+peft compiled": DiffusersCall(peers["diffusers+peft compiled"]),
+                   "ours compiled": ours["ours compiled"]}
+    return models
 
 
 class Side:
@@ -204,13 +228,18 @@ def main(argv=None):
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['step_ms']:.1f} | {r['mem'] / 2**20:.1f} | {r['params']:,} | {r['loss']:.6f} |")
-    ref = rows[0]
-    for r in rows[1:]:
-        print(f"| ratio {r['model']}/diffusers | {r['step_ms'] / ref['step_ms']:.3f} | "
-              f"{r['mem'] / ref['mem']:.3f} | | |")
+    by_name = {r["model"]: r for r in rows}
+    pairs = [("ours", "diffusers+peft")]
     if args.compile:
-        print(f"compile (first step, not in the table): {first['ours compiled']:.1f} s "
-              f"(eager first step {first['ours']:.1f} s)")
+        pairs += [("ours compiled", "diffusers+peft"), ("diffusers+peft compiled", "diffusers+peft"),
+                  ("ours compiled", "diffusers+peft compiled")]
+    for a, b in pairs:
+        print(f"| ratio {a} / {b} | {by_name[a]['step_ms'] / by_name[b]['step_ms']:.3f} | "
+              f"{by_name[a]['mem'] / by_name[b]['mem']:.3f} | | |")
+    if args.compile:
+        print(f"compile (first step, not in the table): ours {first['ours compiled']:.1f} s, diffusers+peft "
+              f"{first['diffusers+peft compiled']:.1f} s (eager first steps {first['ours']:.1f} s, "
+              f"{first['diffusers+peft']:.1f} s)")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """Benchmark: our SDXL UNet vs diffusers' UNet2DConditionModel, same config, weights and inputs.
 
 Times the forward pass and forward+backward, and measures memory, for both models in one process (and, with
---compile, our UNet with its blocks compiled, on the same tensors), and prints a table with the ratio to
-diffusers (below 1 = we are faster / smaller). Time: the best of --rounds rounds of --iters calls; each
-round runs the models in turn, so load from other jobs hits them alike. The compiled model's first calls
-(compilation) are reported on their own line, never in the table.
+--compile, both UNets again with their ResNet and transformer blocks compiled, on the same tensors), and prints
+a table with the ratios to diffusers (below 1 = we are faster / smaller). Time: the best of --rounds rounds of
+--iters calls; each round runs the models in turn, so load from other jobs hits them alike. The compiled
+models' first calls (compilation) are reported on their own line, never in the table.
 Memory: on CUDA the peak allocated during one step; on CPU the bytes of activations saved for the backward
 pass (distinct storages), the part of training memory the UNet code decides.
 
@@ -21,7 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness import SavedBytes, add_speed_flags, alternate, compile_unet, device_name, seconds, set_threads, sync  # noqa: E402,I001
+from harness import (  # noqa: E402,I001
+    SavedBytes, add_speed_flags, alternate, compile_peer, compile_unet, device_name, seconds, set_threads, sync)
 
 from sdxl.configs import unet_config_to_diffusers  # noqa: E402
 from sdxl.tiny import TINY_UNET_CONFIG  # noqa: E402
@@ -72,7 +73,7 @@ def make_inputs(cfg: UNetConfig, args, device, dtype):
 
 def build(cfg: UNetConfig, args, device, dtype) -> dict[str, torch.nn.Module]:
     """diffusers' UNet (random init, made on the device), ours on the very same tensors, and with --compile
-    a second one of ours, on the same tensors too, with its blocks compiled."""
+    a second one of each, on the same tensors too, with its blocks compiled."""
     from diffusers import UNet2DConditionModel
     from diffusers.utils import logging
 
@@ -81,6 +82,12 @@ def build(cfg: UNetConfig, args, device, dtype) -> dict[str, torch.nn.Module]:
     with torch.device(device):
         ref = UNet2DConditionModel(**{k: v for k, v in unet_config_to_diffusers(cfg).items() if not k.startswith("_")})
     models = {"diffusers": ref.to(dtype=dtype).train().requires_grad_(True)}
+    if args.compile:
+        with torch.device("meta"):
+            peer = UNet2DConditionModel(**{k: v for k, v in unet_config_to_diffusers(cfg).items()
+                                           if not k.startswith("_")})
+        peer.load_state_dict(ref.state_dict(), strict=True, assign=True)
+        models["diffusers compiled"] = compile_peer(peer.train().requires_grad_(True))
     for name in ["ours", "ours compiled"] if args.compile else ["ours"]:
         with torch.device("meta"):
             ours = SDXLUNet(cfg)
@@ -89,9 +96,11 @@ def build(cfg: UNetConfig, args, device, dtype) -> dict[str, torch.nn.Module]:
     if args.compile:
         compile_unet(models["ours compiled"])
     if args.gradient_checkpointing:
-        ref.enable_gradient_checkpointing()
-        for name in models.keys() - {"diffusers"}:
-            models[name].set_gradient_checkpointing(True)
+        for name, model in models.items():
+            if name.startswith("diffusers"):
+                model.enable_gradient_checkpointing()
+            else:
+                model.set_gradient_checkpointing(True)
     return models
 
 
@@ -100,7 +109,7 @@ class Side:
 
     def __init__(self, name, model, x):
         self.name, self.model = name, model
-        self.call = (lambda: model(**x).sample) if name == "diffusers" else (lambda: model(**x))
+        self.call = (lambda: model(**x).sample) if name.startswith("diffusers") else (lambda: model(**x))
 
     def forward(self):
         with torch.no_grad():
@@ -158,14 +167,18 @@ def main(argv=None):
     print("|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['fwd_ms']:.1f} | {r['step_ms']:.1f} | {r['mem'] / 2**20:.0f} |")
-    ref = rows[0]
-    for r in rows[1:]:
-        print(f"| ratio {r['model']}/diffusers | {r['fwd_ms'] / ref['fwd_ms']:.3f} | "
-              f"{r['step_ms'] / ref['step_ms']:.3f} | {r['mem'] / ref['mem']:.3f} |")
+    by_name = {r["model"]: r for r in rows}
+    pairs = [("ours", "diffusers")]
     if args.compile:
-        (cf, cs), (ef, es) = first["ours compiled"], first["ours"]
-        print(f"compile (first calls, not in the table): forward {cf:.1f} s, fwd+bwd {cs:.1f} s "
-              f"(eager first calls {ef:.1f} s, {es:.1f} s)")
+        pairs += [("ours compiled", "diffusers"), ("diffusers compiled", "diffusers"),
+                  ("ours compiled", "diffusers compiled")]
+    for a, b in pairs:
+        a, b = by_name[a], by_name[b]
+        print(f"| ratio {a['model']} / {b['model']} | {a['fwd_ms'] / b['fwd_ms']:.3f} | "
+              f"{a['step_ms'] / b['step_ms']:.3f} | {a['mem'] / b['mem']:.3f} |")
+    if args.compile:
+        print("compile (first calls, not in the table): " + ", ".join(
+            f"{name} forward {first[name][0]:.1f} s, fwd+bwd {first[name][1]:.1f} s" for name in first))
 
 
 if __name__ == "__main__":

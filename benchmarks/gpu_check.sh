@@ -147,11 +147,11 @@ for preset in configs/sdxl_*.yaml; do
         emit "| preset $name | | skipped: no model folder (see the step above) | 0 |"
     fi
 done
-step "train b4, ckpt off, compiled" 60 180 "${TRAIN[@]}" --batch_size 4 "${COMPILE[@]}"
-step "sample b1, compiled" 60 150 "${SAMPLE[@]}" "${COMPILE[@]}"
+step "train b4, ckpt off, compiled" 90 240 "${TRAIN[@]}" --batch_size 4 "${COMPILE[@]}"
+step "sample b1, compiled" 90 200 "${SAMPLE[@]}" "${COMPILE[@]}"
 step "data path" 20 60 $PY benchmarks/bench_data.py "${DATA_BENCH[@]}"
 step "train b1, ckpt off" 30 60 "${TRAIN[@]}" --batch_size 1
-step "UNet b4" 40 120 $PY benchmarks/bench_unet.py "${FULL_UNET[@]}" "${DEV[@]}" --batch-size 4 "${COMPILE[@]}"
+step "UNet b4" 60 200 $PY benchmarks/bench_unet.py "${FULL_UNET[@]}" "${DEV[@]}" --batch-size 4 "${COMPILE[@]}"
 
 # --- every step's output, under the table ---------------------------------------------------------------------
 {

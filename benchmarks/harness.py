@@ -1,5 +1,7 @@
-"""What the benchmarks share: --threads and --compile, the device's name, synchronising, the memory of the
-activations autograd saves (CPU), and timing rounds that alternate the compared sides.
+"""What the benchmarks share: --threads and --compile (ours and the peer compiled alike), the device's name,
+synchronising, the memory of the activations autograd saves (CPU), and timing rounds that alternate the
+compared sides.
+
 
 Alternating: each round times every side once, one after the other, and each side's best (or median) round
 counts, so a change of load on a shared machine hits all sides alike and the ratios hold.
@@ -17,8 +19,8 @@ def add_speed_flags(p) -> None:
     p.add_argument("--threads", type=int, default=0,
                    help="torch.set_num_threads for the run; 0 = torch's default (pin it on a shared machine)")
     p.add_argument("--compile", action="store_true",
-                   help="also time our UNet with each ResNet and transformer block compiled (torch.compile); "
-                        "the compile time is reported separately")
+                   help="also time our UNet and the peer's with each ResNet and transformer block compiled "
+                        "(torch.compile); the compile time is reported separately")
 
 
 def set_threads(threads: int) -> None:
@@ -51,6 +53,16 @@ def compile_unet(unet: nn.Module) -> nn.Module:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     else:
         compile_blocks(unet)
+    return unet
+
+
+def compile_peer(unet: nn.Module) -> nn.Module:
+    """diffusers' UNet compiled as ours is (`compile_unet`): each ResNet and transformer block, with what peft put
+    inside them (diffusers' own `compile_repeated_blocks` compiles its transformer blocks only)."""
+    for block in unet.modules():
+        if type(block).__name__ in ("ResnetBlock2D", "BasicTransformerBlock"):
+            block.compile(dynamic=False)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return unet
 
 

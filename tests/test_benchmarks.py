@@ -29,7 +29,7 @@ def test_bench_train_smoke_computes_the_same_first_loss_as_diffusers_peft(capsys
 
     bench_train.main(["--smoke"])
     rows = table(capsys.readouterr().out)
-    assert set(rows) == {"diffusers+peft", "ours", "ratio ours/diffusers"}
+    assert set(rows) == {"diffusers+peft", "ours", "ratio ours / diffusers+peft"}
     assert rows["ours"][2] == rows["diffusers+peft"][2]  # the same number of LoRA parameters
     assert float(rows["ours"][3]) == pytest.approx(float(rows["diffusers+peft"][3]), rel=1e-5)
 
@@ -40,8 +40,8 @@ def test_bench_unet_smoke_reports_each_model_and_the_ratio(capsys):
 
     bench_unet.main(["--smoke"])
     rows = table(capsys.readouterr().out)
-    assert set(rows) == {"diffusers", "ours", "ratio ours/diffusers"}
-    assert float(rows["ratio ours/diffusers"][2]) == pytest.approx(1.0, abs=0.01)  # same ops: same saved bytes
+    assert set(rows) == {"diffusers", "ours", "ratio ours / diffusers"}
+    assert float(rows["ratio ours / diffusers"][2]) == pytest.approx(1.0, abs=0.01)  # same ops: same saved bytes
 
 
 @pytest.mark.slow
@@ -50,7 +50,7 @@ def test_bench_sample_smoke_draws_the_same_images_as_diffusers(capsys):
 
     bench_sample.main(["--smoke"])
     out = capsys.readouterr().out
-    assert set(table(out)) == {"diffusers", "ours", "ratio ours/diffusers"}
+    assert set(table(out)) == {"diffusers", "ours", "ratio ours / diffusers"}
     assert int(re.search(r"outputs: (\d+)/255", out).group(1)) <= 1  # 8-bit rounding
 
 
@@ -74,6 +74,21 @@ def test_compile_unet_compiles_exactly_the_resnet_and_transformer_blocks():
     compiled = [m for m in unet.modules() if getattr(m, "_compiled_call_impl", None) is not None]
     blocks = [m for m in unet.modules() if isinstance(m, (ResnetBlock2D, BasicTransformerBlock))]
     assert compiled == blocks and blocks
+
+
+def test_compile_peer_compiles_the_same_blocks_of_diffusers_unet(tiny_random_dir):
+    """The peer is compiled like ours: diffusers' ResnetBlock2D and BasicTransformerBlock (as many as ours has)."""
+    from diffusers import UNet2DConditionModel
+    from harness import compile_peer
+
+    unet = compile_peer(UNet2DConditionModel.from_pretrained(tiny_random_dir, subfolder="unet"))
+    compiled = [type(m).__name__ for m in unet.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    assert set(compiled) == {"ResnetBlock2D", "BasicTransformerBlock"}
+    from sdxl.tiny import TINY_UNET_CONFIG
+    from sdxl.unet import BasicTransformerBlock, ResnetBlock2D, SDXLUNet
+
+    ours = SDXLUNet(TINY_UNET_CONFIG).modules()
+    assert len(compiled) == sum(isinstance(m, (ResnetBlock2D, BasicTransformerBlock)) for m in ours)
 
 
 def test_random_sdxl_writes_a_folder_the_loaders_read(tmp_path, monkeypatch):
