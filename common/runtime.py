@@ -101,7 +101,9 @@ class World:
 
 def init_world(device: str) -> World:
     """Join torchrun's process group (RANK, WORLD_SIZE, LOCAL_RANK) when there is one; `device` is the
-    resolved device of this rank (see `resolve_device`)."""
+    resolved device of this rank (see `resolve_device`). On a GPU, fp32 matmuls and convolutions may use TF32."""
+    if device.startswith("cuda"):  # TF32 for the fp32 parts (VAE, LoRA branches) on Ampere and newer
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     size = torchrun_world_size()
     if size == 1:
         return World(device=torch.device(device))

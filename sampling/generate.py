@@ -17,6 +17,7 @@ from common.runtime import DTYPES, World
 from sampling.config import run_settings
 from sampling.inference import SDXLGenerator
 from sampling.writer import SettingsMismatch, metadata, missing_jobs, write_group
+from sdxl.compile import compile_blocks
 
 
 def generate(args: argparse.Namespace, world: World, lora_files: list[tuple[str, float]]) -> int:
@@ -40,6 +41,8 @@ def generate(args: argparse.Namespace, world: World, lora_files: list[tuple[str,
                                             DTYPES[args.precision])
     except (OSError, ValueError) as e:
         return _error(str(e), rank)
+    if args.compile:
+        compile_blocks(gen.unet)
     if rank == 0:
         try:
             out.mkdir(parents=True, exist_ok=True)

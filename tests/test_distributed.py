@@ -1,6 +1,6 @@
 """Data-parallel training (docs/ARCHITECTURE.md, "Seeds"): 2 gloo processes under torchrun with batch_size 2
 compute what one process with batch_size 4 computes: the same global batches, noise and timesteps, gradients
-averaged over ranks."""
+averaged over ranks by torch DDP (no_sync on the first of 2 micro-batches, gradient checkpointing on)."""
 
 import json
 import socket
@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
 FLAGS = ["--config", str(ROOT / "configs/tiny_demo.yaml"), "--image_size", "64", "--gradient_accumulation_steps", "2",
-         "--max_train_steps", "3", "--learning_rate", "1e-3", "--noise_offset", "0.05", "--caption_dropout", "0.2",
+         "--max_train_steps", "3", "--learning_rate", "1e-3",
+         "--gradient_checkpointing", "--noise_offset", "0.05", "--caption_dropout", "0.2",
          "--validation_prompts", "--val_data_dir", "", "--save_interval", "2", "--log_interval", "1"]
 
 

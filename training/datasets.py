@@ -49,6 +49,26 @@ def own_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 100_003 + epoch)
 
 
+class EpochBatches:
+    """The batch sampler of a FolderDataset's DataLoader: the (epoch, index) pairs of batches start, start + 1, ...
+    of the epoch it is `set` to, so one DataLoader (and its workers) serves every epoch and resume point."""
+
+    def __init__(self, dataset: "FolderDataset"):
+        self.dataset, self.epoch, self.start = dataset, 0, 0
+
+    def set(self, epoch: int, start: int = 0) -> None:
+        if not 0 <= start <= len(self.dataset):
+            raise ValueError(f"start must be a batch position in 0..{len(self.dataset)}, got {start}")
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self):
+        for batch in self.dataset.batches_for_epoch(self.epoch)[self.start:]:
+            yield [(self.epoch, i) for i in batch]
+
+    def __len__(self) -> int:
+        return len(self.dataset) - self.start
+
+
 class FolderDataset(torch.utils.data.Dataset):
     """Scanned images, bucketed; batches of epoch e are `batches_for_epoch(e)`, loaded by `iter_epoch`.
 
@@ -129,9 +149,8 @@ class FolderDataset(torch.utils.data.Dataset):
 
     def dataloader(self, epoch: int, start: int = 0, num_workers: int = 0, **kwargs) -> torch.utils.data.DataLoader:
         """A DataLoader over batches start, start + 1, ... of the epoch (kwargs: pin_memory, prefetch_factor...)."""
-        if not 0 <= start <= len(self):
-            raise ValueError(f"start must be a batch position in 0..{len(self)}, got {start}")
-        batches = [[(epoch, i) for i in batch] for batch in self.batches_for_epoch(epoch)[start:]]
+        batches = EpochBatches(self)
+        batches.set(epoch, start)
         return torch.utils.data.DataLoader(
             self, batch_sampler=batches, collate_fn=collate, num_workers=num_workers,
             worker_init_fn=ignore_stop_signals, generator=own_generator(self.aug.seed, epoch), **kwargs
@@ -140,6 +159,17 @@ class FolderDataset(torch.utils.data.Dataset):
     def iter_epoch(self, epoch: int, start: int = 0, num_workers: int = 0, **kwargs) -> Iterator[dict]:
         """Collated batches of the epoch from batch position `start` (the resume point) to its end."""
         return iter(self.dataloader(epoch, start, num_workers, **kwargs))
+
+    def epochs(self, num_workers: int = 0, **kwargs):
+        """`iter_epoch` for a whole run: one DataLoader whose workers live from epoch to epoch (each sample's
+        randomness depends only on (seed, epoch, index), so which worker loads it changes nothing)."""
+        loader = self.dataloader(0, 0, num_workers, persistent_workers=num_workers > 0, **kwargs)
+
+        def iter_epoch(epoch: int, start: int = 0) -> Iterator[dict]:
+            loader.batch_sampler.set(epoch, start)
+            return iter(loader)
+
+        return iter_epoch
 
     def fingerprint(self) -> str:
         """A short hash of what defines the batch plan (files, sizes, captions); compare it when resuming."""
@@ -265,6 +295,10 @@ class ShardDataset(torch.utils.data.IterableDataset):
         samples = (e.to_sample() for e in examples)
         for batch in group_by_bucket(samples, lambda s: s["target_size"], self.batch_size):
             yield collate(batch)
+
+    def epochs(self, num_workers: int = 0, **kwargs):
+        """`iter_epoch` for a whole run (a streamed dataset's workers start again each epoch: set_epoch)."""
+        return lambda epoch, start=0: self.iter_epoch(epoch, start, num_workers, **kwargs)
 
     def iter_epoch(self, epoch: int, start: int = 0, num_workers: int = 0, **kwargs) -> Iterator[dict]:
         """Collated batches of the epoch, skipping the first `start` (decoded again; same num_workers needed)."""

@@ -17,8 +17,9 @@ class EMA:
 
     @torch.no_grad()
     def update(self) -> None:
-        for n, p in self.params.items():
-            self.shadow[n].lerp_(p.detach().float(), 1 - self.decay)
+        """One fused update of every tensor (SDXL "all": 1,000+ LoRA tensors; a Python loop would launch each)."""
+        torch._foreach_lerp_(list(self.shadow.values()), [self.params[n].detach().float() for n in self.shadow],
+                             1 - self.decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.shadow)

@@ -89,8 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(g, "ema_decay", "EMA decay per optimizer step (default: 0.999)", type=float, default=0.999, metavar="D")
 
     g = p.add_argument_group("precision & memory")
-    add_flag(g, "precision", "UNet autocast dtype; LoRA weights and the VAE stay fp32; fp16 needs a GPU "
-         "(default: bf16)", choices=["bf16", "fp16", "fp32"], default="bf16")
+    add_flag(g, "precision", "UNet autocast dtype; LoRA weights and the VAE stay fp32; fp16 needs a GPU. auto = bf16 "
+         "on a GPU (fp16 where bf16 is unsupported), fp32 on a CPU, where bf16 is emulated and many times slower "
+         "(default: auto)", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
+    add_flag(g, "compile", "torch.compile each ResNet and transformer block (regional: the repeated blocks compile "
+         "once; start-up ~1 min on a GPU, then faster steps) (default: off)", action=flag, default=False)
     add_flag(g, "gradient_checkpointing", "recompute activations in backward: far less memory, ~30%% slower "
          "(default: off)", action=flag, default=False)
     add_flag(g, "device", "cpu, cuda or cuda:N; auto = cuda if available, else cpu (default: auto)", default="auto")

@@ -6,8 +6,9 @@ One optimizer step, written out in `train`:
   2. noise and timesteps from a generator seeded by (seed, micro-step), so a resumed run draws the same;
   3. the UNet's loss under autocast over the frozen bf16/fp16 base weights, LoRA weights in fp32, divided by
      the number of micro-batches in the step, backward;
-  4. gradients averaged over the processes, unscaled (fp16), clipped; a non-finite loss or gradient skips
-     the step (weights and optimizer state unchanged); else AdamW step, LR schedule, EMA;
+  4. gradients averaged over the processes (torch DDP, during the last micro-batch's backward), unscaled (fp16),
+     clipped; a non-finite loss or gradient skips the step (weights and optimizer state unchanged); else AdamW step,
+     LR schedule, EMA;
   5. log, validate, sample, checkpoint, stop on SIGTERM/SIGINT.
 """
 
@@ -24,11 +25,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from common.files import atomic_write
 from common.runtime import DTYPES, close_world, init_world
 from sampling.inference import sample_grid
+from sdxl.compile import compile_blocks
 from sdxl.diffusion import alphas_cumprod
 from sdxl.loading import load_text_encoder, load_unet, load_vae
 from sdxl.lora import LoRAConfig, apply_lora, lora_parameters, lora_state_dict
@@ -120,6 +123,18 @@ def load_data(args, world):
     return data, build_dataset(args.val_data_dir, center_crop=True, **kwargs)
 
 
+def data_parallel(module: torch.nn.Module, world) -> torch.nn.Module:
+    """Under torchrun, the module in torch DDP: its trainable (LoRA) gradients are averaged over the processes in
+    buckets that overlap the backward pass. The frozen base weights are loaded by every rank from the same
+    files, so DDP neither broadcasts nor watches them."""
+    if world.size == 1:
+        return module
+    frozen = [n for n, p in module.named_parameters() if not p.requires_grad] + [n for n, _ in module.named_buffers()]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, frozen)
+    return DistributedDataParallel(module, device_ids=[world.device] if world.device.type == "cuda" else None,
+                                   broadcast_buffers=False)
+
+
 def run_length(args, data) -> tuple[int, int | None]:
     """(optimizer steps of the run, batches per epoch or None for streamed shards, whose epochs end when they do)."""
     batches = len(data) if hasattr(data, "__len__") else None
@@ -152,6 +167,9 @@ def train(args) -> dict:
     models = build_models(args, device)
     models.fill_caches(data, device)
     unet, params = models.unet, lora_parameters(models.unet)
+    if args.compile:
+        compile_blocks(unet)
+    trained = data_parallel(unet, world)  # what the step runs; validation and saving use `unet` itself
     total_steps, batches_per_epoch = run_length(args, data)
     optimizer = make_optimizer(params, args)
     schedule = partial(lr_multiplier, warmup=args.warmup_steps, total=total_steps, kind=args.lr_scheduler)
@@ -179,29 +197,33 @@ def train(args) -> dict:
     bar = tqdm(total=total_steps, initial=loop.step, desc="training", unit="step", dynamic_ncols=True,
                disable=not world.main)
     t_step, samples = time.perf_counter(), 0
+    epoch_batches = data.epochs(args.num_workers, pin_memory=device.type == "cuda")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:
         with StopRequest() as stop:
             while loop.step < total_steps:
-                batches = data.iter_epoch(loop.epoch, loop.position, args.num_workers)
+                batches = epoch_batches(loop.epoch, loop.position)
                 for micro_batches in islice(optimizer_steps(batches, accumulation), total_steps - loop.step):
                     # --- one optimizer step ---------------------------------------------------------------
-                    step_loss = torch.zeros(1, device=device)
-                    for batch in micro_batches:
+                    step_loss = torch.zeros(2, device=device)  # [mean loss, stop requested]: one all-reduce
+                    for i, batch in enumerate(micro_batches):
                         x0, embeds, pooled = models.encode(batch, device)
                         t, noise = draw_timesteps_and_noise(
                             args.seed, loop.micro_step, x0.shape, world, min_timestep=args.min_timestep,
                             max_timestep=args.max_timestep, noise_offset=args.noise_offset)
-                        loss = diffusion_loss(unet, x0, embeds, pooled, time_ids_of(batch).to(device), t.to(device),
-                                              noise.to(device), **loss_kwargs).mean()
-                        scaler.scale(loss / len(micro_batches)).backward()  # the mean over this step's batches
-                        step_loss += loss.detach() / len(micro_batches)
+                        last = i == len(micro_batches) - 1  # DDP all-reduces the gradients in its backward
+                        with nullcontext() if last or world.size == 1 else trained.no_sync():
+                            loss = diffusion_loss(trained, x0, embeds, pooled, time_ids_of(batch).to(device),
+                                                  t.to(device), noise.to(device), **loss_kwargs).mean()
+                            scaler.scale(loss / len(micro_batches)).backward()  # the mean over this step's batches
+                        step_loss[0] += loss.detach() / len(micro_batches)
                         loop.micro_step, samples = loop.micro_step + 1, samples + x0.shape[0]
-                    world.mean([p.grad for p in params if p.grad is not None] + [step_loss])  # over processes
+                    step_loss[1] = float(stop.signum is not None)
+                    world.mean([step_loss])  # the loss over processes; any rank's stop request stops all
                     scaler.unscale_(optimizer)
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-                    step_loss, grad_norm = torch.cat([step_loss, grad_norm.reshape(1)]).tolist()  # one sync
+                    step_loss, stopping, grad_norm = torch.cat([step_loss, grad_norm.reshape(1)]).tolist()  # one sync
                     loop.position += len(micro_batches)
                     if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
                         optimizer.zero_grad(set_to_none=True)
@@ -236,7 +258,6 @@ def train(args) -> dict:
                     epoch_end = loop.position == batches_per_epoch
                     due = (args.save_interval and loop.step % args.save_interval == 0) or (
                         epoch_end and args.save_every_n_epochs and (loop.epoch + 1) % args.save_every_n_epochs == 0)
-                    stopping = world.any(stop.signum is not None)  # every rank stops at the same step
                     if due or stopping:
                         saved_at = loop.step
                         path = side.save(loop)
