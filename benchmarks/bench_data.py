@@ -3,12 +3,12 @@ collate) at SDXL size, from a folder of full-size JPEGs, against what a GPU cons
 
 One H100 trains SDXL at 1024 px, batch 4, at roughly 2.5 optimizer steps/s with our loop, i.e. ~10 images/s;
 the loader must deliver more than that or the GPU waits. This times the loop's own data path
-(`training.datasets.build_dataset` -> `FolderDataset.dataloader`: `open_rgb`, `make_example`, `collate`, uint8
-pixels) for several DataLoader settings: num_workers 0, 2, 4; pinned memory (only where CUDA is present);
-persistent workers; prefetch. Each setting's DataLoader runs the epoch twice: "start s" is the wait for its
-first batch, "images/s" counts everything after it, the second pass included (so a loader without persistent
-workers pays for starting its workers again, as a new epoch does). The JPEGs are made once (smooth random
-images, 3000x2000 like a phone photo, quality 90) in --data_dir.
+(`training.datasets.build_dataset`: `open_rgb`, `make_example`, `collate`, uint8 pixels) for num_workers 0, 2, 4
+and several DataLoader settings: torch's defaults with a new DataLoader each epoch; the loop's
+(`FolderDataset.epochs`: one DataLoader for the run, persistent workers, memory pinned where CUDA is present);
+the loop's with a deeper prefetch. Each runs two epochs: "start s" is the wait for the first batch, "images/s"
+counts everything after it, the second epoch included (so a new DataLoader pays for starting its workers
+again). The JPEGs are made once (smooth random images, 3000x2000 like a phone photo, quality 90) in --data_dir.
 
     python benchmarks/bench_data.py                                  # 64 images at 1024 px, batch 4
     python benchmarks/bench_data.py --workers 0 2 4 8 --num_images 128 --threads 1
@@ -45,7 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--resolution", type=int, default=1024, help="training resolution (bucket area)")
     p.add_argument("--batch_size", type=int, default=4, help="images per batch")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2, 4], help="num_workers values to try")
-    p.add_argument("--prefetch", type=int, default=4, help="prefetch_factor of the tuned settings (torch's is 2)")
+    p.add_argument("--prefetch", type=int, default=4, help="prefetch_factor of the deeper setting (torch's is 2)")
     p.add_argument("--threads", type=int, default=0, help="torch threads in the main process; 0 = torch's default")
     p.add_argument("--smoke", action="store_true", help=f"tiny settings to check it runs: {' '.join(SMOKE)}")
     args = p.parse_args(argv)
@@ -71,28 +71,25 @@ def make_jpegs(folder: Path, n: int, width: int, height: int) -> None:
         atomic_write(path.with_suffix(".txt"), lambda tmp, i=i: tmp.write_text(f"a photo number {i}"))
 
 
-def loader_rate(dataset, workers: int, **loader_kwargs) -> tuple[float, float]:
-    """(seconds to the first batch, images/s after it) over two passes of one epoch's DataLoader."""
+def loader_rate(iter_epoch) -> tuple[float, float]:
+    """(seconds to the first batch, images/s after it) over epochs 0 and 1 of `iter_epoch(epoch)`."""
     start = time.perf_counter()
-    loader = dataset.dataloader(0, 0, workers, **loader_kwargs)
-    batches = iter(loader)
+    batches = iter_epoch(0)
     next(batches)
     first = time.perf_counter()
     count = sum(batch["pixel_values"].shape[0] for batch in batches)
-    count += sum(batch["pixel_values"].shape[0] for batch in loader)  # a second epoch on the same loader
-    end = time.perf_counter()
-    del batches, loader  # stops persistent workers before the next setting starts its own
-    return first - start, count / (end - first)
+    count += sum(batch["pixel_values"].shape[0] for batch in iter_epoch(1))
+    return first - start, count / (time.perf_counter() - first)
 
 
-def settings(workers: list[int], prefetch: int, pin: bool) -> list[dict]:
-    """torch's defaults for each num_workers, then (workers > 0) pinned memory, persistent workers, prefetch."""
-    out = []
+def settings(dataset, workers: list[int], prefetch: int, pin: bool):
+    """(label cells, iter_epoch) for each setting: torch's defaults with a DataLoader per epoch, then (with
+    workers) the training loop's `epochs` (one persistent DataLoader, pinned on CUDA), and that with `prefetch`."""
     for w in workers:
-        out.append({"num_workers": w})
+        yield (w, False, False, 2 if w else "-"), lambda epoch, w=w: dataset.iter_epoch(epoch, 0, w)
         if w > 0:
-            out.append({"num_workers": w, "pin_memory": pin, "persistent_workers": True, "prefetch_factor": prefetch})
-    return out
+            yield (w, pin, True, 2), dataset.epochs(w, pin_memory=pin)
+            yield (w, pin, True, prefetch), dataset.epochs(w, pin_memory=pin, prefetch_factor=prefetch)
 
 
 def main(argv=None):
@@ -109,12 +106,10 @@ def main(argv=None):
     print(f"| num_workers | pin_memory | persistent | prefetch | start s | images/s "
           f"| x GPU need ({GPU_IMAGES_PER_S:g}/s) |")
     print("|---|---|---|---|---|---|---|")
-    for kw in settings(args.workers, args.prefetch, pin):
-        workers = kw.pop("num_workers")
-        start_s, rate = loader_rate(dataset, workers, **kw)
-        prefetch = kw.get("prefetch_factor", 2 if workers else "-")
-        print(f"| {workers} | {kw.get('pin_memory', False)} | {kw.get('persistent_workers', False)} | {prefetch} | "
-              f"{start_s:.2f} | {rate:.1f} | {rate / GPU_IMAGES_PER_S:.2f} |")
+    for cells, iter_epoch in settings(dataset, args.workers, args.prefetch, pin):
+        start_s, rate = loader_rate(iter_epoch)
+        del iter_epoch  # ends a persistent loader's workers before the next setting starts its own
+        print(f"| {' | '.join(map(str, cells))} | {start_s:.2f} | {rate:.1f} | {rate / GPU_IMAGES_PER_S:.2f} |")
 
 
 if __name__ == "__main__":
