@@ -5,12 +5,17 @@ prompt, seeds, scheduler (Euler), steps, guidance, size and batch, from prompt t
 writing). Prints images/s and peak memory for each and the ratio ours/diffusers (images/s above 1 = we
 are faster; memory below 1 = we use less), plus the largest pixel difference between the two outputs.
 
+Timed calls alternate between the samplers (a change of load hits both alike) and each one's median counts.
+With --compile both again with their UNet's ResNet and transformer blocks compiled (a second UNet each, on the
+same tensors) are timed too; their first calls (compilation) are reported on their own line, never in the table.
+
 Memory is what a call needs above the resident weights: on CUDA the peak allocated minus the allocated
 memory before the call; on CPU the peak of glibc's in-use heap (`mallinfo2`, sampled every millisecond)
 minus its value before the call.
 
     python benchmarks/bench_sample.py                      # tiny model, CPU, fp32, 256px, 20 steps, CFG 5
     python benchmarks/bench_sample.py --full --device cuda # SDXL-size random weights, fp16, 1024px, 30 steps
+    python benchmarks/bench_sample.py --smoke              # 64 px, 2 steps, one call each: checks it runs
 
 `--full` builds full-size SDXL models (UNet as in benchmarks/bench_unet.py, CLIP ViT-L, OpenCLIP bigG,
 the SDXL VAE) with random weights on the device, so nothing is downloaded. Its default dtype is fp16,
@@ -21,10 +26,8 @@ diffusers' pipeline decodes in bf16 (its VAE cannot take bf16 latents in fp32) w
 import argparse
 import copy
 import ctypes
-import platform
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,11 +35,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from harness import add_speed_flags, compile_peer, compile_unet, device_name, seconds, set_threads  # noqa: E402,I001
+
 from sampling.inference import SDXLGenerator  # noqa: E402
 from sdxl.configs import unet_config_from_diffusers, unet_config_to_diffusers  # noqa: E402
 from sdxl.diffusion import SDXL_SCHEDULER_CONFIG  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SMOKE = ["--resolution", "64", "--steps", "2", "--batch-size", "1", "--iters", "1", "--warmup", "1"]
 PROMPT = "a photo of an astronaut riding a horse on the moon, highly detailed"
 
 
@@ -51,8 +57,13 @@ def parse_args(argv=None):
     p.add_argument("--guidance-scale", type=float, default=5.0, help="CFG scale; > 1 runs the UNet on 2x the batch")
     p.add_argument("--batch-size", type=int, default=2, help="images per call (default: 2)")
     p.add_argument("--iters", type=int, default=3, help="timed calls each, alternating; median counts (default: 3)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed calls first (default: 1)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls first, at least 1 (default: 1)")
+    p.add_argument("--smoke", action="store_true", help=f"tiny settings to check it runs: {' '.join(SMOKE)}")
+    add_speed_flags(p)
     args = p.parse_args(argv)
+    if args.smoke:
+        args = p.parse_args([*SMOKE, *(argv if argv is not None else sys.argv[1:])])
+    args.warmup = max(args.warmup, 1)
     args.dtype = args.dtype or ("fp16" if args.full else "fp32")
     args.resolution = args.resolution or (1024 if args.full else 256)
     args.steps = args.steps or (30 if args.full else 20)
@@ -93,6 +104,28 @@ def ours_from(pipe) -> SDXLGenerator:
     text_encoder = SDXLTextEncoder(pipe.tokenizer, pipe.tokenizer_2, pipe.text_encoder, pipe.text_encoder_2)
     vae = SDXLVAE(copy.deepcopy(pipe.vae))  # SDXLVAE makes its VAE fp32; the pipeline keeps its own dtype
     return SDXLGenerator(unet.eval(), text_encoder, vae, dict(pipe.scheduler.config))
+
+
+def compiled_pipeline(pipe):
+    """`pipe` with a second UNet on the same tensors whose blocks are compiled (benchmarks/harness.py)."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(pipe.unet.config)
+    unet.load_state_dict(pipe.unet.state_dict(), strict=True, assign=True)
+    compiled = StableDiffusionXLPipeline(**{**pipe.components, "unet": compile_peer(unet.eval())})
+    compiled.set_progress_bar_config(disable=True)
+    return compiled
+
+
+def compiled_from(ours: SDXLGenerator) -> SDXLGenerator:
+    """`ours` with a second UNet on the same tensors whose blocks are compiled (benchmarks/harness.py)."""
+    from sdxl.unet import SDXLUNet
+
+    with torch.device("meta"):
+        unet = SDXLUNet(ours.unet.config)
+    unet.load_state_dict(ours.unet.state_dict(), strict=True, assign=True)
+    return SDXLGenerator(compile_unet(unet.eval()), ours.text_encoder, ours.vae, ours.scheduler_config)
 
 
 class _MallInfo2(ctypes.Structure):
@@ -139,37 +172,35 @@ class PeakMemory:
 
 
 def timed(call, device) -> tuple[float, list]:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    images = call()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0, images
+    out = []
+    return seconds(lambda: out.append(call()), device), out[0]
 
 
-def bench(calls: dict, args, device) -> dict:
-    """Warm each up, then alternate the timed calls (a load change on a shared machine hits both alike) and
-    take each one's median; then one call each under PeakMemory."""
-    for call in calls.values():
-        for _ in range(args.warmup):
+def bench(calls: dict, args, device) -> tuple[dict, dict]:
+    """Warm each up (its first call timed: compilation), then alternate the timed calls (a load change on a
+    shared machine hits all alike) and take each one's median; then one call each under PeakMemory."""
+    first = {}
+    for name, call in calls.items():
+        first[name] = seconds(call, device)
+        for _ in range(args.warmup - 1):
             call()
-    seconds, images = {name: [] for name in calls}, {}
+    times, images = {name: [] for name in calls}, {}
     for _ in range(args.iters):
         for name, call in calls.items():
             s, images[name] = timed(call, device)
-            seconds[name].append(s)
+            times[name].append(s)
     rows = {}
     for name, call in calls.items():
         with PeakMemory(device) as mem:
             call()
-        rows[name] = {"images_s": args.batch_size / float(np.median(seconds[name])), "mem": mem.peak,
+        rows[name] = {"images_s": args.batch_size / float(np.median(times[name])), "mem": mem.peak,
                       "images": images[name]}
-    return rows
+    return rows, first
 
 
 def main(argv=None):
     args = parse_args(argv)
+    set_threads(args.threads)
     from diffusers import StableDiffusionXLPipeline
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
@@ -186,29 +217,37 @@ def main(argv=None):
     settings = {"width": r, "height": r, "steps": args.steps, "guidance_scale": args.guidance_scale,
                 "sampler": "euler"}
 
-    def run_diffusers():
+    def run_diffusers(pipe=pipe):
         return pipe([PROMPT] * b, num_inference_steps=args.steps, guidance_scale=args.guidance_scale, height=r,
                     width=r, generator=[torch.Generator("cpu").manual_seed(s) for s in seeds]).images
 
-    def run_ours():
-        return ours.generate_unique_batch([PROMPT] * b, seeds, **settings)
-
-    rows = bench({"diffusers": run_diffusers, "ours": run_ours}, args, device)
+    calls = {"diffusers": run_diffusers, "ours": lambda: ours.generate_unique_batch([PROMPT] * b, seeds, **settings)}
+    if args.compile:
+        peer, compiled = compiled_pipeline(pipe), compiled_from(ours)
+        calls["diffusers compiled"] = lambda: run_diffusers(peer)
+        calls["ours compiled"] = lambda: compiled.generate_unique_batch([PROMPT] * b, seeds, **settings)
+    rows, first = bench(calls, args, device)
     diff = max(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(o, dtype=np.int16)).max()
                for a, o in zip(rows["diffusers"]["images"], rows["ours"]["images"], strict=True))
 
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     mem_label = "peak MiB above weights" if device.type == "cuda" else "peak heap MiB above start"
     print(f"# sampling {'SDXL (random weights)' if args.full else 'tiny'}, {args.dtype}, {r}x{r}, {args.steps} "
-          f"steps euler, CFG {args.guidance_scale}, batch {b}, {dev_name}, torch {torch.__version__}")
+          f"steps euler, CFG {args.guidance_scale}, batch {b}, {device_name(device)}, torch {torch.__version__}")
     print(f"| sampler | images/s | s/image | {mem_label} |")
     print("|---|---|---|---|")
     for name, row in rows.items():
         print(f"| {name} | {row['images_s']:.3f} | {1 / row['images_s']:.3f} | {row['mem'] / 2**20:.0f} |")
-    o, d = rows["ours"], rows["diffusers"]
-    print(f"| ratio ours/diffusers | {o['images_s'] / d['images_s']:.3f} | {d['images_s'] / o['images_s']:.3f} | "
-          f"{o['mem'] / max(d['mem'], 1):.3f} |")
-    print(f"largest pixel difference between the two outputs: {diff}/255")
+    pairs = [("ours", "diffusers")]
+    if args.compile:
+        pairs += [("ours compiled", "diffusers"), ("diffusers compiled", "diffusers"),
+                  ("ours compiled", "diffusers compiled")]
+    for a, b in pairs:
+        o, d = rows[a], rows[b]
+        print(f"| ratio {a} / {b} | {o['images_s'] / d['images_s']:.3f} | {d['images_s'] / o['images_s']:.3f} "
+              f"| {o['mem'] / max(d['mem'], 1):.3f} |")
+    print(f"largest pixel difference between diffusers' and our outputs: {diff}/255")
+    if args.compile:
+        print("compile (first call, not in the table): " + ", ".join(f"{n} {s:.1f} s" for n, s in first.items()))
 
 
 if __name__ == "__main__":

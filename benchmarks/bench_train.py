@@ -6,25 +6,29 @@ diffusers' train_text_to_image_lora_sdxl.py does. Both: the same base weights (s
 LoRA A/B values, batch, noise and timesteps; the loss of training/loss.py `diffusion_loss` under
 autocast over the --precision base weights; backward; clip; AdamW step. Prints a table with the ratio
 ours/diffusers (below 1 = we are faster / smaller) and the first step's loss of each (equal in fp32).
-Time: ms per optimizer step, the best of --rounds rounds of --steps steps that alternate the two models.
+Time: ms per optimizer step, the best of --rounds rounds of --steps steps; each round runs the models in turn,
+so load from other jobs hits them alike. With --compile two more sides, our UNet with its blocks compiled (on
+the same base tensors, its own LoRA with the same values) and diffusers' UNet + peft compiled the same way (each
+ResNet and transformer block), are timed too; their first steps (compilation) are reported on their own line,
+never in the table.
 Memory: on CUDA the peak allocated during the steps; on CPU the bytes of activations saved for the
 backward pass (distinct storages), the part of training memory the model code decides.
 
     python benchmarks/bench_train.py                                      # tiny config, CPU, fp32, 128px, batch 4
     python benchmarks/bench_train.py --full --precision bf16 --resolution 1024 --gradient_checkpointing --device cuda
+    python benchmarks/bench_train.py --smoke                              # 64 px, one round: checks it runs
 """
 
 import argparse
-import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_unet import SavedBytes, sync  # noqa: E402
+from harness import (  # noqa: E402,I001
+    SavedBytes, add_speed_flags, alternate, compile_peer, compile_unet, device_name, seconds, set_threads, sync)
 
 from common.runtime import DTYPES  # noqa: E402
 from sdxl.configs import unet_config_to_diffusers  # noqa: E402
@@ -33,6 +37,8 @@ from sdxl.lora import LoRAConfig, apply_lora  # noqa: E402
 from sdxl.tiny import TINY_UNET_CONFIG  # noqa: E402
 from sdxl.unet import SDXL_CONFIG, SDXLUNet, UNetConfig  # noqa: E402
 from training.loss import diffusion_loss  # noqa: E402
+
+SMOKE = ["--resolution", "64", "--batch_size", "1", "--steps", "1", "--rounds", "1", "--warmup", "1"]
 
 
 def parse_args(argv=None):
@@ -49,8 +55,14 @@ def parse_args(argv=None):
     p.add_argument("--gradient_checkpointing", action="store_true", help="enable it in both models")
     p.add_argument("--steps", type=int, default=5, help="timed optimizer steps per model and round")
     p.add_argument("--rounds", type=int, default=3, help="timing rounds, alternating the models; best round counts")
-    p.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first")
-    return p.parse_args(argv)
+    p.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first (at least 1)")
+    p.add_argument("--smoke", action="store_true", help=f"tiny settings to check it runs: {' '.join(SMOKE)}")
+    add_speed_flags(p)
+    args = p.parse_args(argv)
+    if args.smoke:
+        args = p.parse_args([*SMOKE, *(argv if argv is not None else sys.argv[1:])])
+    args.warmup = max(args.warmup, 1)
+    return args
 
 
 def make_batch(cfg: UNetConfig, args, device):
@@ -80,35 +92,68 @@ class DiffusersCall(torch.nn.Module):
         return self.unet(sample, t, context, added_cond_kwargs=cond).sample
 
 
-def build(cfg: UNetConfig, args, device, dtype):
-    """(diffusers UNet + peft LoRA, our UNet + our LoRA): same base tensors, same A/B values."""
+def diffusers_unet(cfg: UNetConfig, device) -> torch.nn.Module:
     from diffusers import UNet2DConditionModel
-    from diffusers.utils import logging
+
+    with torch.device(device):
+        return UNet2DConditionModel(**{k: v for k, v in unet_config_to_diffusers(cfg).items() if not k.startswith("_")})
+
+
+def add_peft_lora(ref, names: list[str], values: dict[str, torch.Tensor], args) -> None:
+    """A peft LoRA on `names`, trainable params in fp32 (as diffusers' LoRA example), A/B set to `values`
+    (our `<name>.lora_down.weight` / `.lora_up.weight`)."""
     from peft import LoraConfig
+
+    ref.requires_grad_(False)
+    ref.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=names))
+    for p in ref.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    modules = dict(ref.named_modules())
+    for name in names:
+        modules[name].lora_A["default"].weight.data.copy_(values[f"{name}.lora_down.weight"])
+        modules[name].lora_B["default"].weight.data.copy_(values[f"{name}.lora_up.weight"])
+
+
+def build(cfg: UNetConfig, args, device, dtype) -> dict[str, torch.nn.Module]:
+    """diffusers UNet + peft LoRA and our UNet + our LoRA, and with --compile a second of each with its blocks
+    compiled: the same base tensors (made on the device), the same LoRA A/B values, each side its own LoRA."""
+    from diffusers.utils import logging
 
     logging.set_verbosity_error()  # not the `to(dtype)` advice: the bench casts on purpose
     torch.manual_seed(0)
-    ref = UNet2DConditionModel(**{k: v for k, v in unet_config_to_diffusers(cfg).items() if not k.startswith("_")})
-    ref = ref.to(device=device, dtype=dtype).train()
-    with torch.device("meta"):
-        ours = SDXLUNet(cfg)
-    ours.load_state_dict(ref.state_dict(), strict=True, assign=True)  # the very same tensors
-    wrapped = apply_lora(ours, LoRAConfig(rank=args.rank, alpha=args.rank, target_mode=args.target_mode))
-    ours.train()
-
-    ref.requires_grad_(False)
-    ref.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=list(wrapped)))
-    for p in ref.parameters():  # fp32 trainable params over a bf16 base, as diffusers' LoRA example
-        if p.requires_grad:
-            p.data = p.data.float()
-    ref_modules = dict(ref.named_modules())
-    for name, m in wrapped.items():
-        ref_modules[name].lora_A["default"].weight.data.copy_(m.lora_down.weight)
-        ref_modules[name].lora_B["default"].weight.data.copy_(m.lora_up.weight)
+    ref = diffusers_unet(cfg, device).to(dtype=dtype).train()
+    base = ref.state_dict()
+    ours = {}
+    for name in ["ours", "ours compiled"] if args.compile else ["ours"]:
+        with torch.device("meta"):
+            unet = SDXLUNet(cfg)
+        unet.load_state_dict(base, strict=True, assign=True)  # the very same tensors
+        wrapped = apply_lora(unet, LoRAConfig(rank=args.rank, alpha=args.rank, target_mode=args.target_mode))
+        ours[name] = unet.train()
+    lora = {k: v for k, v in ours["ours"].state_dict().items() if ".lora_" in k}
+    for unet in ours.values():
+        unet.load_state_dict(lora, strict=False)  # the same LoRA values everywhere
+    peers = {"diffusers+peft": ref}
+    if args.compile:
+        peers["diffusers+peft compiled"] = diffusers_unet(cfg, "meta")
+        peers["diffusers+peft compiled"].load_state_dict(base, strict=True, assign=True)
+        peers["diffusers+peft compiled"].train()
+    for peer in peers.values():
+        add_peft_lora(peer, list(wrapped), lora, args)
     if args.gradient_checkpointing:
-        ref.enable_gradient_checkpointing()
-        ours.set_gradient_checkpointing(True)
-    return DiffusersCall(ref), ours
+        for peer in peers.values():
+            peer.enable_gradient_checkpointing()
+        for unet in ours.values():
+            unet.set_gradient_checkpointing(True)
+    if args.compile:
+        compile_unet(ours["ours compiled"])
+        compile_peer(peers["diffusers+peft compiled"])
+    models = {"diffusers+peft": DiffusersCall(ref), "ours": ours["ours"]}
+    if args.compile:
+        models |= {"diffusers+peft compiled": DiffusersCall(peers["diffusers+peft compiled"]),
+                   "ours compiled": ours["ours compiled"]}
+    return models
 
 
 class Side:
@@ -117,9 +162,10 @@ class Side:
     def __init__(self, name, unet, x, device, dtype):
         self.name, self.x, self.dtype = name, x, dtype
         self.params = [p for p in unet.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=1e-4, weight_decay=1e-2)
+        # fused on CUDA, as the loop: one kernel for all LoRA tensors, no per-tensor launches
+        self.optimizer = torch.optim.AdamW(self.params, lr=1e-4, weight_decay=1e-2, fused=device.type == "cuda")
         self.unet, self.ac = unet, alphas_cumprod().to(device)
-        self.losses, self.times_ms = [], []
+        self.losses = []
 
     def loss(self):
         x = self.x
@@ -132,7 +178,7 @@ class Side:
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.losses.append(loss.item())  # the loop reads the loss every step too
+        self.losses.append(loss.detach())  # stays on the device, as in the loop (read at --log_interval)
 
 
 def memory(side, device):
@@ -150,48 +196,50 @@ def memory(side, device):
     return counter.nbytes
 
 
-def timed(side, device, steps):
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        side.step()
-    sync(device)
-    side.times_ms.append((time.perf_counter() - t0) / steps * 1000)
-
-
-def bench(sides, device, args):
-    """Warm both up (so both optimizer states exist), memory of each, then timing rounds that alternate
-    the two models; each model's time is its best round (robust to other load on a shared machine)."""
+def bench(sides, device, args) -> tuple[list[dict], dict]:
+    """Warm each up (its first step timed: compilation; both optimizer states then exist), memory of each,
+    then timing rounds that alternate the models; each model's time is its best round."""
+    first = {}
     for side in sides:
-        for _ in range(args.warmup):
+        first[side.name] = seconds(side.step, device)
+        for _ in range(args.warmup - 1):
             side.step()
     mem = [memory(side, device) for side in sides]
-    for _ in range(args.rounds):
-        for side in sides:
-            timed(side, device, args.steps)
-    return [{"model": s.name, "step_ms": min(s.times_ms), "mem": m, "loss": s.losses[0],
+    times = alternate({s.name: s.step for s in sides}, device, args.rounds, args.steps)
+    rows = [{"model": s.name, "step_ms": min(times[s.name]) * 1000, "mem": m, "loss": s.losses[0].item(),
              "params": sum(p.numel() for p in s.params)} for s, m in zip(sides, mem, strict=True)]
+    return rows, first
 
 
 def main(argv=None):
     args = parse_args(argv)
+    set_threads(args.threads)
     device, dtype = torch.device(args.device), DTYPES[args.precision]
     cfg = SDXL_CONFIG if args.full else TINY_UNET_CONFIG
-    ref, ours = build(cfg, args, device, dtype)
+    models = build(cfg, args, device, dtype)
     x = make_batch(cfg, args, device)
-    rows = bench([Side("diffusers+peft", ref, x, device, dtype), Side("ours", ours, x, device, dtype)], device, args)
+    rows, first = bench([Side(name, m, x, device, dtype) for name, m in models.items()], device, args)
 
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     mem_label = "peak MiB" if device.type == "cuda" else "saved-act MiB"
     print(f"# train step, {'SDXL' if args.full else 'tiny'}, {args.precision}, {args.resolution}px, "
           f"batch {args.batch_size}, LoRA {args.target_mode} rank {args.rank}, checkpointing "
-          f"{'on' if args.gradient_checkpointing else 'off'}, {dev_name}, torch {torch.__version__}")
+          f"{'on' if args.gradient_checkpointing else 'off'}, {device_name(device)}, torch {torch.__version__}")
     print(f"| model | ms / optimizer step | {mem_label} | LoRA params | first loss |")
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['step_ms']:.1f} | {r['mem'] / 2**20:.1f} | {r['params']:,} | {r['loss']:.6f} |")
-    a, b = rows[1], rows[0]
-    print(f"| ratio ours/diffusers | {a['step_ms'] / b['step_ms']:.3f} | {a['mem'] / b['mem']:.3f} | | |")
+    by_name = {r["model"]: r for r in rows}
+    pairs = [("ours", "diffusers+peft")]
+    if args.compile:
+        pairs += [("ours compiled", "diffusers+peft"), ("diffusers+peft compiled", "diffusers+peft"),
+                  ("ours compiled", "diffusers+peft compiled")]
+    for a, b in pairs:
+        print(f"| ratio {a} / {b} | {by_name[a]['step_ms'] / by_name[b]['step_ms']:.3f} | "
+              f"{by_name[a]['mem'] / by_name[b]['mem']:.3f} | | |")
+    if args.compile:
+        print(f"compile (first step, not in the table): ours {first['ours compiled']:.1f} s, diffusers+peft "
+              f"{first['diffusers+peft compiled']:.1f} s (eager first steps {first['ours']:.1f} s, "
+              f"{first['diffusers+peft']:.1f} s)")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,103 @@
+"""What the benchmarks share: --threads and --compile (ours and the peer compiled alike), the device's name,
+synchronising, the memory of the activations autograd saves (CPU), and timing rounds that alternate the
+compared sides.
+
+
+Alternating: each round times every side once, one after the other, and each side's best (or median) round
+counts, so a change of load on a shared machine hits all sides alike and the ratios hold.
+"""
+
+import platform
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+def add_speed_flags(p) -> None:
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch.set_num_threads for the run; 0 = torch's default (pin it on a shared machine)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time our UNet and the peer's with each ResNet and transformer block compiled "
+                        "(torch.compile); the compile time is reported separately")
+
+
+def set_threads(threads: int) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def compile_unet(unet: nn.Module) -> nn.Module:
+    """Regional compilation of our UNet in place: `sdxl.compile.compile_blocks` (what `--compile` of
+    train_sdxl.py / generate_images.py runs) where the project has it, else the same done here."""
+    try:
+        from sdxl.compile import compile_blocks
+    except ImportError:
+        from sdxl.unet import BasicTransformerBlock, ResnetBlock2D
+
+        for block in unet.modules():
+            if isinstance(block, (ResnetBlock2D, BasicTransformerBlock)):
+                block.compile(dynamic=False)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    else:
+        compile_blocks(unet)
+    return unet
+
+
+def compile_peer(unet: nn.Module) -> nn.Module:
+    """diffusers' UNet compiled as ours is (`compile_unet`): each ResNet and transformer block, with what peft put
+    inside them (diffusers' own `compile_repeated_blocks` compiles its transformer blocks only)."""
+    for block in unet.modules():
+        if type(block).__name__ in ("ResnetBlock2D", "BasicTransformerBlock"):
+            block.compile(dynamic=False)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return unet
+
+
+class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
+    """Counts the distinct storages autograd saves for backward."""
+
+    def __init__(self):
+        self.storages = {}
+
+        def pack(t):
+            s = t.untyped_storage()
+            self.storages[s.data_ptr()] = s.nbytes()
+            return t
+
+        super().__init__(pack, lambda t: t)
+
+    @property
+    def nbytes(self):
+        return sum(self.storages.values())
+
+
+def seconds(fn: Callable, device: torch.device, n: int = 1) -> float:
+    """Wall time of n calls of fn, the device's queued work included."""
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def alternate(fns: dict[str, Callable], device: torch.device, rounds: int, n: int) -> dict[str, list[float]]:
+    """Seconds per call of each fn in each round; every round runs all fns in turn (n calls each)."""
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(seconds(fn, device, n) / n)
+    return times
