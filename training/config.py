@@ -29,7 +29,7 @@ from pathlib import Path
 import yaml
 
 from common.cli import ConfigError, fail, print_error
-from common.files import write_text
+from common.files import check_writable, write_text
 from common.runtime import resolve_device
 from training.buckets import SIZE_MULTIPLE
 from training.flags import DATA_HINT, build_parser
@@ -273,6 +273,9 @@ def validate(args: argparse.Namespace) -> None:
               "or leave --wandb_project out")
     if args.wandb_run_name is not None and args.wandb_project is None:
         fail("wandb_run_name", args.wandb_run_name, "needs --wandb_project; give the project or drop the run name")
+    check_writable("output_dir", args.output_dir)  # now, not after minutes of loading models
+    if args.cache_latents == "disk" or args.cache_text_embeddings:
+        check_writable("cache_dir", args.cache_dir)
 
 
 def parse_or_exit(argv=None) -> argparse.Namespace:
