@@ -140,15 +140,29 @@ def remove_stale_temporaries(folder, name_glob: str = "*") -> None:
 
 
 def check_writable(flag: str, folder) -> None:
-    """Create `folder` (and its parents) and write a probe file in it, or raise the ConfigError `--flag folder:
-    cannot ...` (under a file, a read-only file system, no permission): called before any model loads."""
-    folder = Path(folder)
+    """Raise the ConfigError `--flag folder: cannot ...` unless `folder` can be created and written (not under a
+    file, not on a read-only file system, permission): called before any model loads. It creates the folder
+    and a probe file, then removes what it made, so a run that stops at a later check leaves nothing behind."""
+    folder = Path(folder).absolute()
+    made = [p for p in [folder, *folder.parents] if not p.exists()]
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        for attempt in range(3):  # another torchrun rank may remove the folder it made while we probe it
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                probe = folder / f".write-test-{os.getpid()}"
+                probe.write_bytes(b"")
+                probe.unlink()
+                break
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
     except OSError as e:
         what = "a file is in the way" if isinstance(e, (FileExistsError, NotADirectoryError)) else reason_of(e)
         fail(flag, folder, f"cannot create or write this folder ({what}); choose a folder you can write to, or fix "
              "its permissions")
+    finally:
+        for p in made:  # deepest first
+            try:
+                p.rmdir()
+            except OSError:  # never made (a file in the way), or another process is using it
+                pass
