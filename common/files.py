@@ -14,6 +14,7 @@ an output folder before any model is loaded.
 """
 
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -25,18 +26,29 @@ from common.cli import fail
 
 class WriteError(OSError):
     """A file or folder that could not be written (full disk, no permission); the message is one line naming
-    it, and (where the writer knows) what is intact and what to do."""
+    it, `reason` says why in a few words."""
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason or message
 
 
 WRITE_FAILURES = (OSError, RuntimeError, SafetensorError)  # torch.save and safetensors raise their own types
 
 
 def reason_of(error: BaseException) -> str:
-    """The first line of an error's message (`strerror` for an OSError), e.g. 'No space left on device'."""
+    """Why a write failed, in a few words: 'No space left on device' for an OSError, for safetensors' '... I/O
+    error: ... (os error 28)' and for torch.save's '... unexpected pos ...'; else the message's first line."""
+    if isinstance(error, WriteError):
+        return error.reason
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
+    text = str(error).strip()
+    if code := re.search(r"\(os error (\d+)\)", text):
+        return os.strerror(int(code.group(1)))
+    if "unexpected pos" in text:  # torch's zip writer wrote less than it asked for
+        return "the file could not be written in full (is the disk full?)"
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def umask() -> int:
@@ -119,7 +131,7 @@ def atomic_write(path, write: Callable[[Path], object], *, folder: bool = False,
         _remove(tmp)
         if isinstance(e, WriteError):
             raise
-        raise WriteError(f"cannot write {path}: {reason_of(e)}") from e
+        raise WriteError(f"cannot write {path}: {reason_of(e)}", reason_of(e)) from e
     except BaseException:
         _remove(tmp)
         raise
