@@ -333,3 +333,18 @@ def test_generation_survives_kill_9_at_random_moments(tmp_path):
     for name in (p.name for p in clean.iterdir() if p.suffix != ".png"):
         assert (out / name).read_bytes() == (clean / name).read_bytes()
     print("generation kill -9 trials (exit statuses):", statuses)
+
+
+def test_resume_latest_when_every_checkpoint_is_damaged_says_so(tmp_path):
+    """Not the usual advice (`--resume_from latest`, which is what failed): how to start over."""
+    from argparse import Namespace
+
+    from training.checkpoints import CheckpointError, start_or_resume
+
+    folder = tmp_path / "checkpoints/step_000001"
+    folder.mkdir(parents=True)
+    for name in ("lora.safetensors", "training_state.pt", "config.yaml", "COMPLETE"):
+        (folder / name).write_bytes(b"\0" * 8)  # cut short by a crash
+    args = Namespace(output_dir=str(tmp_path), resume_from="latest", overwrite_output_dir=False)
+    with pytest.raises(CheckpointError, match="every checkpoint in .* is damaged .* --overwrite_output_dir"):
+        start_or_resume(args)

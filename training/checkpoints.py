@@ -296,6 +296,10 @@ def start_or_resume(args, clear: bool = True) -> Checkpoint | None:
     output_dir = Path(args.output_dir)
     if args.resume_from == "latest":
         checkpoint = find_latest(output_dir)
+        if checkpoint is None and complete_checkpoints(output_dir):
+            raise CheckpointError(f"--resume_from latest: every checkpoint in {output_dir / 'checkpoints'} is damaged "
+                                  "(see the warnings above); start over with --overwrite_output_dir (it deletes "
+                                  "them) or give another --output_dir")
         if checkpoint is None and clear:
             print(f"--resume_from latest: no complete checkpoint in {output_dir / 'checkpoints'}; starting a new run")
     elif args.resume_from:
