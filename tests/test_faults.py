@@ -348,3 +348,37 @@ def test_resume_latest_when_every_checkpoint_is_damaged_says_so(tmp_path):
     args = Namespace(output_dir=str(tmp_path), resume_from="latest", overwrite_output_dir=False)
     with pytest.raises(CheckpointError, match="every checkpoint in .* is damaged .* --overwrite_output_dir"):
         start_or_resume(args)
+
+
+# --- Clear advice. -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("script,argv,flag", [
+    (train_sdxl, ["--config", str(ROOT / "configs/tiny_demo.yaml"), "--lerning_rate", "1"], "--learning_rate"),
+    (generate_images, ["--promt", "x"], "--prompt"),  # argparse would first complain of the missing --prompt
+    (evaluate_images, ["a", "b", "--metric", "ssim"], "--metrics"),
+    (__import__("resume_training"), ["--inspekt", "x"], "--inspect"),
+])  # fmt: skip
+def test_a_mistyped_flag_is_named_with_the_closest_flag(capsys, script, argv, flag):
+    with pytest.raises(SystemExit) as e:
+        script.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: unrecognized argument {argv[-2]} (did you mean {flag}?)"), err
+
+
+def test_resume_auto_refuses_extra_flags_that_change_the_result(tmp_path):
+    import yaml
+
+    from training.checkpoints import Checkpoint, CheckpointError
+    from training.config import parse_config, resolved_config_yaml
+    from training.run_folder import check_extra, resume_command
+
+    folder = tmp_path / "checkpoints/step_000004"
+    folder.mkdir(parents=True)
+    text = resolved_config_yaml(parse_config([*TRAIN, "--output_dir", str(tmp_path)]))
+    (folder / "config.yaml").write_text(text)
+    checkpoint = Checkpoint(folder, {}, None, {"step": 4}, yaml.safe_load(text), {})
+    check_extra(checkpoint, resume_command(checkpoint, extra=["--max_train_steps", "8", "--save_interval", "2"]))
+    with pytest.raises(CheckpointError, match=r"seed: checkpoint 0, now 3; lora_rank: checkpoint 8, now 16\)"):
+        check_extra(checkpoint, resume_command(checkpoint, extra=["--lora_rank", "16", "--seed", "3"]))
