@@ -382,3 +382,36 @@ def test_resume_auto_refuses_extra_flags_that_change_the_result(tmp_path):
     check_extra(checkpoint, resume_command(checkpoint, extra=["--max_train_steps", "8", "--save_interval", "2"]))
     with pytest.raises(CheckpointError, match=r"seed: checkpoint 0, now 3; lora_rank: checkpoint 8, now 16\)"):
         check_extra(checkpoint, resume_command(checkpoint, extra=["--lora_rank", "16", "--seed", "3"]))
+
+
+# --- Data folders: links stay inside, odd images and captions named and counted. -----------------------------
+
+
+def test_data_folder_links_and_odd_images_are_named(tmp_path, caplog):
+    from training.datasets import build_dataset
+
+    outside, data = tmp_path / "outside.png", tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    Image.new("RGB", (64, 64)).save(outside)
+    Image.new("RGB", (64, 64), "red").save(data / "plain.png")
+    (data / "plain.txt").write_text("a red square")
+    Image.new("RGB", (640, 64)).save(data / "wide.png")  # 10:1
+    Image.new("RGB", (6, 6)).save(data / "tiny.png")  # < 64 / 8
+    Image.new("I;16", (64, 64)).save(data / "deep.png")
+    frames = [Image.new("RGB", (64, 64), c) for c in ("red", "blue")]
+    frames[0].save(data / "moving.png", save_all=True, append_images=frames[1:])  # APNG
+    (data / "moving.txt").write_bytes(b"caf\xe9 au lait")  # Latin-1
+    (data / "up").symlink_to("..")  # out of the data folder
+    (data / "sub" / "loop").symlink_to("..")  # back to data/: scanned already
+    with caplog.at_level("WARNING"):
+        dataset = build_dataset(data, resolution=64, batch_size=1)
+    keys = sorted(r.key for r in dataset.scan.records)
+    assert keys == ["deep.png", "moving.png", "plain.png", "tiny.png", "wide.png"]  # nothing outside, nothing twice
+    text = caplog.text
+    for expected in (f"skipping {data}/up: a link to {tmp_path}, outside", f"skipping {data}/sub/loop: a link to",
+                     "wide.png: aspect ratio 10.0:1 is beyond", "tiny.png: 6x6 is smaller than 1/8 of --image_size 64",
+                     "moving.png: animated (2 frames)", "deep.png: 16-bit (I;16)", "moving.png: its caption moving.txt "
+                     "is not UTF-8",
+                     "data: 1 16 bit, 1 animated, 1 caption not utf8, 1 extreme aspect, 1 small"):
+        assert expected in text, (expected, text)
+    assert "Traceback" not in text

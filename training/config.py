@@ -172,8 +172,8 @@ RULES = [
     (("max_bad_fraction",), lambda v: 0 <= v <= 1, "in [0, 1], e.g. 0.05"),
     (("ema_decay",), lambda v: 0 < v < 1, "in (0, 1), e.g. 0.999"),
     (("min_timestep", "max_timestep"), lambda v: 0 <= v <= 999, "in [0, 999]"),
-    (("image_size",), lambda v: v > 0 and v % SIZE_MULTIPLE == 0,
-     f"a positive multiple of {SIZE_MULTIPLE}, e.g. 512 or 1024"),
+    (("image_size",), lambda v: v >= 2 * SIZE_MULTIPLE and v % SIZE_MULTIPLE == 0,
+     f"a multiple of {SIZE_MULTIPLE}, at least {2 * SIZE_MULTIPLE}, e.g. 512 or 1024"),
     (("seed",), lambda v: 0 <= v < 2**32, "in [0, 2^32)"),
     (("max_train_steps",), lambda v: v is None or v >= 1, ">= 1, or left out to train --num_epochs epochs"),
 ]
