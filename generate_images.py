@@ -12,18 +12,19 @@ Flags and their checks: `python generate_images.py --help` and sampling/config.p
 
 import sys
 
-from common.cli import print_error
-from common.files import WriteError
-from common.runtime import close_world, init_world
-from sampling.config import parse_args
-from sampling.generate import generate
-from training.checkpoints import lora_file_of
+from common.cli import print_error, run_script
 
 KEPT = ("the images in {out} with their .txt are complete and kept; free disk space if needed and re-run the same "
         "command: it makes only the missing ones")
 
 
 def main(argv=None) -> int:
+    from common.files import WriteError  # here, so that a Ctrl-C while torch imports is one line (run_script)
+    from common.runtime import close_world, init_world
+    from sampling.config import parse_args
+    from sampling.generate import generate
+    from training.checkpoints import lora_file_of
+
     try:
         args = parse_args(argv)
         lora_files = [(str(lora_file_of(path)), scale) for path, scale in args.loras]  # a checkpoint -> its file
@@ -48,4 +49,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

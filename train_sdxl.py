@@ -16,11 +16,12 @@ SIGTERM / Ctrl-C save a checkpoint and exit 143 / 130; continue exactly with
 import os
 import sys
 
-from common.cli import print_error
-from training.config import parse_or_exit
+from common.cli import print_error, run_script
 
 
 def main(argv=None) -> int:
+    from training.config import parse_or_exit  # here, so that a Ctrl-C while torch imports is one line (run_script)
+
     args = parse_or_exit(argv)
     from common.files import WriteError
     from training.checkpoints import what_is_intact
@@ -51,4 +52,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

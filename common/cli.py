@@ -60,3 +60,15 @@ def add_flag(group, name: str, help: str, **kwargs) -> argparse.Action:
     action = group.add_argument(*names, help=help, **kwargs)
     action.help = help  # BooleanOptionalAction on Python 3.10 appends its own "(default: ...)"; ours says it
     return action
+
+
+def run_script(main) -> None:
+    """A script's `__main__`: exit with main()'s status. Ctrl-C where the script has no handling of its own (its
+    imports, loading models) is one line and status 130; every write is atomic, so nothing half-written stays."""
+    try:
+        status = main()
+    except KeyboardInterrupt:
+        print("\ninterrupted (Ctrl-C); nothing half-written was kept: run the same command again to go on",
+              file=sys.stderr)
+        status = 130
+    sys.exit(status)

@@ -415,3 +415,17 @@ def test_data_folder_links_and_odd_images_are_named(tmp_path, caplog):
                      "data: 1 16 bit, 1 animated, 1 caption not utf8, 1 extreme aspect, 1 small"):
         assert expected in text, (expected, text)
     assert "Traceback" not in text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["train", "generate"])
+def test_ctrl_c_while_starting_is_one_line(tmp_path, script):
+    """Ctrl-C while torch imports or the models load (before the trainer's own stop handling): exit 130, one line."""
+    out = str(tmp_path / "o")
+    argv = ([str(ROOT / "train_sdxl.py"), *TRAIN, "--max_train_steps", "2", "--output_dir", out] if script == "train"
+            else [str(ROOT / "generate_images.py"), *GENERATE, "--num-images", "40", "--output-dir", out])
+    for delay in (1.5, 4.0):
+        start = time.time()
+        status, err = run_until([sys.executable, *argv], lambda d=delay, s=start: time.time() - s > d, [signal.SIGINT])
+        assert status == 130 and "Traceback" not in err and "interrupted" in err, err[-2000:]
+        assert leftovers(tmp_path) == []
