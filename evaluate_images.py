@@ -15,6 +15,7 @@ import logging
 import sys
 
 from common.cli import print_error
+from common.files import WriteError
 from evaluation.config import parse_args
 from evaluation.evaluate import evaluate_folders
 
@@ -23,7 +24,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")  # skipped files, one line each
     try:
         return evaluate_folders(parse_args(argv))
-    except ValueError as e:  # ConfigError (a flag), EvalError (a folder, a network file)
+    except (ValueError, WriteError) as e:  # ConfigError (a flag), EvalError (a folder, a network file), a full disk
         return print_error(str(e))
 
 

@@ -12,14 +12,19 @@ Flags and their checks: `python generate_images.py --help` and sampling/config.p
 
 import sys
 
-from common.cli import print_error
-from common.runtime import close_world, init_world
-from sampling.config import parse_args
-from sampling.generate import generate
-from training.checkpoints import lora_file_of
+from common.cli import print_error, run_script
+
+KEPT = ("the images in {out} with their .txt are complete and kept; free disk space if needed and re-run the same "
+        "command: it makes only the missing ones")
 
 
 def main(argv=None) -> int:
+    from common.files import WriteError  # here, so that a Ctrl-C while torch imports is one line (run_script)
+    from common.runtime import close_world, init_world
+    from sampling.config import parse_args
+    from sampling.generate import generate
+    from training.checkpoints import lora_file_of
+
     try:
         args = parse_args(argv)
         lora_files = [(str(lora_file_of(path)), scale) for path, scale in args.loras]  # a checkpoint -> its file
@@ -28,12 +33,20 @@ def main(argv=None) -> int:
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # "Loading weights" bars of the text encoders
-    world = init_world(args.device)
+    try:
+        world = init_world(args.device)  # a broken torchrun environment: one line naming the variable
+    except ValueError as e:
+        return print_error(str(e))
     try:
         return generate(args, world, lora_files)
+    except WriteError as e:  # a full disk: the complete image groups stay, a re-run makes the rest
+        return print_error(f"{e}; {KEPT.format(out=args.output_dir)}")
+    except KeyboardInterrupt:
+        print(f"interrupted; {KEPT.format(out=args.output_dir)}", file=sys.stderr)
+        return 130
     finally:
         close_world(world)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

@@ -29,6 +29,7 @@ from common.cli import Parser
 from training.checkpoints import CheckpointError
 from training.run_folder import (
     NoCheckpoint,
+    check_extra,
     describe,
     finished,
     latest_checkpoint,
@@ -71,6 +72,7 @@ def main(argv=None) -> int:
         else:
             checkpoint = latest_checkpoint(args.auto)
             cmd = resume_command(checkpoint, python=sys.executable if args.execute else None, extra=extra)
+            check_extra(checkpoint, cmd)
             print(f"latest checkpoint: {checkpoint.path} (step {checkpoint.state['step']})")
             print(f"resume with: {shell(cmd)}")
             if finished(checkpoint, extra):

@@ -16,17 +16,26 @@ SIGTERM / Ctrl-C save a checkpoint and exit 143 / 130; continue exactly with
 import os
 import sys
 
-from training.config import parse_or_exit
+from common.cli import print_error, run_script
 
 
 def main(argv=None) -> int:
+    from training.config import parse_or_exit  # here, so that a Ctrl-C while torch imports is one line (run_script)
+
     args = parse_or_exit(argv)
+    from common.files import WriteError
+    from training.checkpoints import what_is_intact
     from training.scan import DataError
     from training.signals import Stopped
     from training.train_loop import TrainingError, train
 
     try:
         summary = train(args)
+    except WriteError as e:  # a full disk, no permission: what failed, what is intact
+        return print_error(f"{e}; {what_is_intact(args.output_dir)}")
+    except KeyboardInterrupt:  # before the loop (which saves a checkpoint first) or in a second stop
+        print(f"interrupted; {what_is_intact(args.output_dir).split(';')[0]}", file=sys.stderr)
+        return 130
     except Stopped as e:
         print(f"{e}\ncontinue with: python train_sdxl.py --config {args.output_dir}/config.yaml --resume_from latest",
               file=sys.stderr)
@@ -43,4 +52,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

@@ -31,13 +31,22 @@ class Parser(argparse.ArgumentParser):
         kwargs.setdefault("allow_abbrev", False)  # an abbreviation today is an ambiguity tomorrow
         super().__init__(*args, **kwargs)
 
+    def parse_known_args(self, args=None, namespace=None):
+        self._words = list(sys.argv[1:] if args is None else args)  # for error(): a typo explains the rest
+        return super().parse_known_args(args, namespace)
+
     def error(self, message):
-        if message.startswith("unrecognized arguments:"):
-            known = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
-            for word in message.split(":", 1)[1].split():
-                close = difflib.get_close_matches(word.split("=")[0], known, n=1) if word.startswith("-") else []
+        """One line; a mistyped flag is named first with its closest flag, even when argparse complains of
+        something else it caused (`--promt x` makes --prompt "required")."""
+        known = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
+        words = getattr(self, "_words", [])
+        words = words[: words.index("--")] if "--" in words else words
+        for word in words:
+            flag = word.split("=")[0]
+            if flag.startswith("--") and flag not in known:
+                close = difflib.get_close_matches(flag, known, n=1)
                 if close:
-                    message += f" (did you mean {close[0]}?)"
+                    message = f"unrecognized argument {flag} (did you mean {close[0]}?)"
                     break
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
@@ -51,3 +60,15 @@ def add_flag(group, name: str, help: str, **kwargs) -> argparse.Action:
     action = group.add_argument(*names, help=help, **kwargs)
     action.help = help  # BooleanOptionalAction on Python 3.10 appends its own "(default: ...)"; ours says it
     return action
+
+
+def run_script(main) -> None:
+    """A script's `__main__`: exit with main()'s status. Ctrl-C where the script has no handling of its own (its
+    imports, loading models) is one line and status 130; every write is atomic, so nothing half-written stays."""
+    try:
+        status = main()
+    except KeyboardInterrupt:
+        print("\ninterrupted (Ctrl-C); nothing half-written was kept: run the same command again to go on",
+              file=sys.stderr)
+        status = 130
+    sys.exit(status)

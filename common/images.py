@@ -4,12 +4,15 @@ and decoding any of them (EXIF rotation, 16-bit, CMYK, palette, transparency) to
 
 import io
 import json
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 from PIL import Image, ImageOps
+
+logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 METADATA_FILE = "metadata.jsonl"
@@ -21,10 +24,16 @@ class DataError(ValueError):
 
 def find_images(root: Path) -> list[Path]:
     """Image files under `root`, recursively (symlinked folders followed once), sorted by relative path."""
-    found, seen_dirs = [], set()
+    found, seen_dirs, top = [], set(), os.path.realpath(root)
     for folder, dirs, files in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
-        if real in seen_dirs:  # a symlink loop, or a folder linked twice
+        if real in seen_dirs or os.path.commonpath([top, real]) != top:  # a loop, a folder linked twice, or out
+            if real not in seen_dirs:
+                logger.warning("skipping %s: a link to %s, outside %s (the scan stays inside the data folder)",
+                               folder, real, root)
+            elif os.path.islink(folder):
+                logger.warning("skipping %s: a link to %s, which is scanned already (a link loop or a second link)",
+                               folder, real)
             dirs[:] = []
             continue
         seen_dirs.add(real)

@@ -4,22 +4,70 @@ Both `train_sdxl.py` and `generate_images.py` resolve `--device` / `--precision`
 join torchrun's process group with `init_world` (NCCL on GPUs, gloo on CPUs so tests run anywhere; one
 process per GPU, each on cuda:LOCAL_RANK). Multi-node runs use torchrun's own rendezvous
 (`torchrun --nnodes N --rdzv_endpoint HOST:PORT ...`); nothing here re-invents it.
+
+A broken torchrun environment is one line naming the variable, never a traceback or a hang: RANK,
+WORLD_SIZE and LOCAL_RANK must be whole numbers with RANK < WORLD_SIZE, MASTER_ADDR/MASTER_PORT set; and
+the process group must start within SDXL_LORA_START_TIMEOUT seconds (default 300), else every process
+that is waiting says which were missing and exits with status 2 (e.g. WORLD_SIZE=2 with one process).
 """
 
 import os
 import re
+import sys
+import threading
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-from common.cli import fail
+from common.cli import ConfigError, fail
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+START_TIMEOUT_VARIABLE, START_TIMEOUT_S = "SDXL_LORA_START_TIMEOUT", 300.0
+HINT = "launch with torchrun, which sets it, or unset it for one process"
+
+
+def _variable(name: str, default: str) -> int:
+    text = os.environ.get(name, default)
+    if not text.strip().isdigit():
+        raise ConfigError(f"environment variable {name}={text!r} is not a whole number >= 0; {HINT}")
+    return int(text)
+
+
+def torchrun_env() -> tuple[int, int, int]:
+    """(RANK, WORLD_SIZE, LOCAL_RANK) from torchrun's environment, (0, 1, 0) without it; a ConfigError naming a
+    variable that is not a number or out of range."""
+    rank, size, local_rank = _variable("RANK", "0"), _variable("WORLD_SIZE", "1"), _variable("LOCAL_RANK", "0")
+    if size < 1:
+        raise ConfigError(f"environment variable WORLD_SIZE={size} must be >= 1; {HINT}")
+    if rank >= size:
+        raise ConfigError(f"environment variable RANK={rank} must be below WORLD_SIZE={size}; {HINT}")
+    if local_rank >= size:
+        raise ConfigError(f"environment variable LOCAL_RANK={local_rank} must be below WORLD_SIZE={size}; {HINT}")
+    for name in ("MASTER_ADDR", "MASTER_PORT") if size > 1 else ():
+        if not os.environ.get(name):
+            raise ConfigError(f"environment variable {name} is not set but WORLD_SIZE={size}; {HINT}")
+    if size > 1 and not os.environ["MASTER_PORT"].isdigit():
+        raise ConfigError(f"environment variable MASTER_PORT={os.environ['MASTER_PORT']!r} is not a port number; "
+                          f"{HINT}")
+    return rank, size, local_rank
 
 
 def torchrun_world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return torchrun_env()[1]
+
+
+def start_timeout() -> float:
+    """Seconds the process group may take to start (SDXL_LORA_START_TIMEOUT, default 300)."""
+    text = os.environ.get(START_TIMEOUT_VARIABLE, str(START_TIMEOUT_S))
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < float("inf"):
+        raise ConfigError(f"environment variable {START_TIMEOUT_VARIABLE}={text!r} must be a number of seconds > 0, "
+                          f"e.g. {START_TIMEOUT_S:g}")
+    return seconds
 
 
 def resolve_device(device: str, precision: str) -> tuple[str, str]:
@@ -38,7 +86,7 @@ def resolve_device(device: str, precision: str) -> tuple[str, str]:
         if torchrun_world_size() > 1:
             if device != "cuda":
                 fail("device", device, "under torchrun each rank uses cuda:LOCAL_RANK; pass --device cuda (or auto)")
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+            device = f"cuda:{torchrun_env()[2]}"
         if int(device.partition(":")[2] or 0) >= torch.cuda.device_count():
             fail("device", device, f"only {torch.cuda.device_count()} CUDA device(s) are visible; use a lower index")
     if precision == "auto":
@@ -101,20 +149,42 @@ class World:
 
 def init_world(device: str) -> World:
     """Join torchrun's process group (RANK, WORLD_SIZE, LOCAL_RANK) when there is one; `device` is the
-    resolved device of this rank (see `resolve_device`). On a GPU, fp32 matmuls and convolutions may use TF32."""
+    resolved device of this rank (see `resolve_device`). A bad environment is a ConfigError; a group that does
+    not start within `start_timeout()` ends the process with a one-line error (status 2). On a GPU, fp32
+    matmuls and convolutions may use TF32."""
     if device.startswith("cuda"):  # TF32 for the fp32 parts (VAE, LoRA branches) on Ampere and newer
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    size = torchrun_world_size()
+    rank, size, _ = torchrun_env()
     if size == 1:
         return World(device=torch.device(device))
+    timeout = start_timeout()
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        if device.startswith("cuda"):
-            dist.init_process_group("nccl", device_id=torch.device(device))
-        else:
-            dist.init_process_group("gloo")
+        where = f"MASTER_ADDR:MASTER_PORT {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        watchdog = threading.Timer(timeout, _give_up, (f"the torchrun process group did not start within "
+                                   f"{timeout:g} s (RANK {rank} of WORLD_SIZE {size}, {where}): not every process "
+                                   f"joined; start all {size} processes (torchrun --nproc_per_node/--nnodes), check "
+                                   f"the address, or raise {START_TIMEOUT_VARIABLE} (seconds)",))
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            if device.startswith("cuda"):
+                dist.init_process_group("nccl", device_id=torch.device(device))
+            else:
+                dist.init_process_group("gloo")
+        except (RuntimeError, ValueError) as e:  # e.g. the port is taken: DistNetworkError
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ConfigError(f"the torchrun process group cannot start ({reason}); check {where}") from e
+        finally:
+            watchdog.cancel()
     return World(dist.get_rank(), size, torch.device(device))
+
+
+def _give_up(message: str) -> None:
+    """The start-up watchdog: init_process_group blocks in C++ and cannot be interrupted, so leave at once."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    os._exit(2)
 
 
 def close_world(world: World) -> None:

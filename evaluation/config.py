@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from common.cli import Parser, add_flag, fail
+from common.files import check_writable
 from common.runtime import resolve_device
 from evaluation.evaluate import METRICS, Settings
 from evaluation.inception import default_inception_path
@@ -110,6 +111,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, flag, path)
     if args.clip_model and "clip" not in args.metrics:
         _fail("--clip-model", args.clip_model, "is given but --metrics leaves out clip; add clip or drop the flag")
+    for flag in ("out", "png"):
+        if getattr(args, flag) is not None:
+            check_writable(flag, getattr(args, flag).parent)  # now, not after minutes of feature extraction
     args.device = resolve_device(args.device, "fp32")[0]
     return args
 

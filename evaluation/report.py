@@ -24,10 +24,11 @@ metric, the images with a prompt for the CLIP score).
 import datetime
 import importlib.metadata
 import json
-import os
 import platform
 import re
 from pathlib import Path
+
+from common.files import write_text
 
 FORMAT_VERSION = 1
 TARGET_PATTERN = re.compile(r"^\s*([a-z_]+)\s*(<=|>=|<|>)\s*([-+0-9.eE]+)\s*$")
@@ -140,7 +141,4 @@ def build_report(real: dict, generated: dict, groups_by: str, groups: list[dict]
 
 def write_json(path: Path, report: dict) -> None:
     """Write the report to a temporary name and rename it into place (never a half-written file)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")

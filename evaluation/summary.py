@@ -5,11 +5,12 @@ similar (with a very high SSIM, look for copies of training images), the bottom 
 Needs matplotlib (the `eval` extra); without it `write_summary` returns a one-line note and writes nothing.
 """
 
-import os
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
+
+from common.files import atomic_write
 
 PAIRS_SHOWN = 4  # pairs per row
 BAR_METRICS = ["fid", "kid_mean", "clip_score", "ssim_nearest_real", "ms_ssim_generated_pairs", "ms_ssim_real_pairs",
@@ -67,8 +68,5 @@ def write_summary(path: Path, groups: list[dict], rows: list[dict], grid: Image.
         ax.imshow(grid)
         ax.set_axis_off()
         ax.set_title("generated | nearest real (SSIM): most similar (top), least similar (bottom)", fontsize=9)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     return None

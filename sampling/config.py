@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 from common.cli import Parser, add_flag, fail
+from common.files import check_writable
 from common.runtime import DTYPES, resolve_device
 from sampling.inference import DEFAULTS, parse_size
 from sampling.prompts import MAX_SEED, PromptSpec, plan_images, read_prompt_file
@@ -112,6 +113,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not 0 <= args.seed <= MAX_SEED - args.num_images:
         fail("seed", args.seed, f"must be in [0, 2^63 - {args.num_images}] (image i uses seed + i)")
     args.jobs = plan_images(specs, args.num_images, args.seed, args.negative_prompt, args.shuffle_prompts)
+    check_writable("output-dir", args.output_dir)  # now, not after the models load
     return args
 
 

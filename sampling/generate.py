@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from tqdm import tqdm
 
 from common.cli import print_error
+from common.files import remove_stale_temporaries
 from common.runtime import DTYPES, World
 from sampling.config import run_settings
 from sampling.inference import SDXLGenerator
@@ -46,16 +47,21 @@ def generate(args: argparse.Namespace, world: World, lora_files: list[tuple[str,
     if rank == 0:
         try:
             out.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(out)  # left by a run killed mid-write (kill -9); no rank writes yet
         except OSError as e:
             return _error(f"--output-dir {out}: cannot create it ({e.strerror}); choose a folder you can write to")
     sample = {"width": args.width, "height": args.height, "steps": args.num_inference_steps,
               "guidance_scale": args.guidance_scale, "sampler": args.scheduler}
-    batches = [missing[i : i + args.batch_size] for i in range(0, len(missing), args.batch_size)]
+    # The plan's batches (a float's last bit can depend on the batch's composition), those with a missing image:
+    # a re-run remakes a missing image in the same batch as an uninterrupted run, so with the same pixels.
+    todo = {job.index for job in missing}
+    planned = [args.jobs[i : i + args.batch_size] for i in range(0, len(args.jobs), args.batch_size)]
+    batches = [b for b in planned if any(j.index in todo for j in b)]
     mine = batches[rank :: world.size]
     world.barrier()  # the folder exists
 
     start = time.perf_counter()
-    bar = tqdm(total=sum(map(len, mine)), unit="img", disable=rank != 0,
+    bar = tqdm(total=sum(j.index in todo for b in mine for j in b), unit="img", disable=rank != 0,
                desc="generating" if world.size == 1 else f"rank 0 of {world.size}")
     with ThreadPoolExecutor(max_workers=1) as writer:  # PNG encoding and fsync overlap the next batch
         pending = []
@@ -63,15 +69,16 @@ def generate(args: argparse.Namespace, world: World, lora_files: list[tuple[str,
             images = gen.generate_unique_batch([j.prompt for j in batch], [j.seed for j in batch],
                                                [j.negative_prompt for j in batch], **sample)
             for job, image in zip(batch, images, strict=True):
-                meta = metadata(job, settings) if args.save_metadata else None
-                pending.append(writer.submit(write_group, out, job.index, image, job.prompt, meta))
+                if job.index in todo:  # a complete image of the batch stays as it is
+                    meta = metadata(job, settings) if args.save_metadata else None
+                    pending.append(writer.submit(write_group, out, job.index, image, job.prompt, meta))
             while len(pending) > len(batch):  # at most one batch waits; a write error surfaces here
                 pending.pop(0).result()
-            bar.update(len(batch))
+            bar.update(sum(j.index in todo for j in batch))
         for f in pending:
             f.result()
     bar.close()
-    made, seconds = world.sum(sum(map(len, mine))), time.perf_counter() - start
+    made, seconds = world.sum(sum(j.index in todo for b in mine for j in b)), time.perf_counter() - start
     if rank == 0:
         rate = made / max(seconds, 1e-9)
         print(f"done: {made} image{'s' * (made != 1)} in {seconds:.1f} s ({rate:.2f} images/s on {world.size} "

@@ -29,7 +29,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from common.files import atomic_write, remove_stale_temporaries, write_text
+from common.files import WriteError, atomic_write, reason_of, remove_stale_temporaries, write_text
 from sdxl.lora import LoRAConfig, load_lora_state_dict
 from sdxl.lora_files import LoRAWeights, check_fits, peft_tensors, state_dict_from_peft, unet_config_of
 
@@ -70,7 +70,7 @@ def save_checkpoint(output_dir, step: int, lora: dict, state: dict, config_yaml:
                     metadata: dict[str, str] | None = None) -> Path:
     """Write checkpoints/step_{step:06d}/ (or checkpoints/NAME/, e.g. `best`) atomically and return its path;
     then keep only the newest `keep_last` step_* folders (0 = all). `metadata`: extra entries of its LoRA files.
-    Refuses non-finite tensors; a disk error leaves earlier checkpoints intact."""
+    Refuses non-finite tensors; a disk error (WriteError) leaves earlier checkpoints intact (`what_is_intact`)."""
     bad = [k for k, v in {**lora, **(ema or {})}.items() if not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(f"not saving a checkpoint at step {step}: non-finite values in {bad[0]}")
@@ -91,15 +91,22 @@ def save_checkpoint(output_dir, step: int, lora: dict, state: dict, config_yaml:
         root.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(root, final.name if name else "step_*")  # left by a process killed mid-save
         atomic_write(final, write, folder=True)
-    except OSError as e:
-        earlier = complete_checkpoints(output_dir)
-        kept = f"; the latest complete checkpoint {earlier[-1]} is intact" if earlier else ""
-        raise CheckpointError(f"cannot write checkpoint {final}: {e.strerror or e}{kept}; free disk space or fix "
-                              "the folder's permissions, then resume with --resume_from latest") from e
+    except OSError as e:  # WriteError (a full disk, no permission) included; the temporary folder is gone
+        raise WriteError(f"cannot write checkpoint {final}: {reason_of(e)}") from e
     if keep_last > 0:
         for old in complete_checkpoints(output_dir)[:-keep_last]:
             _remove(old)
     return final
+
+
+def what_is_intact(output_dir) -> str:
+    """What a run that failed to write something still has, and how to go on: for one-line errors."""
+    done = complete_checkpoints(output_dir)
+    if not done:
+        return (f"no checkpoint of this run was saved yet ({output_dir}/checkpoints); free disk space or fix the "
+                "folder's permissions, then start again")
+    return (f"the latest complete checkpoint {done[-1]} is intact; free disk space or fix the folder's permissions, "
+            "then continue with --resume_from latest")
 
 
 def complete_checkpoints(output_dir) -> list[Path]:
@@ -289,6 +296,10 @@ def start_or_resume(args, clear: bool = True) -> Checkpoint | None:
     output_dir = Path(args.output_dir)
     if args.resume_from == "latest":
         checkpoint = find_latest(output_dir)
+        if checkpoint is None and complete_checkpoints(output_dir):
+            raise CheckpointError(f"--resume_from latest: every checkpoint in {output_dir / 'checkpoints'} is damaged "
+                                  "(see the warnings above); start over with --overwrite_output_dir (it deletes "
+                                  "them) or give another --output_dir")
         if checkpoint is None and clear:
             print(f"--resume_from latest: no complete checkpoint in {output_dir / 'checkpoints'}; starting a new run")
     elif args.resume_from:

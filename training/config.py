@@ -29,7 +29,7 @@ from pathlib import Path
 import yaml
 
 from common.cli import ConfigError, fail, print_error
-from common.files import write_text
+from common.files import check_writable, write_text
 from common.runtime import resolve_device
 from training.buckets import SIZE_MULTIPLE
 from training.flags import DATA_HINT, build_parser
@@ -172,8 +172,8 @@ RULES = [
     (("max_bad_fraction",), lambda v: 0 <= v <= 1, "in [0, 1], e.g. 0.05"),
     (("ema_decay",), lambda v: 0 < v < 1, "in (0, 1), e.g. 0.999"),
     (("min_timestep", "max_timestep"), lambda v: 0 <= v <= 999, "in [0, 999]"),
-    (("image_size",), lambda v: v > 0 and v % SIZE_MULTIPLE == 0,
-     f"a positive multiple of {SIZE_MULTIPLE}, e.g. 512 or 1024"),
+    (("image_size",), lambda v: v >= 2 * SIZE_MULTIPLE and v % SIZE_MULTIPLE == 0,
+     f"a multiple of {SIZE_MULTIPLE}, at least {2 * SIZE_MULTIPLE}, e.g. 512 or 1024"),
     (("seed",), lambda v: 0 <= v < 2**32, "in [0, 2^32)"),
     (("max_train_steps",), lambda v: v is None or v >= 1, ">= 1, or left out to train --num_epochs epochs"),
 ]
@@ -273,6 +273,9 @@ def validate(args: argparse.Namespace) -> None:
               "or leave --wandb_project out")
     if args.wandb_run_name is not None and args.wandb_project is None:
         fail("wandb_run_name", args.wandb_run_name, "needs --wandb_project; give the project or drop the run name")
+    check_writable("output_dir", args.output_dir)  # now, not after minutes of loading models
+    if args.cache_latents == "disk" or args.cache_text_embeddings:
+        check_writable("cache_dir", args.cache_dir)
 
 
 def parse_or_exit(argv=None) -> argparse.Namespace:

@@ -34,6 +34,7 @@ from training.buckets import (
     plan_global_batches,
     rank_share,
 )
+from training.data_checks import warn_about_images
 from training.images import Augmentation, Example, collate, make_example
 from training.scan import DataError, ScanResult, find_shards, scan_folder
 from training.signals import ignore_stop_signals
@@ -362,6 +363,7 @@ def build_dataset(
         logger.info("training data: %d webdataset shards from %s", len(shards), data_dir)
         return dataset
     dataset = FolderDataset(scan_folder(data_dir, max_bad_fraction), buckets, batch_size, aug, rank, world_size)
+    warn_about_images(dataset.scan.records, resolution, bucketing)  # odd images and captions, named
     summary = dataset.summary()
     logger.info(
         "training data: %d images (%d bad, %d without caption) in buckets %s; %d batches per epoch",

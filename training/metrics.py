@@ -7,6 +7,8 @@ W&B follows its own environment variables: `WANDB_MODE=offline` writes the run u
 import json
 from pathlib import Path
 
+from common.files import WriteError, reason_of
+
 
 class MetricsLog:
     """Appends JSON lines to metrics.jsonl (flushed per line) and mirrors them to W&B when enabled."""
@@ -14,7 +16,10 @@ class MetricsLog:
     def __init__(self, output_dir: Path, wandb_project: str | None = None, wandb_run_name: str | None = None,
                  config: dict | None = None):
         self.path = Path(output_dir) / "metrics.jsonl"
-        self.file = self.path.open("a")
+        try:
+            self.file = self.path.open("a")
+        except OSError as e:
+            raise WriteError(f"cannot open {self.path} for writing: {reason_of(e)}") from e
         self.wandb = None
         if wandb_project:
             import wandb
@@ -29,8 +34,11 @@ class MetricsLog:
                                  "or leave --wandb_project out") from e
 
     def log(self, record: dict) -> None:
-        self.file.write(json.dumps(record, sort_keys=True) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record, sort_keys=True) + "\n")
+            self.file.flush()
+        except OSError as e:  # a full disk: one line naming the file (a cut-off line is dropped on resume)
+            raise WriteError(f"cannot append to {self.path}: {reason_of(e)}") from e
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 

@@ -14,7 +14,15 @@ import shutil
 import sys
 from pathlib import Path
 
-from training.checkpoints import FILES, MARKER, Checkpoint, CheckpointError, find_latest, load_checkpoint
+from training.checkpoints import (
+    FILES,
+    MARKER,
+    Checkpoint,
+    CheckpointError,
+    find_latest,
+    load_checkpoint,
+    settings_differences,
+)
 
 CONFIG_HEADER = "# Resolved config of train_sdxl.py"  # first line of OUTPUT_DIR/config.yaml (training/config.py)
 TRAIN_SCRIPT = Path(__file__).resolve().parent.parent / "train_sdxl.py"
@@ -150,6 +158,18 @@ def resume_command(checkpoint: Checkpoint, python: str | None = None, extra=()) 
     if not saved or Path(saved).resolve() != here.resolve():
         cmd += ["--output_dir", str(here)]
     return cmd + list(extra)
+
+
+def check_extra(checkpoint: Checkpoint, command: list[str]) -> None:
+    """Refuse a resume command whose added flags would change what the run computes (the check train_sdxl.py
+    makes on resume), before it is printed or run; a flag train_sdxl.py does not know exits 2 (argparse)."""
+    from training.config import parse_config  # here: --inspect needs no parser
+
+    diffs = settings_differences(checkpoint.config, vars(parse_config(command[2:])))
+    if diffs:
+        raise CheckpointError("the flags after -- would change what the resumed run computes (" + "; ".join(diffs)
+                              + "); only --max_train_steps/--num_epochs, saving, validation, logging, caching, "
+                              "workers and device may change on resume")
 
 
 def finished(checkpoint: Checkpoint, extra=()) -> bool:

@@ -361,7 +361,7 @@ class SideTasks:
             return save_checkpoint(self.output_dir, loop.step, lora_state_dict(self.models.unet), self.state_of(loop),
                                    resolved_config_yaml(self.args), self.models.lora_config,
                                    ema=self.ema.state_dict() if self.ema else None, **kwargs)
-        except CheckpointError as e:
+        except CheckpointError as e:  # non-finite weights; a disk error (WriteError) goes to the caller
             raise TrainingError(str(e)) from e
 
     def save(self, loop: LoopState) -> Path:
