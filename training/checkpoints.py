@@ -43,11 +43,13 @@ FILES = {"lora": "lora.safetensors", "ema": "ema.safetensors", "state": "trainin
 MUST_MATCH = (
     "pretrained_model", "vae_model", "data_dir", "image_size", "bucketing", "center_crop", "random_flip",
     "caption_dropout", "shuffle_tags", "keep_tokens", "batch_size", "gradient_accumulation_steps", "seed",
-    "lora_rank", "lora_alpha", "lora_dropout", "lora_target_mode", "precision", "prediction_type",
+    "lora_rank", "lora_alpha", "lora_dropout", "lora_target_mode", "conv_rank", "conv_alpha", "use_dora",
+    "precision", "prediction_type",
     "min_snr_gamma", "noise_offset", "min_timestep", "max_timestep", "optimizer", "learning_rate", "weight_decay",
     "adam_beta1", "adam_beta2", "adam_epsilon", "lr_scheduler", "warmup_steps", "max_grad_norm", "use_ema",
     "ema_decay",
 )
+ADDED_SETTINGS = {"conv_rank": 0, "conv_alpha": 0.0, "use_dora": False}  # defaults of settings added later
 RUN_OUTPUTS = ("checkpoints", "samples", "metrics.jsonl", "lora_final.safetensors", "lora_best.safetensors")
 
 
@@ -123,7 +125,8 @@ class Checkpoint:
     def lora_config(self) -> LoRAConfig:
         m = self.metadata
         return LoRAConfig(int(m["sdxl_lora.rank"]), float(m["sdxl_lora.alpha"]), float(m["sdxl_lora.dropout"]),
-                          m["sdxl_lora.target_mode"])
+                          m["sdxl_lora.target_mode"], int(m.get("sdxl_lora.conv_rank", 0)),
+                          float(m.get("sdxl_lora.conv_alpha", 0.0)), m.get("sdxl_lora.use_dora") == "true")
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -208,6 +211,7 @@ def settings_differences(saved: dict, current: dict, keys=MUST_MATCH) -> list[st
     def plain(v):
         return str(v) if isinstance(v, Path) else v
 
+    saved = ADDED_SETTINGS | saved  # a checkpoint from before a setting existed ran with its default
     return [f"{k}: checkpoint {plain(saved.get(k))!r}, now {plain(current.get(k))!r}" for k in keys
             if plain(saved.get(k)) != plain(current.get(k))]
 
@@ -355,8 +359,13 @@ def checkpoint_lora(checkpoint: Checkpoint, ema: bool = False, base: str | None 
                          "leave out --ema")
     lora, cfg = checkpoint.lora_config, checkpoint.config
     name, config = unet_config_of(base or cfg.get("pretrained_model", "sdxl"))
-    names = sorted({k.rpartition(".lora_")[0] for k in sd})
-    modules = {n: (sd[f"{n}.lora_down.weight"], sd[f"{n}.lora_up.weight"], lora.alpha) for n in names}
+    names = sorted({k.rpartition(".lora_")[0] for k in sd if ".lora_" in k})
+    modules = {}
+    for n in names:
+        down = sd[f"{n}.lora_down.weight"]
+        alpha = (lora.conv_alpha or lora.conv_rank) if down.ndim == 4 else lora.alpha  # LoCon's convs: their own
+        modules[n] = (down, sd[f"{n}.lora_up.weight"], alpha)
+    magnitudes = {n: sd[f"{n}.magnitude"] for n in names if f"{n}.magnitude" in sd}
     metadata = {
         "sdxl_lora.training": (checkpoint.path / FILES["config"]).read_text(encoding="utf-8"),
         "sdxl_lora.target_mode": lora.target_mode, "sdxl_lora.dropout": str(float(lora.dropout)),
@@ -364,7 +373,7 @@ def checkpoint_lora(checkpoint: Checkpoint, ema: bool = False, base: str | None 
         "ss_steps": str(checkpoint.state["step"]), "ss_seed": str(cfg.get("seed")),
         "ss_learning_rate": str(cfg.get("learning_rate")), "ss_resolution": str(cfg.get("image_size")),
     }
-    weights = LoRAWeights(modules, metadata, name, config, f"checkpoint {'EMA' if ema else 'LoRA'}")
+    weights = LoRAWeights(modules, metadata, name, config, f"checkpoint {'EMA' if ema else 'LoRA'}", magnitudes)
     check_fits(weights)  # shapes against the base: a clear error now rather than a broken file later
     return weights
 

@@ -91,7 +91,8 @@ def build_models(args, device: torch.device) -> Models:
     torch.manual_seed(args.seed)  # here, so that the LoRA init and dropout do not depend on how the model loaded
     random.seed(args.seed)
     np.random.seed(args.seed)
-    lora_config = LoRAConfig(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target_mode)
+    lora_config = LoRAConfig(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target_mode,
+                             args.conv_rank, args.conv_alpha, args.use_dora)
     apply_lora(unet, lora_config)
     unet.set_gradient_checkpointing(args.gradient_checkpointing)
     unet.train()
