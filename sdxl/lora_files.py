@@ -15,8 +15,9 @@ metadata), which is lossless for exact resume and still a diffusers file.
 In memory a LoRA is `LoRAWeights`: module path -> (down [rank, in(, k, k)], up [out, rank(, 1, 1)], alpha), DoRA
 magnitudes [out], plus the UNet config its module paths refer to. A file is written from those tensors and that
 config (the kohya names come from the SGM key map, sdxl/sgm.py); reading checks every key and shape against the
-UNet, so a LoRA for another base model is an error naming the key, never a silent partial load. What round-trips exactly (fp32):
-kohya to kohya, diffusers to diffusers, diffusers to kohya; to diffusers, one multiplication by alpha / rank.
+UNet, so a LoRA for another base model is an error naming the key, never a silent partial load. What round-trips
+exactly (fp32): kohya to kohya, diffusers to diffusers, diffusers to kohya; to diffusers, one multiplication by
+alpha / rank.
 """
 
 import functools
