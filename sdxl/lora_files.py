@@ -83,7 +83,8 @@ class LoRAWeights:
         """As recorded by our trainer; else the smallest mode covering every module (metadata only)."""
         if self.metadata.get("sdxl_lora.target_mode") in MODES:
             return self.metadata["sdxl_lora.target_mode"]
-        return next((m for m in MODES if set(self.modules) <= target_names(self.unet_config, m)), "all")
+        linear = {name for name, (down, _, _) in self.modules.items() if down.ndim == 2}
+        return next((m for m in MODES if linear <= target_names(self.unet_config, m)), "all")
 
     def lora_config(self) -> LoRAConfig:
         """Rank and alpha for the file's metadata: the most common ones (our files have one of each)."""
