@@ -21,6 +21,7 @@ alpha / rank.
 """
 
 import functools
+import hashlib
 import json
 import math
 import re
@@ -31,7 +32,7 @@ from typing import Literal
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 from torch import nn
 
 from common.files import atomic_write
@@ -52,7 +53,7 @@ FORMAT_KEYS = {"sdxl_lora.format_version", "sdxl_lora.rank", "sdxl_lora.alpha", 
                "sdxl_lora.conv_rank", "sdxl_lora.conv_alpha", "sdxl_lora.use_dora", "ss_network_args",
                "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_base_model_version",
                "modelspec.architecture", "modelspec.sai_model_spec", "modelspec.implementation", "format",
-               "lora_adapter_metadata"}
+               "lora_adapter_metadata", "sshs_model_hash", "sshs_legacy_hash"}
 
 
 @dataclass
@@ -218,7 +219,22 @@ def write_lora(weights: LoRAWeights, path, format: Literal["kohya", "diffusers"]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in tensors.items()}
+    if format == "kohya":
+        meta.setdefault("ss_output_name", path.stem)
+        meta.setdefault("modelspec.title", path.stem)
+        meta |= kohya_hashes(tensors, meta)
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+def kohya_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, str]:
+    """sshs_model_hash / sshs_legacy_hash as kohya's train_util.precalculate_safetensors_hashes computes them for
+    A1111 (modules/hashes.py addnet_hash_safetensors): the SHA-256 of the tensor bytes after the safetensors
+    header, and the first 8 hex digits of the SHA-256 of bytes 0x100000..0x110000 of the file written with only
+    the ss_* metadata (empty for a file under 1 MiB, as kohya's)."""
+    data = save(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    header = int.from_bytes(data[:8], "little")
+    return {"sshs_model_hash": hashlib.sha256(data[8 + header:]).hexdigest(),
+            "sshs_legacy_hash": hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]}
 
 
 def network_args(config: LoRAConfig) -> dict[str, str]:

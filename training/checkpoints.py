@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from common.files import atomic_write, remove_stale_temporaries, write_text
 from sdxl.lora import LoRAConfig, load_lora_state_dict
 from sdxl.lora_files import LoRAWeights, check_fits, peft_tensors, state_dict_from_peft, unet_config_of
+from training.run_metadata import is_run_key
 
 logger = logging.getLogger(__name__)
 
@@ -372,8 +373,8 @@ def checkpoint_lora(checkpoint: Checkpoint, ema: bool = False, base: str | None 
         "sdxl_lora.target_mode": lora.target_mode, "sdxl_lora.dropout": str(float(lora.dropout)),
         "sdxl_lora.checkpoint": checkpoint.path.name, "sdxl_lora.weights": "ema" if ema else "lora",
         "ss_steps": str(checkpoint.state["step"]), "ss_seed": str(cfg.get("seed")),
-        "ss_learning_rate": str(cfg.get("learning_rate")), "ss_resolution": str(cfg.get("image_size")),
-    }
+        "ss_learning_rate": str(cfg.get("learning_rate")),
+    } | {k: v for k, v in checkpoint.metadata.items() if is_run_key(k)}  # the run's ss_* / modelspec.* entries
     weights = LoRAWeights(modules, metadata, name, config, f"checkpoint {'EMA' if ema else 'LoRA'}", magnitudes)
     check_fits(weights)  # shapes against the base: a clear error now rather than a broken file later
     return weights
