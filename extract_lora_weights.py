@@ -48,6 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def kind(weights) -> str:
+    """LoRA on Linear layers, LoCon on convs, DoRA magnitudes: which of them a LoRA holds."""
+    convs = sum(down.ndim == 4 for down, _, _ in weights.modules.values())
+    parts = ["LoRA"] + ([f"LoCon ({convs} convs)"] if convs else []) + (["DoRA"] if weights.magnitudes else [])
+    return " + ".join(parts)
+
+
 def summary(weights, max_value: int = 100) -> str:
     """What --info prints: rank, alpha, targets, module count, base, dtype, metadata."""
     def counted(c: Counter) -> str:
@@ -64,6 +71,7 @@ def summary(weights, max_value: int = 100) -> str:
         ("rank", counted(weights.ranks)),
         ("alpha", alpha),
         ("targets", weights.target_mode),
+        ("kind", kind(weights)),
         ("modules", str(len(weights.modules))),
         ("dtype", ", ".join(dtypes)),
         ("metadata", f"{len(weights.metadata)} keys"),

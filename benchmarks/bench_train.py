@@ -1,6 +1,6 @@
 """Benchmark: one optimizer step of our LoRA training vs the same step on diffusers' UNet + a peft LoRA.
 
-Our side: `SDXLUNet` with our `LoRALinear`s (sdxl/lora.py). Reference: diffusers' `UNet2DConditionModel`
+Our side: `SDXLUNet` with our `LoRALayer`s (sdxl/lora.py). Reference: diffusers' `UNet2DConditionModel`
 with `add_adapter(peft.LoraConfig(...))` on the same target modules, trainable params cast to fp32 as
 diffusers' train_text_to_image_lora_sdxl.py does. Both: the same base weights (shared tensors), the same
 LoRA A/B values, batch, noise and timesteps; the loss of training/loss.py `diffusion_loss` under

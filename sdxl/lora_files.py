@@ -1,54 +1,59 @@
 """LoRA files: writing the kohya and diffusers formats, reading any of them, and merging one into a UNet.
 
 Files are safetensors in two formats (docs/ARCHITECTURE.md, "LoRA files"):
-- kohya: `lora_unet_<SGM module path, . -> _>.lora_down.weight / .lora_up.weight / .alpha` with kohya's
-  `ss_*` and `modelspec.*` metadata; what ComfyUI, A1111/Forge and kohya read (diffusers reads it too).
-- diffusers: peft names `unet.<diffusers module path>.lora_A.weight / .lora_B.weight`, for diffusers'
-  `load_lora_weights` (ComfyUI, A1111/Forge and kohya do not read this format). Its readers take no alpha
-  from the tensors and apply lora_B @ lora_A at scale 1, so the writer folds alpha / rank into lora_B and
-  records lora_alpha = r in diffusers' `lora_adapter_metadata`; every reader then applies the same update.
+- kohya: `lora_unet_<SGM module path, . -> _>.lora_down.weight / .lora_up.weight / .alpha` (+ `.dora_scale`
+  [out, 1(, 1, 1)], LyCORIS' DoRA magnitude) with kohya's `ss_*` and `modelspec.*` metadata; what ComfyUI,
+  A1111/Forge and kohya read (diffusers reads it too, except DoRA: its SDXL loader drops `dora_scale`).
+- diffusers: peft names `unet.<diffusers module path>.lora_A.weight / .lora_B.weight` (+ `.lora_magnitude_vector`,
+  DoRA), for diffusers' `load_lora_weights`; ComfyUI, A1111/Forge and kohya do NOT read this format. Its
+  readers take no alpha from the tensors and apply lora_B @ lora_A at scale 1, so the writer folds alpha / rank
+  into lora_B and records lora_alpha = r (rank_pattern/alpha_pattern for LoCon's other rank, use_dora) in
+  diffusers' `lora_adapter_metadata`; every reader then applies the same update.
 Training checkpoints store the LoRA unfolded (`peft_tensors`: lora_B as trained, lora_alpha = alpha in the
 metadata), which is lossless for exact resume and still a diffusers file.
 
-In memory a LoRA is `LoRAWeights`: module path -> (down [rank, in], up [out, rank], alpha), plus the UNet
-config its module paths refer to. A file is written from those tensors and that config (the kohya names
-come from the SGM key map, sdxl/sgm.py); reading checks every key and shape against the UNet, so a LoRA for
-another base model is an error naming the key, never a silent partial load. What round-trips exactly (fp32):
-kohya to kohya, diffusers to diffusers, diffusers to kohya; to diffusers, one multiplication by alpha / rank.
+In memory a LoRA is `LoRAWeights`: module path -> (down [rank, in(, k, k)], up [out, rank(, 1, 1)], alpha), DoRA
+magnitudes [out], plus the UNet config its module paths refer to. A file is written from those tensors and that
+config (the kohya names come from the SGM key map, sdxl/sgm.py); reading checks every key and shape against the
+UNet, so a LoRA for another base model is an error naming the key, never a silent partial load. What round-trips
+exactly (fp32): kohya to kohya, diffusers to diffusers, diffusers to kohya; to diffusers, one multiplication by
+alpha / rank.
 """
 
 import functools
+import hashlib
 import json
 import math
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 from torch import nn
 
 from common.files import atomic_write
 from sdxl.configs import unet_config_to_diffusers
 from sdxl.loading import read_unet_config, unet_folder
-from sdxl.lora import MODES, LoRAConfig, LoRALinear, lora_modules, lora_target_names
+from sdxl.lora import MODES, LoRAConfig, LoRALayer, lora_modules, lora_target_names
 from sdxl.sgm import unet_sgm_names
 from sdxl.tiny import TINY_UNET_CONFIG
 from sdxl.unet import SDXL_CONFIG, SDXLUNet, UNetConfig
 
 TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "text_encoder.", "text_encoder_2.")
-KOHYA_SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
-PEFT_SUFFIXES = {".lora_A.weight": "down", ".lora_B.weight": "up"}
+KOHYA_SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha", "dora_scale": "magnitude"}
+PEFT_SUFFIXES = {".lora_A.weight": "down", ".lora_B.weight": "up", ".lora_magnitude_vector": "magnitude"}
 FORMAT_VERSION = "1"  # of the `sdxl_lora.*` metadata we write
 BASES = {"sdxl": SDXL_CONFIG, "tiny": TINY_UNET_CONFIG}
 # Metadata that describes a file's format: written afresh for each output file, never copied from the input.
 FORMAT_KEYS = {"sdxl_lora.format_version", "sdxl_lora.rank", "sdxl_lora.alpha", "sdxl_lora.target_mode",
+               "sdxl_lora.conv_rank", "sdxl_lora.conv_alpha", "sdxl_lora.use_dora", "ss_network_args",
                "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_base_model_version",
                "modelspec.architecture", "modelspec.sai_model_spec", "modelspec.implementation", "format",
-               "lora_adapter_metadata"}
+               "lora_adapter_metadata", "sshs_model_hash", "sshs_legacy_hash"}
 
 
 @dataclass
@@ -60,36 +65,45 @@ class LoRAWeights:
     base: str  # "sdxl", "tiny" or a model path
     unet_config: UNetConfig
     source: str  # "kohya file", "diffusers file", "checkpoint LoRA", "checkpoint EMA", "UNet"
+    magnitudes: dict[str, torch.Tensor] = field(default_factory=dict)  # DoRA: module path -> m [out]
+
+    def _counts(self, conv: bool, index: int) -> Counter:
+        return Counter(down.shape[0] if index == 0 else alpha for down, _, alpha in self.modules.values()
+                       if (down.ndim == 4) == conv)
 
     @property
     def ranks(self) -> Counter:
-        return Counter(down.shape[0] for down, _, _ in self.modules.values())
+        return self._counts(False, 0) or self._counts(True, 0)
 
     @property
     def alphas(self) -> Counter:
-        return Counter(alpha for _, _, alpha in self.modules.values())
+        return self._counts(False, 2) or self._counts(True, 2)
 
     @property
     def target_mode(self) -> str:
         """As recorded by our trainer; else the smallest mode covering every module (metadata only)."""
         if self.metadata.get("sdxl_lora.target_mode") in MODES:
             return self.metadata["sdxl_lora.target_mode"]
-        return next((m for m in MODES if set(self.modules) <= target_names(self.unet_config, m)), "all")
+        linear = {name for name, (down, _, _) in self.modules.items() if down.ndim == 2}
+        return next((m for m in MODES if linear <= target_names(self.unet_config, m)), "all")
 
     def lora_config(self) -> LoRAConfig:
         """Rank and alpha for the file's metadata: the most common ones (our files have one of each)."""
         dropout = float(self.metadata.get("sdxl_lora.dropout", 0.0))
+        conv_ranks, conv_alphas = self._counts(True, 0), self._counts(True, 2)
+        conv = (conv_ranks.most_common(1)[0][0], conv_alphas.most_common(1)[0][0]) if conv_ranks else (0, 0.0)
         return LoRAConfig(self.ranks.most_common(1)[0][0], self.alphas.most_common(1)[0][0], dropout,
-                          self.target_mode)
+                          self.target_mode, *conv, bool(self.magnitudes))
 
 
 def weights_of(unet: SDXLUNet, metadata: dict[str, str] | None = None) -> LoRAWeights:
     """The LoRA layers of a UNet (detached, as trained) as LoRAWeights."""
-    modules = {name: (m.lora_down.weight.detach(), m.lora_up.weight.detach(), m.alpha)
-               for name, m in lora_modules(unet).items()}
+    layers = lora_modules(unet)
+    modules = {name: (m.lora_down.weight.detach(), m.lora_up.weight.detach(), m.alpha) for name, m in layers.items()}
     if not modules:
         raise ValueError("this UNet has no LoRA layers to save; call apply_lora first")
-    return LoRAWeights(modules, dict(metadata or {}), "unet", unet.config, "UNet")
+    magnitudes = {name: m.magnitude.detach() for name, m in layers.items() if m.magnitude is not None}
+    return LoRAWeights(modules, dict(metadata or {}), "unet", unet.config, "UNet", magnitudes)
 
 
 def meta_unet(config: UNetConfig) -> SDXLUNet:
@@ -99,10 +113,29 @@ def meta_unet(config: UNetConfig) -> SDXLUNet:
 
 
 @functools.cache
-def linear_layers(config: UNetConfig) -> dict[str, tuple[int, int]]:
-    """Every Linear layer of the UNet: diffusers module path -> (in_features, out_features)."""
-    return {n: (m.in_features, m.out_features) for n, m in meta_unet(config).named_modules()
-            if isinstance(m, nn.Linear)}
+def adaptable_layers(config: UNetConfig) -> dict[str, tuple[int, ...]]:
+    """Every Linear and Conv2d layer of the UNet: diffusers module path -> its weight's shape."""
+    return {n: tuple(m.weight.shape) for n, m in meta_unet(config).named_modules()
+            if isinstance(m, (nn.Linear, nn.Conv2d))}
+
+
+def lora_shapes(weight_shape) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(down, up) shapes of a rank-1 LoRA on a layer with this weight shape; rank goes in down[0] and up[1]."""
+    out, n_in, *kernel = weight_shape
+    return (1, n_in, *kernel), (out, 1, *[1] * len(kernel))
+
+
+def describe(weight_shape) -> str:
+    out, n_in, *kernel = weight_shape
+    return f"Conv2d({n_in}, {out}, kernel {tuple(kernel)})" if kernel else f"Linear({n_in}, {out})"
+
+
+def fits(weight_shape, down, up, magnitude=None) -> bool:
+    """Do these LoRA (and DoRA magnitude) tensors fit a layer with this weight shape?"""
+    want_down, want_up = lora_shapes(weight_shape)
+    rank = down.shape[0] if down.ndim else 0
+    return (tuple(down.shape) == (rank, *want_down[1:]) and tuple(up.shape) == (want_up[0], rank, *want_up[2:])
+            and (magnitude is None or magnitude.numel() == weight_shape[0]))
 
 
 @functools.cache
@@ -111,17 +144,23 @@ def target_names(config: UNetConfig, mode: str) -> frozenset[str]:
 
 
 def check_fits(weights: LoRAWeights) -> None:
-    """Every module of `weights` is a Linear layer of its UNet, with matching shapes; else a ValueError naming it."""
-    layers = linear_layers(weights.unet_config)
+    """Every module of `weights` is a Linear or Conv2d layer of its UNet, with matching shapes; else a ValueError
+    naming it."""
+    layers = adaptable_layers(weights.unet_config)
     for name, (down, up, _) in weights.modules.items():
         if name not in layers:
-            raise ValueError(f"LoRA layer {name} ({weights.source}) is not a Linear layer of the {weights.base} UNet; "
-                             "the LoRA was made for another base model (e.g. SD 1.5) or UNet config")
-        n_in, n_out = layers[name]
-        if down.ndim != 2 or up.ndim != 2 or down.shape[1] != n_in or tuple(up.shape) != (n_out, down.shape[0]):
+            raise ValueError(f"LoRA layer {name} ({weights.source}) is not a Linear or Conv2d layer of the "
+                             f"{weights.base} UNet; the LoRA was made for another base model (e.g. SD 1.5) or "
+                             "UNet config")
+        magnitude = weights.magnitudes.get(name)
+        if not fits(layers[name], down, up, magnitude):
+            extra = "" if magnitude is None else f", magnitude {tuple(magnitude.shape)}"
             raise ValueError(f"LoRA layer {name} ({weights.source}) has shapes down {tuple(down.shape)}, up "
-                             f"{tuple(up.shape)} but the {weights.base} UNet's layer is Linear({n_in}, {n_out}); "
-                             "the LoRA was made for another base model or UNet config")
+                             f"{tuple(up.shape)}{extra} but the {weights.base} UNet's layer is "
+                             f"{describe(layers[name])}; the LoRA was made for another base model or UNet config")
+    stray = sorted(set(weights.magnitudes) - set(weights.modules))
+    if stray:
+        raise ValueError(f"DoRA magnitude of {stray[0]} ({weights.source}) has no LoRA weights; the file is incomplete")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -142,8 +181,7 @@ def write_lora(weights: LoRAWeights, path, format: Literal["kohya", "diffusers"]
     check_fits(weights)
     config = weights.lora_config()
     meta = {k: v for k, v in _check_metadata(weights.metadata).items() if k not in FORMAT_KEYS}
-    meta |= {"sdxl_lora.format_version": FORMAT_VERSION, "sdxl_lora.rank": str(config.rank),
-             "sdxl_lora.alpha": str(float(config.alpha)), "sdxl_lora.target_mode": config.target_mode}
+    meta |= format_metadata(config)
     tensors = {}
     if format == "kohya":
         sgm = unet_sgm_names(unet_config_to_diffusers(weights.unet_config))
@@ -151,8 +189,12 @@ def write_lora(weights: LoRAWeights, path, format: Literal["kohya", "diffusers"]
             key = "lora_unet_" + sgm[name].replace(".", "_")
             tensors |= {f"{key}.lora_down.weight": down.to(dtype), f"{key}.lora_up.weight": up.to(dtype),
                         f"{key}.alpha": torch.tensor(float(alpha), dtype=dtype)}
+            if name in weights.magnitudes:  # LyCORIS' layout: [out, 1] / [out, 1, 1, 1] (the output axis)
+                tensors[f"{key}.dora_scale"] = weights.magnitudes[name].reshape(-1, *[1] * (down.ndim - 1)).to(dtype)
         meta |= {
-            "ss_network_module": "networks.lora",
+            # kohya's networks.lora reads plain LoRA and LoCon (conv_dim); DoRA is LyCORIS' (dora_wd)
+            "ss_network_module": "lycoris.kohya" if config.use_dora else "networks.lora",
+            "ss_network_args": json.dumps(network_args(config)),
             "ss_network_dim": str(config.rank),
             "ss_network_alpha": str(float(config.alpha)),
             "ss_base_model_version": "sdxl_base_v1-0",
@@ -161,22 +203,67 @@ def write_lora(weights: LoRAWeights, path, format: Literal["kohya", "diffusers"]
             "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
         }
     elif format == "diffusers":
-        if len(weights.ranks) > 1:
-            raise ValueError(f"this LoRA has several ranks {sorted(weights.ranks)}; the diffusers format written "
-                             "here takes one rank: use the kohya format")
         for name, (down, up, alpha) in weights.modules.items():
             tensors[f"unet.{name}.lora_A.weight"] = down.to(dtype)
             tensors[f"unet.{name}.lora_B.weight"] = (up.float() * (alpha / down.shape[0])).to(dtype)  # folded
-        # diffusers builds its peft LoraConfig from this (prefix "unet." stripped) instead of guessing it
-        peft_config = {"unet.r": config.rank, "unet.lora_alpha": config.rank,
-                       "unet.target_modules": list(weights.modules)}
+            if name in weights.magnitudes:  # peft's shapes: [out] for Linear, [1, out, 1, 1] for Conv2d
+                m = weights.magnitudes[name].flatten()
+                tensors[f"unet.{name}.lora_magnitude_vector"] = (m.view(1, -1, 1, 1) if down.ndim == 4 else m).to(dtype)
+        # diffusers builds its peft LoraConfig from this (prefix "unet." stripped) instead of guessing it; alpha
+        # is folded, so lora_alpha = r for every layer
+        peft_config = {"unet.r": config.rank, "unet.lora_alpha": config.rank, "unet.use_dora": config.use_dora,
+                       "unet.target_modules": list(weights.modules)} | peft_patterns(weights, config.rank, fold=True)
         meta |= {"format": "pt", "lora_adapter_metadata": json.dumps(peft_config, sort_keys=True)}
     else:
         raise ValueError(f"unknown LoRA file format {format!r}; use 'kohya' or 'diffusers'")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in tensors.items()}
+    if format == "kohya":
+        meta.setdefault("ss_output_name", path.stem)
+        meta.setdefault("modelspec.title", path.stem)
+        meta |= kohya_hashes(tensors, meta)
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+def kohya_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, str]:
+    """sshs_model_hash / sshs_legacy_hash as kohya's train_util.precalculate_safetensors_hashes computes them for
+    A1111 (modules/hashes.py addnet_hash_safetensors): the SHA-256 of the tensor bytes after the safetensors
+    header, and the first 8 hex digits of the SHA-256 of bytes 0x100000..0x110000 of the file written with only
+    the ss_* metadata (empty for a file under 1 MiB, as kohya's)."""
+    data = save(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    header = int.from_bytes(data[:8], "little")
+    return {"sshs_model_hash": hashlib.sha256(data[8 + header:]).hexdigest(),
+            "sshs_legacy_hash": hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]}
+
+
+def network_args(config: LoRAConfig) -> dict[str, str]:
+    """kohya's `ss_network_args` (strings, as its trainer writes them): LoCon's conv_dim/alpha, LyCORIS' DoRA."""
+    args = {"conv_dim": str(config.conv_rank), "conv_alpha": str(float(config.conv_alpha or config.conv_rank))} \
+        if config.conv_rank else {}
+    return args | ({"algo": "locon", "dora_wd": "True"} if config.use_dora else {})
+
+
+def format_metadata(config: LoRAConfig) -> dict[str, str]:
+    """Our `sdxl_lora.*` description of a LoRA's layout (every format, and training checkpoints)."""
+    return {"sdxl_lora.format_version": FORMAT_VERSION, "sdxl_lora.rank": str(config.rank),
+            "sdxl_lora.alpha": str(float(config.alpha)), "sdxl_lora.target_mode": config.target_mode,
+            "sdxl_lora.conv_rank": str(config.conv_rank), "sdxl_lora.conv_alpha": str(float(config.conv_alpha)),
+            "sdxl_lora.use_dora": str(config.use_dora).lower()}
+
+
+def peft_patterns(weights: LoRAWeights, rank: int, fold: bool) -> dict:
+    """peft's rank_pattern / alpha_pattern (`unet.` keys) for the layers whose rank or alpha differ from the
+    main ones (LoCon's convs); with `fold`, alpha / rank is in lora_B, so each layer's lora_alpha is its rank."""
+    main_alpha = rank if fold else weights.lora_config().alpha
+    ranks, alphas = {}, {}
+    for name, (down, _, alpha) in weights.modules.items():
+        alpha = down.shape[0] if fold else alpha
+        if down.shape[0] != rank:
+            ranks[name] = down.shape[0]
+        if alpha != main_alpha:
+            alphas[name] = alpha
+    return ({"unet.rank_pattern": ranks} if ranks else {}) | ({"unet.alpha_pattern": alphas} if alphas else {})
 
 
 def save_lora(unet, path, config: LoRAConfig, format: Literal["kohya", "diffusers"] = "kohya",
@@ -184,24 +271,33 @@ def save_lora(unet, path, config: LoRAConfig, format: Literal["kohya", "diffuser
     """Write the UNet's LoRA layers to a LoRA file (see `write_lora`); `metadata`: extra str -> str entries
     stored in the file (e.g. the training settings)."""
     weights = weights_of(unet, {**_check_metadata(metadata), "sdxl_lora.target_mode": config.target_mode})
-    if format == "diffusers" and set(weights.ranks) != {config.rank}:
-        raise ValueError(f"LoRA layers have ranks {sorted(weights.ranks)} but config.rank is {config.rank}")
     return write_lora(weights, path, format=format, dtype=dtype)
 
 
 def peft_tensors(sd: dict[str, torch.Tensor], config: LoRAConfig) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A `lora_state_dict` as a lossless peft file: `unet.<path>.lora_A/B.weight` as trained (alpha not
-    folded), lora_alpha in diffusers' `lora_adapter_metadata`. Returns (tensors, metadata)."""
-    tensors = {}
+    folded, DoRA's `lora_magnitude_vector` in peft's shape), lora_alpha (and LoCon's rank/alpha patterns) in
+    diffusers' `lora_adapter_metadata`. Returns (tensors, metadata)."""
+    tensors, convs = {}, set()
     for key, value in sd.items():
+        name, _, part = key.rpartition(".")
+        if part == "magnitude":  # peft's shapes: [out] for Linear, [1, out, 1, 1] for Conv2d
+            conv = sd[f"{name}.lora_down.weight"].ndim == 4
+            tensors[f"unet.{name}.lora_magnitude_vector"] = value.view(1, -1, 1, 1) if conv else value.contiguous()
+            continue
         name, _, part = key.rpartition(".lora_")
         tensors[f"unet.{name}.lora_{'A' if part == 'down.weight' else 'B'}.weight"] = value.contiguous()
-    modules = sorted({k.rpartition(".lora_")[0] for k in sd})
-    peft_config = {"unet.r": config.rank, "unet.lora_alpha": config.alpha, "unet.target_modules": modules}
-    metadata = {"sdxl_lora.format_version": FORMAT_VERSION, "sdxl_lora.rank": str(config.rank),
-                "sdxl_lora.alpha": str(float(config.alpha)), "sdxl_lora.target_mode": config.target_mode,
-                "sdxl_lora.dropout": str(float(config.dropout)), "format": "pt",
-                "lora_adapter_metadata": json.dumps(peft_config, sort_keys=True)}
+        if value.ndim == 4:
+            convs.add(name)
+    modules = sorted({k.rpartition(".lora_")[0] for k in sd if ".lora_" in k})
+    peft_config = {"unet.r": config.rank, "unet.lora_alpha": config.alpha, "unet.use_dora": config.use_dora,
+                   "unet.target_modules": modules}
+    if convs and config.conv_rank != config.rank:
+        peft_config["unet.rank_pattern"] = {name: config.conv_rank for name in sorted(convs)}
+    if convs and (config.conv_alpha or config.conv_rank) != config.alpha:
+        peft_config["unet.alpha_pattern"] = {name: config.conv_alpha or config.conv_rank for name in sorted(convs)}
+    metadata = format_metadata(config) | {"sdxl_lora.dropout": str(float(config.dropout)), "format": "pt",
+                                          "lora_adapter_metadata": json.dumps(peft_config, sort_keys=True)}
     return tensors, metadata
 
 
@@ -212,9 +308,10 @@ def state_dict_from_peft(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Te
         stripped = key.removeprefix("unet.")
         suffix = next((s for s in PEFT_SUFFIXES if stripped.endswith(s)), None)
         if suffix is None or stripped == key:
-            raise ValueError(f"key {key} is not a unet.*.lora_A/lora_B.weight key of a training checkpoint")
-        part = "lora_down" if PEFT_SUFFIXES[suffix] == "down" else "lora_up"
-        sd[f"{stripped.removesuffix(suffix)}.{part}.weight"] = value
+            raise ValueError(f"key {key} is not a unet.*.lora_A/lora_B.weight/lora_magnitude_vector key of a "
+                             "training checkpoint")
+        part = {"down": "lora_down.weight", "up": "lora_up.weight", "magnitude": "magnitude"}[PEFT_SUFFIXES[suffix]]
+        sd[f"{stripped.removesuffix(suffix)}.{part}"] = value.flatten() if part == "magnitude" else value
     return sd
 
 
@@ -266,7 +363,8 @@ def _parse(path, unet_config: dict) -> tuple[dict[str, dict], dict[str, str]]:
         if key.startswith("lora_unet_"):
             name, _, suffix = key.partition(".")
             if suffix not in KOHYA_SUFFIXES:
-                raise ValueError(f"{path}: key {key} is not a plain LoRA weight (DoRA/LoHa/LoKr are not supported)")
+                raise ValueError(f"{path}: key {key} is not a LoRA, LoCon or DoRA weight (LoHa/LoKr/IA3 are not "
+                                 "supported)")
             if name not in kohya:
                 raise ValueError(f"{path}: key {key} names no module of this SDXL UNet; the LoRA was made for "
                                  "another base model (e.g. SD 1.5) or another UNet config")
@@ -276,13 +374,18 @@ def _parse(path, unet_config: dict) -> tuple[dict[str, dict], dict[str, str]]:
             suffix = next((s for s in PEFT_SUFFIXES if stripped.endswith(s)), None)
             if suffix is None:
                 raise ValueError(f"{path}: key {key} is neither a kohya (lora_unet_*) nor a diffusers/peft "
-                                 "(unet.*.lora_A/lora_B.weight) LoRA weight")
+                                 "(unet.*.lora_A/lora_B.weight/lora_magnitude_vector) LoRA weight")
             module, part = stripped.removesuffix(suffix), PEFT_SUFFIXES[suffix]
         entry = entries.setdefault(module, {"key": key})
         if part in entry:
             raise ValueError(f"{path}: key {key} repeats the {part} weight of {entry['key']}")
         if part == "alpha" and tensor.numel() != 1:
             raise ValueError(f"{path}: key {key} should be one number (alpha), not shape {tuple(tensor.shape)}")
+        if part == "magnitude":  # one number per output channel: [out], [out, 1(, 1, 1)] or peft's [1, out, 1, 1]
+            if tensor.shape[0] != tensor.numel() and not (tensor.ndim == 4 and tensor.shape[1] == tensor.numel()):
+                raise ValueError(f"{path}: key {key} has shape {tuple(tensor.shape)}: a DoRA magnitude per input "
+                                 "channel (LyCORIS wd_on_out=False) is not supported, only per output channel")
+            tensor = tensor.flatten()
         entry[part] = tensor
     lora_alpha, alpha_pattern, rslora = _peft_alpha(metadata, path)
     for module, entry in entries.items():
@@ -311,13 +414,18 @@ def read_lora_file(path, unet_config: dict | None = None):
     return {m: (e["down"], e["up"], e["alpha"]) for m, e in entries.items()}, metadata
 
 
+def magnitudes_of(entries: dict[str, dict]) -> dict[str, torch.Tensor]:
+    return {m: e["magnitude"] for m, e in entries.items() if "magnitude" in e}
+
+
 @torch.no_grad()
 def load_lora(unet: nn.Module, path, scale: float = 1.0) -> dict[str, str]:
-    """Merge `scale * alpha / rank * up @ down` from a LoRA file into the UNet's Linear weights.
+    """Merge a LoRA file into the UNet's Linear and Conv2d weights: W += scale * alpha / rank * up @ down, and
+    for DoRA W <- m * (W + dW) / ||W + dW|| (per output channel; `scale` inside dW, as peft's adapter scale).
 
-    Accepts kohya (SGM or diffusers-style names) and diffusers/peft files. Wrapped layers (LoRALinear) take
-    the update in their frozen base. Every key is checked before any weight changes; loading two files adds
-    both. Returns the file's metadata."""
+    Accepts kohya (SGM or diffusers-style names, LoCon, LyCORIS `dora_scale`) and diffusers/peft files. Wrapped
+    layers (LoRALayer) take the update in their frozen base. Every key is checked before any weight changes;
+    loading two files applies both, in order. Returns the file's metadata."""
     entries, metadata = _parse(path, unet_config_to_diffusers(unet.config))
     modules = dict(unet.named_modules())
     plan = []
@@ -326,20 +434,24 @@ def load_lora(unet: nn.Module, path, scale: float = 1.0) -> dict[str, str]:
         if module is None:
             raise ValueError(f"{path}: key {key} names module {name}, which this UNet does not have; the LoRA "
                              "was made for another base model or UNet config")
-        linear = module.base if isinstance(module, LoRALinear) else module
-        if not isinstance(linear, nn.Linear):
-            raise ValueError(f"{path}: key {key} adapts {name}, a {type(linear).__name__}; only LoRAs on Linear "
-                             "layers are supported (conv LoRAs such as LoCon are not)")
-        down, up = e["down"], e["up"]
-        want_down, want_up = (down.shape[0], linear.in_features), (linear.out_features, down.shape[0])
-        if down.ndim != 2 or up.ndim != 2 or tuple(down.shape) != want_down or tuple(up.shape) != want_up:
-            raise ValueError(f"{path}: key {key} has shapes down {tuple(down.shape)}, up {tuple(up.shape)} but "
-                             f"{name} is Linear({linear.in_features}, {linear.out_features}); the LoRA was made "
-                             "for another base model (e.g. SD 1.5) or UNet config")
-        plan.append((linear.weight, down, up, scale * e["alpha"] / down.shape[0]))
-    for weight, down, up, s in plan:
-        delta = s * (up.to(weight.device, torch.float32) @ down.to(weight.device, torch.float32))
-        weight.copy_((weight.float() + delta).to(weight.dtype))
+        layer = module.base if isinstance(module, LoRALayer) else module
+        if not isinstance(layer, (nn.Linear, nn.Conv2d)):
+            raise ValueError(f"{path}: key {key} adapts {name}, a {type(layer).__name__}; only LoRAs on Linear and "
+                             "Conv2d layers are supported")
+        down, up, magnitude = e["down"], e["up"], e.get("magnitude")
+        if not fits(layer.weight.shape, down, up, magnitude):
+            extra = "" if magnitude is None else f", magnitude {tuple(magnitude.shape)}"
+            raise ValueError(f"{path}: key {key} has shapes down {tuple(down.shape)}, up {tuple(up.shape)}{extra} but "
+                             f"{name} is {describe(layer.weight.shape)}; the LoRA was made for another base model "
+                             "(e.g. SD 1.5) or UNet config")
+        plan.append((layer.weight, down, up, magnitude, scale * e["alpha"] / down.shape[0]))
+    for weight, down, up, magnitude, s in plan:
+        to32 = dict(device=weight.device, dtype=torch.float32)
+        merged = weight.float() + s * (up.to(**to32).flatten(1) @ down.to(**to32).flatten(1)).view(weight.shape)
+        if magnitude is not None:
+            gain = magnitude.to(**to32) / LoRALayer.row_norm(merged)
+            merged *= gain.view(-1, *[1] * (weight.ndim - 1))
+        weight.copy_(merged.to(weight.dtype))
     return metadata
 
 
@@ -373,10 +485,11 @@ def read_lora(path, base: str | None = None) -> LoRAWeights:
     errors = {}
     for name, config in candidates:
         try:
-            modules, metadata = read_lora_file(path, unet_config_to_diffusers(config))  # key names (kohya) checked here
-            if not modules:
+            entries, metadata = _parse(path, unet_config_to_diffusers(config))  # key names (kohya) checked here
+            if not entries:
                 raise ValueError(f"{path} holds no LoRA weights (no lora_unet_* or *.lora_A/B.weight keys)")
-            weights = LoRAWeights(modules, metadata, name, config, source)
+            modules = {m: (e["down"], e["up"], e["alpha"]) for m, e in entries.items()}
+            weights = LoRAWeights(modules, metadata, name, config, source, magnitudes_of(entries))
             check_fits(weights)  # and every module and shape here
             return weights
         except ValueError as e:

@@ -27,7 +27,7 @@ from sdxl.configs import unet_config_to_diffusers
 from sdxl.loading import load_unet
 from sdxl.lora import (
     LoRAConfig,
-    LoRALinear,
+    LoRALayer,
     apply_lora,
     load_lora_state_dict,
     lora_modules,
@@ -101,7 +101,7 @@ def test_zero_up_is_identity(mode):
     unet = tiny_unet()
     expected = output(unet)
     wrapped = apply_lora(unet, LoRAConfig(rank=4, alpha=8, target_mode=mode))
-    assert wrapped and all(isinstance(m, LoRALinear) for m in wrapped.values())
+    assert wrapped and all(isinstance(m, LoRALayer) for m in wrapped.values())
     assert torch.equal(output(unet), expected)
     trainable = [p for p in unet.parameters() if p.requires_grad]
     assert {id(p) for p in trainable} == {id(p) for p in lora_parameters(unet)}

@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from common.files import WriteError, atomic_write, reason_of, remove_stale_temporaries, write_text
 from sdxl.lora import LoRAConfig, load_lora_state_dict
 from sdxl.lora_files import LoRAWeights, check_fits, peft_tensors, state_dict_from_peft, unet_config_of
+from training.run_metadata import is_run_key
 
 logger = logging.getLogger(__name__)
 
@@ -43,11 +44,13 @@ FILES = {"lora": "lora.safetensors", "ema": "ema.safetensors", "state": "trainin
 MUST_MATCH = (
     "pretrained_model", "vae_model", "data_dir", "image_size", "bucketing", "center_crop", "random_flip",
     "caption_dropout", "shuffle_tags", "keep_tokens", "batch_size", "gradient_accumulation_steps", "seed",
-    "lora_rank", "lora_alpha", "lora_dropout", "lora_target_mode", "precision", "prediction_type",
+    "lora_rank", "lora_alpha", "lora_dropout", "lora_target_mode", "conv_rank", "conv_alpha", "use_dora",
+    "precision", "prediction_type",
     "min_snr_gamma", "noise_offset", "min_timestep", "max_timestep", "optimizer", "learning_rate", "weight_decay",
     "adam_beta1", "adam_beta2", "adam_epsilon", "lr_scheduler", "warmup_steps", "max_grad_norm", "use_ema",
     "ema_decay",
 )
+ADDED_SETTINGS = {"conv_rank": 0, "conv_alpha": 0.0, "use_dora": False}  # defaults of settings added later
 RUN_OUTPUTS = ("checkpoints", "samples", "metrics.jsonl", "lora_final.safetensors", "lora_best.safetensors")
 
 
@@ -130,7 +133,8 @@ class Checkpoint:
     def lora_config(self) -> LoRAConfig:
         m = self.metadata
         return LoRAConfig(int(m["sdxl_lora.rank"]), float(m["sdxl_lora.alpha"]), float(m["sdxl_lora.dropout"]),
-                          m["sdxl_lora.target_mode"])
+                          m["sdxl_lora.target_mode"], int(m.get("sdxl_lora.conv_rank", 0)),
+                          float(m.get("sdxl_lora.conv_alpha", 0.0)), m.get("sdxl_lora.use_dora") == "true")
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -215,6 +219,8 @@ def settings_differences(saved: dict, current: dict, keys=MUST_MATCH) -> list[st
     def plain(v):
         return str(v) if isinstance(v, Path) else v
 
+    # a checkpoint from before a setting existed ran with its default
+    saved, current = ADDED_SETTINGS | saved, ADDED_SETTINGS | current
     return [f"{k}: checkpoint {plain(saved.get(k))!r}, now {plain(current.get(k))!r}" for k in keys
             if plain(saved.get(k)) != plain(current.get(k))]
 
@@ -366,16 +372,21 @@ def checkpoint_lora(checkpoint: Checkpoint, ema: bool = False, base: str | None 
                          "leave out --ema")
     lora, cfg = checkpoint.lora_config, checkpoint.config
     name, config = unet_config_of(base or cfg.get("pretrained_model", "sdxl"))
-    names = sorted({k.rpartition(".lora_")[0] for k in sd})
-    modules = {n: (sd[f"{n}.lora_down.weight"], sd[f"{n}.lora_up.weight"], lora.alpha) for n in names}
+    names = sorted({k.rpartition(".lora_")[0] for k in sd if ".lora_" in k})
+    modules = {}
+    for n in names:
+        down = sd[f"{n}.lora_down.weight"]
+        alpha = (lora.conv_alpha or lora.conv_rank) if down.ndim == 4 else lora.alpha  # LoCon's convs: their own
+        modules[n] = (down, sd[f"{n}.lora_up.weight"], alpha)
+    magnitudes = {n: sd[f"{n}.magnitude"] for n in names if f"{n}.magnitude" in sd}
     metadata = {
         "sdxl_lora.training": (checkpoint.path / FILES["config"]).read_text(encoding="utf-8"),
         "sdxl_lora.target_mode": lora.target_mode, "sdxl_lora.dropout": str(float(lora.dropout)),
         "sdxl_lora.checkpoint": checkpoint.path.name, "sdxl_lora.weights": "ema" if ema else "lora",
         "ss_steps": str(checkpoint.state["step"]), "ss_seed": str(cfg.get("seed")),
-        "ss_learning_rate": str(cfg.get("learning_rate")), "ss_resolution": str(cfg.get("image_size")),
-    }
-    weights = LoRAWeights(modules, metadata, name, config, f"checkpoint {'EMA' if ema else 'LoRA'}")
+        "ss_learning_rate": str(cfg.get("learning_rate")),
+    } | {k: v for k, v in checkpoint.metadata.items() if is_run_key(k)}  # the run's ss_* / modelspec.* entries
+    weights = LoRAWeights(modules, metadata, name, config, f"checkpoint {'EMA' if ema else 'LoRA'}", magnitudes)
     check_fits(weights)  # shapes against the base: a clear error now rather than a broken file later
     return weights
 

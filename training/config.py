@@ -142,6 +142,8 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
         args.center_crop = True
     if args.lora_alpha is None:
         args.lora_alpha = float(args.lora_rank)
+    if args.conv_alpha is None:
+        args.conv_alpha = float(args.conv_rank)
     if args.cache_dir is None:
         args.cache_dir = os.path.join(args.output_dir, "cache")
     args.validation_prompts = list(args.validation_prompts)
@@ -166,7 +168,8 @@ RULES = [
       "log_interval", "eval_num_images"), lambda v: v >= 1, ">= 1"),
     (("keep_tokens", "num_workers", "save_every_n_epochs", "keep_last", "warmup_steps", "max_nonfinite_steps",
       "save_interval", "validation_interval", "eval_interval",
-      "weight_decay", "max_grad_norm", "min_snr_gamma", "noise_offset"), lambda v: v >= 0, ">= 0"),
+      "weight_decay", "max_grad_norm", "min_snr_gamma", "noise_offset", "conv_rank",
+      "conv_alpha"), lambda v: v >= 0, ">= 0"),
     (("learning_rate", "lora_alpha", "adam_epsilon"), lambda v: v > 0, "> 0"),
     (("caption_dropout", "lora_dropout", "adam_beta1", "adam_beta2"), lambda v: 0 <= v < 1, "in [0, 1)"),
     (("max_bad_fraction",), lambda v: 0 <= v <= 1, "in [0, 1], e.g. 0.05"),

@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(g, "lora_target_mode", "attention = to_q/k/v; attention_out = + to_out.0; all = every Linear of the "
          "transformer blocks, as kohya (default: attention_out)", choices=["attention", "attention_out", "all"],
          default="attention_out")
+    add_flag(g, "conv_rank", "LoCon: also put a LoRA of this rank on the UNet's 3x3 convs (ResNets, down/upsamplers), "
+         "as kohya's conv_dim; 0 = none (default: 0)", type=int, default=0, metavar="R")
+    add_flag(g, "conv_alpha", "LoCon updates are scaled by conv_alpha/conv_rank (default: --conv_rank)", type=float,
+             metavar="A")
+    add_flag(g, "use_dora", "DoRA (arXiv:2402.09353): also train a magnitude per output channel of every adapted "
+         "layer (default: off)", action=flag, default=False)
 
     g = p.add_argument_group("optimization")
     add_flag(g, "batch_size", "images per step and device (default: 1)", type=int, default=1, metavar="N")

@@ -56,6 +56,7 @@ from training.ema import EMA
 from training.loss import diffusion_loss, draw_timesteps_and_noise, time_ids_of, validation_loss
 from training.metrics import MetricsLog
 from training.optim import lr_multiplier, make_optimizer
+from training.run_metadata import dataset_metadata, run_metadata
 from training.scoring import TrainingScores
 from training.signals import Stopped, StopRequest
 
@@ -94,7 +95,8 @@ def build_models(args, device: torch.device) -> Models:
     torch.manual_seed(args.seed)  # here, so that the LoRA init and dropout do not depend on how the model loaded
     random.seed(args.seed)
     np.random.seed(args.seed)
-    lora_config = LoRAConfig(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target_mode)
+    lora_config = LoRAConfig(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target_mode,
+                             args.conv_rank, args.conv_alpha, args.use_dora)
     apply_lora(unet, lora_config)
     unet.set_gradient_checkpointing(args.gradient_checkpointing)
     unet.train()
@@ -185,8 +187,10 @@ def train(args) -> dict:
     log = MetricsLog(output_dir, args.wandb_project, args.wandb_run_name, config=vars(args)) if world.main else None
     loss_kwargs = dict(alphas_cumprod=alphas_cumprod().to(device), prediction_type=args.prediction_type,
                        min_snr_gamma=args.min_snr_gamma, autocast_dtype=DTYPES[args.precision])
+    started_at = float(resume.metadata.get("ss_training_started_at", t_start)) if resume else t_start
     side = SideTasks(args, world, models, val_data, log, ema, loss_kwargs,
-                     state_of=lambda loop: training_state(loop, optimizer, scheduler, scaler, fingerprint))
+                     state_of=lambda loop: training_state(loop, optimizer, scheduler, scaler, fingerprint),
+                     run_info=(dataset_metadata(data, args.data_dir), started_at))
     if world.main:
         print(banner(args, world, data, params, total_steps))
 
@@ -303,9 +307,10 @@ class SideTasks:
     sample grids and scores (--eval_interval), checkpoints, the best checkpoint, the final LoRA files."""
 
     def __init__(self, args, world, models: Models, val_data, log: MetricsLog | None, ema: EMA | None,
-                 loss_kwargs: dict, state_of):
+                 loss_kwargs: dict, state_of, run_info: tuple[dict, float]):
         self.args, self.world, self.models, self.val_data, self.log, self.ema = args, world, models, val_data, log, ema
         self.loss_kwargs, self.state_of, self.output_dir = loss_kwargs, state_of, Path(args.output_dir)
+        self.dataset_info, self.started_at = run_info  # for the LoRA files' ss_* / modelspec.* metadata
         self.scores = TrainingScores(args, world.device) if args.eval_interval and world.main else None
 
     def due(self, step: int) -> bool:
@@ -356,11 +361,15 @@ class SideTasks:
                                                  "sdxl_lora.best_step": str(loop.step)})
         tqdm.write(f"step {loop.step}: best {metric} so far ({score:.6g}), saved checkpoints/best")
 
-    def _write(self, loop: LoopState, **kwargs) -> Path:
+    def run_info(self, step: int) -> dict[str, str]:
+        return self.dataset_info | run_metadata(vars(self.args), step, self.started_at, time.time())
+
+    def _write(self, loop: LoopState, metadata: dict | None = None, **kwargs) -> Path:
         try:
             return save_checkpoint(self.output_dir, loop.step, lora_state_dict(self.models.unet), self.state_of(loop),
                                    resolved_config_yaml(self.args), self.models.lora_config,
-                                   ema=self.ema.state_dict() if self.ema else None, **kwargs)
+                                   ema=self.ema.state_dict() if self.ema else None,
+                                   metadata=self.run_info(loop.step) | (metadata or {}), **kwargs)
         except CheckpointError as e:  # non-finite weights; a disk error (WriteError) goes to the caller
             raise TrainingError(str(e)) from e
 
@@ -377,9 +386,7 @@ class SideTasks:
         """lora_final.safetensors (the EMA weights with --use_ema) in --save_format, and lora_best.safetensors
         from checkpoints/best with --keep_best."""
         final, args = self.output_dir / "lora_final.safetensors", self.args
-        metadata = {"sdxl_lora.training": resolved_config_yaml(args), "ss_steps": str(loop.step),
-                    "ss_seed": str(args.seed), "ss_learning_rate": str(args.learning_rate),
-                    "ss_resolution": str(args.image_size)}
+        metadata = {"sdxl_lora.training": resolved_config_yaml(args), **self.run_info(loop.step)}
         if self.world.main:
             with self.ema.applied() if self.ema else nullcontext():
                 save_lora(self.models.unet, final, self.models.lora_config, format=args.save_format, metadata=metadata)
