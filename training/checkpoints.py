@@ -47,7 +47,20 @@ MUST_MATCH = (
     "min_snr_gamma", "noise_offset", "min_timestep", "max_timestep", "optimizer", "learning_rate", "weight_decay",
     "adam_beta1", "adam_beta2", "adam_epsilon", "lr_scheduler", "warmup_steps", "max_grad_norm", "use_ema",
     "ema_decay",
+    "timestep_sampling", "logit_mean", "logit_std", "mode_scale", "loss_weighting", "multires_noise_iterations",
+    "multires_noise_discount", "input_perturbation", "prodigy_d_coef", "prodigy_use_bias_correction",
+    "prodigy_safeguard_warmup",
 )
+
+
+def with_later_settings(config: dict) -> dict:
+    """A checkpoint's config.yaml from before a setting existed: the run used its default (and Min-SNR was on
+    when min_snr_gamma > 0)."""
+    later = {"timestep_sampling": "uniform", "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29,
+             "loss_weighting": "min_snr" if config.get("min_snr_gamma") else "none", "multires_noise_iterations": 0,
+             "multires_noise_discount": 0.3, "input_perturbation": 0.0, "prodigy_d_coef": 1.0,
+             "prodigy_use_bias_correction": False, "prodigy_safeguard_warmup": False}
+    return {**later, **config}
 RUN_OUTPUTS = ("checkpoints", "samples", "metrics.jsonl", "lora_final.safetensors", "lora_best.safetensors")
 
 
@@ -320,7 +333,7 @@ def start_or_resume(args, clear: bool = True) -> Checkpoint | None:
 
 def check_resumable(checkpoint: Checkpoint, args, data_fingerprint: str) -> None:
     """Refuse to resume with settings or data that would change the result; the message lists every difference."""
-    diffs = settings_differences(checkpoint.config, vars(args))
+    diffs = settings_differences(with_later_settings(checkpoint.config), vars(args))
     if checkpoint.state.get("data_fingerprint", "") != data_fingerprint:
         diffs.append(f"the images or captions in {args.data_dir} changed since the checkpoint")
     if diffs:

@@ -33,6 +33,7 @@ from common.files import write_text
 from common.runtime import resolve_device
 from training.buckets import SIZE_MULTIPLE
 from training.flags import DATA_HINT, build_parser
+from training.optim import OPTIMIZERS
 
 __all__ = ["ConfigError", "build_parser", "parse_config", "parse_or_exit", "resolved_config_yaml",
            "save_resolved_config", "validate"]
@@ -142,6 +143,12 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
         args.center_crop = True
     if args.lora_alpha is None:
         args.lora_alpha = float(args.lora_rank)
+    if args.learning_rate is None:  # Prodigy estimates the step size itself: its lr is a multiplier, 1.0
+        args.learning_rate = 1.0 if args.optimizer == "prodigy" else 1e-4
+    if args.loss_weighting == "none" and args.min_snr_gamma > 0:  # the older spelling of min_snr
+        args.loss_weighting = "min_snr"
+    if args.loss_weighting == "min_snr" and args.min_snr_gamma == 0:
+        args.min_snr_gamma = 5.0
     if args.cache_dir is None:
         args.cache_dir = os.path.join(args.output_dir, "cache")
     args.validation_prompts = list(args.validation_prompts)
@@ -166,8 +173,10 @@ RULES = [
       "log_interval", "eval_num_images"), lambda v: v >= 1, ">= 1"),
     (("keep_tokens", "num_workers", "save_every_n_epochs", "keep_last", "warmup_steps", "max_nonfinite_steps",
       "save_interval", "validation_interval", "eval_interval",
-      "weight_decay", "max_grad_norm", "min_snr_gamma", "noise_offset"), lambda v: v >= 0, ">= 0"),
-    (("learning_rate", "lora_alpha", "adam_epsilon"), lambda v: v > 0, "> 0"),
+      "weight_decay", "max_grad_norm", "min_snr_gamma", "noise_offset", "multires_noise_iterations",
+      "input_perturbation"), lambda v: v >= 0, ">= 0"),
+    (("learning_rate", "lora_alpha", "adam_epsilon", "logit_std", "prodigy_d_coef"), lambda v: v > 0, "> 0"),
+    (("multires_noise_discount",), lambda v: 0 < v <= 1, "in (0, 1], e.g. 0.3"),
     (("caption_dropout", "lora_dropout", "adam_beta1", "adam_beta2"), lambda v: 0 <= v < 1, "in [0, 1)"),
     (("max_bad_fraction",), lambda v: 0 <= v <= 1, "in [0, 1], e.g. 0.05"),
     (("ema_decay",), lambda v: 0 < v < 1, "in (0, 1), e.g. 0.999"),
@@ -230,6 +239,19 @@ def _check_evaluation(args: argparse.Namespace) -> None:
              "download of e.g. openai/clip-vit-large-patch14, or leave the flag out")
 
 
+def _check_optimizer(args: argparse.Namespace) -> None:
+    """The optimizer's package is installed and it fits the device and LR schedule (after the device resolved)."""
+    if args.optimizer == "adamw8bit" and not str(args.device).startswith("cuda"):
+        fail("optimizer", "adamw8bit", f"needs a CUDA GPU (bitsandbytes), not {args.device}; use --optimizer adamw")
+    module, install = OPTIMIZERS[args.optimizer] or (None, None)
+    if module is not None and importlib.util.find_spec(module) is None:
+        fail("optimizer", args.optimizer, f"needs {module}, which is not installed; run `{install}` or use "
+             "--optimizer adamw")
+    if args.optimizer == "adamw_schedulefree" and args.lr_scheduler != "constant":
+        fail("lr_scheduler", args.lr_scheduler, "schedule-free AdamW needs no learning-rate schedule; use "
+             "--lr_scheduler constant (--warmup_steps still warms up)")
+
+
 def validate(args: argparse.Namespace) -> None:
     """Check every resolved value; raise ConfigError naming the flag, the value and what to do."""
     for name in ("data_dir", "pretrained_model", "output_dir"):
@@ -260,9 +282,7 @@ def validate(args: argparse.Namespace) -> None:
             fail(name, getattr(args, name), "is an existing file; give a folder (it is created if missing)")
     _check_models(args)
     args.device, args.precision = resolve_device(args.device, args.precision)
-    if args.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
-        fail("optimizer", "adamw8bit", "needs bitsandbytes, which is not installed; run `pip install bitsandbytes` "
-              "or use --optimizer adamw")
+    _check_optimizer(args)
     prompts_file = _prompts_file(args.validation_prompts)
     if prompts_file is not None and not Path(prompts_file).is_file():
         fail("validation_prompts", prompts_file, "this prompts file does not exist; give an existing .txt file "

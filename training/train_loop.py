@@ -7,7 +7,7 @@ One optimizer step, written out in `train`:
   3. the UNet's loss under autocast over the frozen bf16/fp16 base weights, LoRA weights in fp32, divided by
      the number of micro-batches in the step, backward;
   4. gradients averaged over the processes, unscaled (fp16), clipped; a non-finite loss or gradient skips
-     the step (weights and optimizer state unchanged); else AdamW step, LR schedule, EMA;
+     the step (weights and optimizer state unchanged); else optimizer step, LR schedule, EMA;
   5. log, validate, sample, checkpoint, stop on SIGTERM/SIGINT.
 """
 
@@ -18,7 +18,6 @@ import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from functools import partial
 from itertools import islice
 from pathlib import Path
 
@@ -52,9 +51,10 @@ from training.datasets import build_dataset
 from training.ema import EMA
 from training.loss import diffusion_loss, draw_timesteps_and_noise, time_ids_of, validation_loss
 from training.metrics import MetricsLog
-from training.optim import lr_multiplier, make_optimizer
+from training.optim import eval_weights, lr_schedule, make_optimizer
 from training.scoring import TrainingScores
 from training.signals import Stopped, StopRequest
+from training.timesteps import NoiseRecipe
 
 
 class TrainingError(RuntimeError):
@@ -154,7 +154,7 @@ def train(args) -> dict:
     unet, params = models.unet, lora_parameters(models.unet)
     total_steps, batches_per_epoch = run_length(args, data)
     optimizer = make_optimizer(params, args)
-    schedule = partial(lr_multiplier, warmup=args.warmup_steps, total=total_steps, kind=args.lr_scheduler)
+    schedule = lr_schedule(args, total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     ema = EMA({n: p for n, p in unet.named_parameters() if p.requires_grad}, args.ema_decay) if args.use_ema else None
@@ -166,14 +166,17 @@ def train(args) -> dict:
             print(f"resuming from {resume.path} at step {loop.step} (epoch {loop.epoch}, batch {loop.position})")
     log = MetricsLog(output_dir, args.wandb_project, args.wandb_run_name, config=vars(args)) if world.main else None
     loss_kwargs = dict(alphas_cumprod=alphas_cumprod().to(device), prediction_type=args.prediction_type,
-                       min_snr_gamma=args.min_snr_gamma, autocast_dtype=DTYPES[args.precision])
+                       loss_weighting=args.loss_weighting, min_snr_gamma=args.min_snr_gamma,
+                       autocast_dtype=DTYPES[args.precision])
     side = SideTasks(args, world, models, val_data, log, ema, loss_kwargs,
                      state_of=lambda loop: training_state(loop, optimizer, scheduler, scaler, fingerprint))
     if world.main:
         print(banner(args, world, data, params, total_steps))
 
     if resume is None:
-        side.validate(loop)
+        with eval_weights(optimizer):
+            side.validate(loop)
+    recipe = NoiseRecipe.of(args)
     accumulation, max_norm = args.gradient_accumulation_steps, args.max_grad_norm or math.inf
     saved_at, nonfinite_run = (loop.step if resume else None), 0
     bar = tqdm(total=total_steps, initial=loop.step, desc="training", unit="step", dynamic_ncols=True,
@@ -190,11 +193,11 @@ def train(args) -> dict:
                     step_loss = torch.zeros(1, device=device)
                     for batch in micro_batches:
                         x0, embeds, pooled = models.encode(batch, device)
-                        t, noise = draw_timesteps_and_noise(
-                            args.seed, loop.micro_step, x0.shape, world, min_timestep=args.min_timestep,
-                            max_timestep=args.max_timestep, noise_offset=args.noise_offset)
+                        t, noise, input_noise = draw_timesteps_and_noise(args.seed, loop.micro_step, x0.shape,
+                                                                         world, recipe)
                         loss = diffusion_loss(unet, x0, embeds, pooled, time_ids_of(batch).to(device), t.to(device),
-                                              noise.to(device), **loss_kwargs).mean()
+                                              noise.to(device), input_noise=input_noise.to(device),
+                                              **loss_kwargs).mean()
                         scaler.scale(loss / len(micro_batches)).backward()  # the mean over this step's batches
                         step_loss += loss.detach() / len(micro_batches)
                         loop.micro_step, samples = loop.micro_step + 1, samples + x0.shape[0]
@@ -232,23 +235,26 @@ def train(args) -> dict:
                     bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
                     bar.update(1)
                     if side.due(loop.step) and loop.step < total_steps:  # the last step validates after the loop
-                        side.validate(loop)
+                        with eval_weights(optimizer):  # schedule-free: validate and save its eval weights
+                            side.validate(loop)
                     epoch_end = loop.position == batches_per_epoch
                     due = (args.save_interval and loop.step % args.save_interval == 0) or (
                         epoch_end and args.save_every_n_epochs and (loop.epoch + 1) % args.save_every_n_epochs == 0)
                     stopping = world.any(stop.signum is not None)  # every rank stops at the same step
                     if due or stopping:
                         saved_at = loop.step
-                        path = side.save(loop)
+                        with eval_weights(optimizer):
+                            path = side.save(loop)
                     if stopping:
                         raise Stopped(stop.signum or signal.SIGTERM, path)
                 if loop.step < total_steps:  # the epoch ran out
                     loop.epoch, loop.position = loop.epoch + 1, 0
             bar.close()
-            side.validate(loop, last=True)
-            if saved_at != loop.step and (args.save_interval or args.save_every_n_epochs):  # so a longer run can
-                side.save(loop)  # continue it
-            final = side.save_final(loop)
+            with eval_weights(optimizer):
+                side.validate(loop, last=True)
+                if saved_at != loop.step and (args.save_interval or args.save_every_n_epochs):  # so a longer run
+                    side.save(loop)  # can continue it
+                final = side.save_final(loop)
     finally:  # every exit, a stop or an error included
         bar.close()
         side.close()
