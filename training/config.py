@@ -241,12 +241,12 @@ def _check_evaluation(args: argparse.Namespace) -> None:
 
 def _check_optimizer(args: argparse.Namespace) -> None:
     """The optimizer's package is installed and it fits the device and LR schedule (after the device resolved)."""
-    if args.optimizer == "adamw8bit" and not str(args.device).startswith("cuda"):
-        fail("optimizer", "adamw8bit", f"needs a CUDA GPU (bitsandbytes), not {args.device}; use --optimizer adamw")
     module, install = OPTIMIZERS[args.optimizer] or (None, None)
     if module is not None and importlib.util.find_spec(module) is None:
         fail("optimizer", args.optimizer, f"needs {module}, which is not installed; run `{install}` or use "
              "--optimizer adamw")
+    if args.optimizer == "adamw8bit" and not str(args.device).startswith("cuda"):
+        fail("optimizer", "adamw8bit", f"needs a CUDA GPU (bitsandbytes), not {args.device}; use --optimizer adamw")
     if args.optimizer == "adamw_schedulefree" and args.lr_scheduler != "constant":
         fail("lr_scheduler", args.lr_scheduler, "schedule-free AdamW needs no learning-rate schedule; use "
              "--lr_scheduler constant (--warmup_steps still warms up)")
