@@ -85,6 +85,7 @@ def test_defaults(tmp, base):
         timestep_sampling="uniform", logit_mean=0.0, logit_std=1.0, mode_scale=1.29, loss_weighting="none",
         multires_noise_iterations=0, multires_noise_discount=0.3, input_perturbation=0.0, prodigy_d_coef=1.0,
         prodigy_use_bias_correction=False, prodigy_safeguard_warmup=False,
+        dataset_config=None, caption_extension=".txt", caption_prefix="", caption_suffix="", keep_tokens_separator="",
         data_dir=str(tmp / "data"), output_dir=str(tmp / "out"), cache_dir=str(tmp / "out" / "cache"),
     )
     got = vars(args)
@@ -139,7 +140,7 @@ def test_unknown_yaml_key_names_key_file_and_suggestion(tmp, base):
 @pytest.mark.parametrize("key, value", [
     ("learning_rate", "abc"), ("batch_size", 2.5), ("batch_size", True), ("lora_rank", [1, 2]),
     ("use_ema", "yes"), ("optimizer", "sgd"), ("precision", "fp8"), ("validation_prompts", {"a": 1}),
-    ("seed", "1e3"), ("data_dir", None), ("image_size", None), ("config", "other.yaml"),
+    ("seed", "1e3"), ("pretrained_model", None), ("image_size", None), ("config", "other.yaml"),
 ])
 def test_bad_yaml_value_names_the_key(tmp, base, key, value):
     cfg = write_yaml(tmp / "c.yaml", {key: value})

@@ -49,7 +49,8 @@ MUST_MATCH = (
     "ema_decay",
     "timestep_sampling", "logit_mean", "logit_std", "mode_scale", "loss_weighting", "multires_noise_iterations",
     "multires_noise_discount", "input_perturbation", "prodigy_d_coef", "prodigy_use_bias_correction",
-    "prodigy_safeguard_warmup",
+    "prodigy_safeguard_warmup", "dataset_config", "caption_extension", "caption_prefix", "caption_suffix",
+    "keep_tokens_separator",
 )
 
 
@@ -59,7 +60,8 @@ def with_later_settings(config: dict) -> dict:
     later = {"timestep_sampling": "uniform", "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29,
              "loss_weighting": "min_snr" if config.get("min_snr_gamma") else "none", "multires_noise_iterations": 0,
              "multires_noise_discount": 0.3, "input_perturbation": 0.0, "prodigy_d_coef": 1.0,
-             "prodigy_use_bias_correction": False, "prodigy_safeguard_warmup": False}
+             "prodigy_use_bias_correction": False, "prodigy_safeguard_warmup": False, "dataset_config": None,
+             "caption_extension": ".txt", "caption_prefix": "", "caption_suffix": "", "keep_tokens_separator": ""}
     return {**later, **config}
 RUN_OUTPUTS = ("checkpoints", "samples", "metrics.jsonl", "lora_final.safetensors", "lora_best.safetensors")
 

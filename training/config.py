@@ -32,12 +32,14 @@ from common.cli import ConfigError, fail, print_error
 from common.files import write_text
 from common.runtime import resolve_device
 from training.buckets import SIZE_MULTIPLE
+from training.captions import CaptionStyle
 from training.flags import DATA_HINT, build_parser
 from training.optim import OPTIMIZERS
 
 __all__ = ["ConfigError", "build_parser", "parse_config", "parse_or_exit", "resolved_config_yaml",
            "save_resolved_config", "validate"]
-PATH_FLAGS = ("data_dir", "val_data_dir", "pretrained_model", "vae_model", "cache_dir", "output_dir", "eval_real_dir",
+PATH_FLAGS = ("data_dir", "dataset_config", "val_data_dir", "pretrained_model", "vae_model", "cache_dir",
+              "output_dir", "eval_real_dir",
               "inception_weights", "clip_model")
 
 
@@ -239,6 +241,19 @@ def _check_evaluation(args: argparse.Namespace) -> None:
              "download of e.g. openai/clip-vit-large-patch14, or leave the flag out")
 
 
+def _check_captions(args: argparse.Namespace) -> None:
+    """Where the images come from (one of --data_dir, --dataset_config) and how captions are read."""
+    if (args.data_dir is None) == (args.dataset_config is None):
+        fail("data_dir", args.data_dir, "is required (on the command line or in the --config file), or else "
+             "--dataset_config FILE.yaml; give exactly one of the two")
+    if args.dataset_config is not None:
+        from training.dataset_config import read_dataset_config  # its one-line errors, before any model loads
+
+        read_dataset_config(args.dataset_config, CaptionStyle(args.caption_extension))
+    if not args.caption_extension.startswith(".") or len(args.caption_extension) < 2:
+        fail("caption_extension", args.caption_extension, "must start with a dot, e.g. .txt or .caption")
+
+
 def _check_optimizer(args: argparse.Namespace) -> None:
     """The optimizer's package is installed and it fits the device and LR schedule (after the device resolved)."""
     module, install = OPTIMIZERS[args.optimizer] or (None, None)
@@ -254,9 +269,10 @@ def _check_optimizer(args: argparse.Namespace) -> None:
 
 def validate(args: argparse.Namespace) -> None:
     """Check every resolved value; raise ConfigError naming the flag, the value and what to do."""
-    for name in ("data_dir", "pretrained_model", "output_dir"):
+    for name in ("pretrained_model", "output_dir"):
         if getattr(args, name) is None:
             fail(name, None, "is required (on the command line or in the --config file)")
+    _check_captions(args)
     for name, value in sorted(vars(args).items()):
         if isinstance(value, float) and not math.isfinite(value):
             fail(name, value, "must be a finite number")
@@ -274,7 +290,8 @@ def validate(args: argparse.Namespace) -> None:
     if args.shuffle_tags and args.cache_text_embeddings:
         fail("shuffle_tags", None, "cannot be combined with --cache_text_embeddings (a cached embedding cannot be "
               "reshuffled); drop one of them")
-    _check_data("data_dir", args.data_dir)
+    if args.data_dir is not None:
+        _check_data("data_dir", args.data_dir)
     if args.val_data_dir is not None:
         _check_data("val_data_dir", args.val_data_dir)
     for name in ("output_dir", "cache_dir"):

@@ -17,6 +17,7 @@ import io
 import logging
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 from itertools import chain, islice
 from pathlib import Path
 
@@ -31,9 +32,12 @@ from training.buckets import (
     cover_size,
     group_by_bucket,
     make_buckets,
+    merge_small_buckets,
     plan_global_batches,
     rank_share,
 )
+from training.captions import CaptionStyle, finish_caption
+from training.dataset_config import read_dataset_config, scan_subsets
 from training.images import Augmentation, Example, collate, make_example
 from training.scan import DataError, ScanResult, find_shards, scan_folder
 from training.signals import ignore_stop_signals
@@ -72,6 +76,7 @@ class FolderDataset(torch.utils.data.Dataset):
         self.rank, self.world_size = rank, world_size
         self.records = scan.records
         self.bucket_of = [closest_bucket(r.height, r.width, buckets) for r in self.records]
+        self.bucket_of, self.merged_buckets = merge_small_buckets(self.bucket_of, buckets, batch_size * world_size)
         self._same_bucket = {b: [] for b in set(self.bucket_of)}  # bucket -> its sample indices, ascending
         for index, bucket in enumerate(self.bucket_of):
             self._same_bucket[bucket].append(index)
@@ -157,6 +162,9 @@ class FolderDataset(torch.utils.data.Dataset):
             "bad_files": self.scan.bad_files,
             "missing_captions": self.scan.missing_captions,
             "buckets": {f"{h}x{w}": counts[i] for i, (h, w) in enumerate(self.buckets) if counts[i]},
+            "merged_buckets": {"{}x{}".format(*self.buckets[b]): f"{n} images trained in bucket "
+                               "{}x{} (fewer than one global batch)".format(*self.buckets[to])
+                               for b, (n, to) in self.merged_buckets.items()},
             "batches_per_epoch": len(self),
             "fingerprint": self.fingerprint(),
         }
@@ -245,9 +253,11 @@ class ShardDataset(torch.utils.data.IterableDataset):
         if member is None:
             logger.warning("skipping %s: no jpg/jpeg/png/webp member (has %s)", key, sorted(sample))
             return None
-        if "txt" not in sample:
+        text = self.aug.captions.extension.lstrip(".")
+        if text not in sample:
             logger.warning("no caption: %s (training it with an empty caption)", key)
-        caption = sample.get("txt", b"").decode("utf-8", errors="replace").strip()
+        caption = finish_caption(sample.get(text, b"").decode("utf-8", errors="replace").strip(), self.aug.captions,
+                                 self.aug.shuffle_tags)
 
         def resize_to(h: int, w: int) -> tuple[int, int]:
             return cover_size(h, w, self.buckets[closest_bucket(h, w, self.buckets)])
@@ -308,8 +318,11 @@ def build_dataset(
     rank: int = 0,
     world_size: int = 1,
     shuffle_buffer: int = 1000,
+    captions: CaptionStyle | None = None,
+    dataset_config: str | Path | None = None,
 ) -> FolderDataset | ShardDataset:
-    """The training dataset for data_dir (a folder, a metadata.jsonl folder, or .tar shards); see the module doc.
+    """The training dataset for data_dir (a folder, a metadata.jsonl folder, or .tar shards), or for the subsets of
+    a dataset_config file (training/dataset_config.py); see the module doc.
 
     bucketing=False trains at a fixed resolution x resolution: short side resized to it, then cropped.
     """
@@ -321,13 +334,25 @@ def build_dataset(
         raise ValueError(f"resolution {resolution} must be a multiple of {SIZE_MULTIPLE} and at least "
                          f"{2 * SIZE_MULTIPLE} (VAE /8, UNet /4)")
     buckets = make_buckets(resolution) if bucketing else [(resolution, resolution)]
-    aug = Augmentation(center_crop, random_flip, caption_dropout, shuffle_tags, keep_tokens, seed)
+    captions = captions or CaptionStyle()
+    aug = Augmentation(center_crop, random_flip, caption_dropout, shuffle_tags, keep_tokens, seed, captions)
+    if dataset_config is not None:
+        scan = scan_subsets(dataset_config, read_dataset_config(dataset_config, captions), max_bad_fraction,
+                            shuffle_tags)
+        return _folder_dataset(scan, buckets, batch_size, aug, rank, world_size)
     shards = find_shards(data_dir)
     if shards is not None:
         dataset = ShardDataset(shards, buckets, batch_size, aug, rank, world_size, shuffle_buffer)
         logger.info("training data: %d webdataset shards from %s", len(shards), data_dir)
         return dataset
-    dataset = FolderDataset(scan_folder(data_dir, max_bad_fraction), buckets, batch_size, aug, rank, world_size)
+    scan = scan_folder(data_dir, max_bad_fraction, captions.extension)
+    scan.records = [replace(r, caption=finish_caption(r.caption, captions, shuffle_tags)) for r in scan.records]
+    return _folder_dataset(scan, buckets, batch_size, aug, rank, world_size)
+
+
+def _folder_dataset(scan: ScanResult, buckets, batch_size: int, aug: Augmentation, rank: int,
+                    world_size: int) -> FolderDataset:
+    dataset = FolderDataset(scan, buckets, batch_size, aug, rank, world_size)
     summary = dataset.summary()
     logger.info(
         "training data: %d images (%d bad, %d without caption) in buckets %s; %d batches per epoch",
@@ -337,4 +362,6 @@ def build_dataset(
         summary["buckets"],
         summary["batches_per_epoch"],
     )
+    for bucket, how in summary["merged_buckets"].items():
+        logger.warning("bucket %s: %s", bucket, how)
     return dataset

@@ -25,8 +25,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     flag, req = argparse.BooleanOptionalAction, "(required, here or in --config)"
     g = p.add_argument_group("data")
-    add_flag(g, "data_dir", f"training images: a folder of images with same-named .txt captions, a .tar shard, or a "
-         f"pattern shards/{{000000..000099}}.tar {req}", required=True, metavar="DIR")
+    add_flag(g, "data_dir", "training images: a folder of images with same-named .txt captions, a .tar shard, or a "
+         "pattern shards/{000000..000099}.tar (required, here or in --config, unless --dataset_config)",
+         metavar="DIR")
+    add_flag(g, "dataset_config", "YAML listing several image folders (`subsets:`), each with its num_repeats and "
+             "caption settings, instead of --data_dir; see training/dataset_config.py (default: none)",
+             metavar="FILE.yaml")
+    add_flag(g, "caption_extension", "caption files beside the images: IMAGE_STEM + this, e.g. .caption; in shards "
+             "the member of that name (default: .txt)", default=".txt", metavar="EXT")
+    add_flag(g, "caption_prefix", "put before every caption with a space, e.g. a trigger word 'sks,' "
+             "(default: none)", default="", metavar="TEXT")
+    add_flag(g, "caption_suffix", "put after every caption with a space (default: none)", default="", metavar="TEXT")
+    add_flag(g, "keep_tokens_separator", "tags before this separator (e.g. |||) stay in place with --shuffle_tags; a "
+             "second one fixes the tags after it; removed from the caption (default: none)", default="",
+             metavar="SEP")
     add_flag(g, "val_data_dir", "held-out images for a validation loss, as --data_dir (default: none)", metavar="DIR")
     add_flag(g, "image_size", "training size in pixels, a multiple of 64; buckets hold about image_size^2 pixels "
          "(default: 1024)", type=int, default=1024, metavar="PX")

@@ -22,13 +22,15 @@ drawn from their own numpy generators (`sample_rng`), never from global RNG stat
 exact with any number of DataLoader workers.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from PIL import Image
 
 from training.buckets import crop_geometry, crop_to_bucket
+from training.captions import CaptionStyle
+from training.captions import shuffle_tags as shuffle_caption_tags
 
 # Independent random streams of one sample, seeded by (seed, epoch, index, stream).
 CROP_STREAM, FLIP_STREAM, CAPTION_STREAM = 1, 2, 3
@@ -58,6 +60,7 @@ class Augmentation:
     shuffle_tags: bool = False
     keep_tokens: int = 0
     seed: int = 0
+    captions: CaptionStyle = field(default_factory=CaptionStyle)  # their file extension, trigger words, separator
 
 
 def sample_rng(seed: int, epoch: int, index: int, stream: int) -> np.random.Generator:
@@ -65,15 +68,15 @@ def sample_rng(seed: int, epoch: int, index: int, stream: int) -> np.random.Gene
     return np.random.default_rng([seed % 2**64, epoch, index, stream])
 
 
-def transform_caption(caption: str, rng: np.random.Generator, dropout: float, shuffle_tags: bool, keep: int) -> str:
-    """Caption dropout (-> ""), then optionally shuffle comma-separated tags, the first `keep` staying in place."""
+def transform_caption(caption: str, rng: np.random.Generator, dropout: float, shuffle_tags: bool, keep: int,
+                      separator: str = "") -> str:
+    """Caption dropout (-> ""), then optionally shuffle comma-separated tags, the first `keep` (or those before
+    `separator`) staying in place."""
     if rng.random() < dropout:
         return ""
     if not shuffle_tags:
         return caption
-    tags = [tag.strip() for tag in caption.split(",") if tag.strip()]
-    fixed, shuffled = tags[:keep], tags[keep:]
-    return ", ".join(fixed + [shuffled[i] for i in rng.permutation(len(shuffled))])
+    return shuffle_caption_tags(caption, rng, keep, separator)
 
 
 @dataclass
@@ -124,7 +127,8 @@ def make_example(
     caption_rng = sample_rng(aug.seed, epoch, index, CAPTION_STREAM)
     return Example(
         pixel_values=None if crop is None else to_tensor(crop),
-        caption=transform_caption(caption, caption_rng, aug.caption_dropout, aug.shuffle_tags, aug.keep_tokens),
+        caption=transform_caption(caption, caption_rng, aug.caption_dropout, aug.shuffle_tags, aug.keep_tokens,
+                                  aug.captions.separator),
         key=key,
         original_size=original_size,
         crop_top_left=top_left,

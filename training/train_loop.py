@@ -33,6 +33,7 @@ from sdxl.loading import load_text_encoder, load_unet, load_vae
 from sdxl.lora import LoRAConfig, apply_lora, lora_parameters, lora_state_dict
 from sdxl.lora_files import save_lora, write_lora
 from training.caching import LatentCache, TextEmbeddingCache
+from training.captions import CaptionStyle
 from training.checkpoints import (
     CheckpointError,
     LoopState,
@@ -111,10 +112,12 @@ def load_data(args, world):
     """The training data of this rank (and the validation data, on rank 0); a bad dataset is an error here,
     before any model loads."""
     kwargs = dict(resolution=args.image_size, batch_size=args.batch_size, bucketing=args.bucketing, seed=args.seed)
+    kwargs["captions"] = CaptionStyle(args.caption_extension, args.caption_prefix, args.caption_suffix,
+                                      args.keep_tokens_separator)
     data = build_dataset(args.data_dir, center_crop=args.center_crop, random_flip=args.random_flip,
                          caption_dropout=args.caption_dropout, shuffle_tags=args.shuffle_tags,
                          keep_tokens=args.keep_tokens, max_bad_fraction=args.max_bad_fraction,
-                         rank=world.rank, world_size=world.size, **kwargs)
+                         rank=world.rank, world_size=world.size, dataset_config=args.dataset_config, **kwargs)
     if not (args.val_data_dir and world.main):
         return data, None
     return data, build_dataset(args.val_data_dir, center_crop=True, **kwargs)
