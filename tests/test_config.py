@@ -85,7 +85,8 @@ def test_defaults(tmp, base):
         timestep_sampling="uniform", logit_mean=0.0, logit_std=1.0, mode_scale=1.29, loss_weighting="none",
         multires_noise_iterations=0, multires_noise_discount=0.3, input_perturbation=0.0, prodigy_d_coef=1.0,
         prodigy_use_bias_correction=False, prodigy_safeguard_warmup=False,
-        dataset_config=None, caption_extension=".txt", caption_prefix="", caption_suffix="", keep_tokens_separator="",
+        masked_loss=False, mask_dir=None, alpha_mask=False, dataset_config=None, caption_extension=".txt",
+        caption_prefix="", caption_suffix="", keep_tokens_separator="",
         data_dir=str(tmp / "data"), output_dir=str(tmp / "out"), cache_dir=str(tmp / "out" / "cache"),
     )
     got = vars(args)

@@ -50,7 +50,7 @@ MUST_MATCH = (
     "timestep_sampling", "logit_mean", "logit_std", "mode_scale", "loss_weighting", "multires_noise_iterations",
     "multires_noise_discount", "input_perturbation", "prodigy_d_coef", "prodigy_use_bias_correction",
     "prodigy_safeguard_warmup", "dataset_config", "caption_extension", "caption_prefix", "caption_suffix",
-    "keep_tokens_separator",
+    "keep_tokens_separator", "masked_loss", "mask_dir", "alpha_mask",
 )
 
 
@@ -61,7 +61,8 @@ def with_later_settings(config: dict) -> dict:
              "loss_weighting": "min_snr" if config.get("min_snr_gamma") else "none", "multires_noise_iterations": 0,
              "multires_noise_discount": 0.3, "input_perturbation": 0.0, "prodigy_d_coef": 1.0,
              "prodigy_use_bias_correction": False, "prodigy_safeguard_warmup": False, "dataset_config": None,
-             "caption_extension": ".txt", "caption_prefix": "", "caption_suffix": "", "keep_tokens_separator": ""}
+             "caption_extension": ".txt", "caption_prefix": "", "caption_suffix": "", "keep_tokens_separator": "",
+             "masked_loss": False, "mask_dir": None, "alpha_mask": False}
     return {**later, **config}
 RUN_OUTPUTS = ("checkpoints", "samples", "metrics.jsonl", "lora_final.safetensors", "lora_best.safetensors")
 

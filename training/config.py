@@ -38,7 +38,7 @@ from training.optim import OPTIMIZERS
 
 __all__ = ["ConfigError", "build_parser", "parse_config", "parse_or_exit", "resolved_config_yaml",
            "save_resolved_config", "validate"]
-PATH_FLAGS = ("data_dir", "dataset_config", "val_data_dir", "pretrained_model", "vae_model", "cache_dir",
+PATH_FLAGS = ("data_dir", "dataset_config", "mask_dir", "val_data_dir", "pretrained_model", "vae_model", "cache_dir",
               "output_dir", "eval_real_dir",
               "inception_weights", "clip_model")
 
@@ -252,6 +252,16 @@ def _check_captions(args: argparse.Namespace) -> None:
         read_dataset_config(args.dataset_config, CaptionStyle(args.caption_extension))
     if not args.caption_extension.startswith(".") or len(args.caption_extension) < 2:
         fail("caption_extension", args.caption_extension, "must start with a dot, e.g. .txt or .caption")
+    for name in ("mask_dir", "alpha_mask"):
+        if getattr(args, name) and not args.masked_loss:
+            fail(name, getattr(args, name) if name == "mask_dir" else None, "needs --masked_loss")
+    if args.mask_dir and args.alpha_mask:
+        fail("alpha_mask", None, "cannot be combined with --mask_dir; the mask comes from one of them")
+    if args.mask_dir and not Path(args.mask_dir).is_dir():
+        fail("mask_dir", args.mask_dir, "is not a folder; give the folder of IMAGE_STEM.png masks")
+    if args.masked_loss and args.cache_latents != "none":
+        fail("masked_loss", None, "cannot be combined with --cache_latents yet (each crop's mask is made with its "
+             "image); use --cache_latents none")
 
 
 def _check_optimizer(args: argparse.Namespace) -> None:

@@ -39,6 +39,7 @@ from training.buckets import (
 from training.captions import CaptionStyle, finish_caption
 from training.dataset_config import read_dataset_config, scan_subsets
 from training.images import Augmentation, Example, collate, make_example
+from training.masks import MaskSource, check_masks, is_mask_file, mask_crop, read_mask
 from training.scan import DataError, ScanResult, find_shards, scan_folder
 from training.signals import ignore_stop_signals
 
@@ -83,6 +84,7 @@ class FolderDataset(torch.utils.data.Dataset):
         self._position = {i: n for members in self._same_bucket.values() for n, i in enumerate(members)}
         self._failed: set[int] = set()  # indices that failed to load in this process
         self.decode = True  # False once the latents are cached: samples then carry no pixels
+        self.masks: MaskSource | None = None  # --masked_loss: where each image's mask comes from
         self._num_batches = len(self.batches_for_epoch(0))  # the same for every epoch
 
     def global_batches_for_epoch(self, epoch: int) -> list[list[int]]:
@@ -125,7 +127,11 @@ class FolderDataset(torch.utils.data.Dataset):
                 self._failed.add(candidate)
                 logger.warning("cannot load %s any more, replacing it in its batch: %s", record.path, error)
                 continue
-            return make_example(image, original_size, bucket, record.caption, record.key, self.aug, epoch, index)
+            example = make_example(image, original_size, bucket, record.caption, record.key, self.aug, epoch, index)
+            if self.masks is not None:
+                example.mask = mask_crop(read_mask(record.path, self.masks), original_size, bucket,
+                                         example.crop_top_left)
+            return example
         raise DataError(f"none of the images under {self.scan.root} can be loaded any more; see the warnings above")
 
     def __getitem__(self, item: tuple[int, int]) -> dict:
@@ -320,6 +326,7 @@ def build_dataset(
     shuffle_buffer: int = 1000,
     captions: CaptionStyle | None = None,
     dataset_config: str | Path | None = None,
+    masks: MaskSource | None = None,
 ) -> FolderDataset | ShardDataset:
     """The training dataset for data_dir (a folder, a metadata.jsonl folder, or .tar shards), or for the subsets of
     a dataset_config file (training/dataset_config.py); see the module doc.
@@ -339,20 +346,27 @@ def build_dataset(
     if dataset_config is not None:
         scan = scan_subsets(dataset_config, read_dataset_config(dataset_config, captions), max_bad_fraction,
                             shuffle_tags)
-        return _folder_dataset(scan, buckets, batch_size, aug, rank, world_size)
+        return _folder_dataset(scan, buckets, batch_size, aug, rank, world_size, masks)
     shards = find_shards(data_dir)
+    if shards is not None and masks is not None:
+        raise DataError(f"--masked_loss needs a folder of images; {data_dir} is .tar shards")
     if shards is not None:
         dataset = ShardDataset(shards, buckets, batch_size, aug, rank, world_size, shuffle_buffer)
         logger.info("training data: %d webdataset shards from %s", len(shards), data_dir)
         return dataset
     scan = scan_folder(data_dir, max_bad_fraction, captions.extension)
     scan.records = [replace(r, caption=finish_caption(r.caption, captions, shuffle_tags)) for r in scan.records]
-    return _folder_dataset(scan, buckets, batch_size, aug, rank, world_size)
+    return _folder_dataset(scan, buckets, batch_size, aug, rank, world_size, masks)
 
 
 def _folder_dataset(scan: ScanResult, buckets, batch_size: int, aug: Augmentation, rank: int,
-                    world_size: int) -> FolderDataset:
+                    world_size: int, masks: MaskSource | None) -> FolderDataset:
+    scan.records = [r for r in scan.records if not is_mask_file(r.path, masks)]
+    scan.missing_captions = [p for p in scan.missing_captions if not is_mask_file(p, masks)]
+    if masks is not None:
+        check_masks(scan.records, masks)
     dataset = FolderDataset(scan, buckets, batch_size, aug, rank, world_size)
+    dataset.masks = masks
     summary = dataset.summary()
     logger.info(
         "training data: %d images (%d bad, %d without caption) in buckets %s; %d batches per epoch",

@@ -53,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(g, "shuffle_tags", "shuffle the comma-separated tags of a caption each time it is used; not with "
          "--cache_text_embeddings (default: off)", action=flag, default=False)
     add_flag(g, "keep_tokens", "--shuffle_tags keeps the first N tags (default: 0)", type=int, default=0, metavar="N")
+    add_flag(g, "masked_loss", "weight the loss by a mask per image: IMAGE_STEM_mask.png beside it, --mask_dir, or "
+             "--alpha_mask; white = learn, black = ignore; images without one learn everywhere; not with "
+             "--cache_latents (default: off)", action=flag, default=False)
+    add_flag(g, "mask_dir", "--masked_loss: the masks are MASK_DIR/IMAGE_STEM.png (default: beside the images)",
+             metavar="DIR")
+    add_flag(g, "alpha_mask", "--masked_loss: the mask is each image's alpha channel (default: off)", action=flag,
+             default=False)
     add_flag(g, "max_bad_fraction", "unreadable images are skipped; stop when more than this fraction are bad "
          "(default: 0.05)", type=float, default=0.05, metavar="F")
     add_flag(g, "num_workers", "data loader processes; 0 = the main process (default: 2)", type=int, default=2,

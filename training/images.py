@@ -10,6 +10,7 @@ Every optimizer micro-batch is a dict (B images of one bucket (H, W)):
     target_size    int64 (B, 2)      (H, W), the bucket
     keys           list[str]         stable sample id: path relative to data_dir, or "<shard file>/<key>"
     flipped        bool (B,)
+    masks          uint8 (B, 1, H, W) with --masked_loss: each image's mask, cropped and flipped as its image
 and SDXL's micro-conditioning (Podell et al. 2023, "SDXL", section 2.2) is
 `time_ids = original_size + crop_top_left + target_size`.
 
@@ -91,6 +92,7 @@ class Example:
     crop_top_left_flipped: tuple[int, int]  # the same for the mirrored crop in the mirrored resized image
     target_size: tuple[int, int]  # (H, W)
     flip: bool  # whether this (seed, epoch, index) trains on the mirrored crop
+    mask: torch.Tensor | None = None  # uint8 (1, H, W) of --masked_loss: the same crop, unflipped (training/masks.py)
 
     def to_sample(self) -> dict:
         """The training sample: mirrored (pixels and crop offset) when `flip`."""
@@ -103,6 +105,7 @@ class Example:
             "crop_top_left": self.crop_top_left_flipped if self.flip else self.crop_top_left,
             "target_size": self.target_size,
             "flipped": self.flip,
+            **({} if self.mask is None else {"mask": self.mask.flip(-1) if self.flip else self.mask}),
         }
 
 
@@ -150,4 +153,5 @@ def collate(samples: list[dict]) -> dict:
         "target_size": torch.tensor([s["target_size"] for s in samples], dtype=torch.long),  # (B, 2)
         "keys": [s["key"] for s in samples],
         "flipped": torch.tensor([s["flipped"] for s in samples], dtype=torch.bool),  # (B,)
+        **({"masks": torch.stack([s["mask"] for s in samples])} if "mask" in samples[0] else {}),  # uint8 (B, 1, H, W)
     }

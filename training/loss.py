@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from common.runtime import World
 from sdxl.diffusion import add_noise, v_target
+from training.masks import masked_mean
 from training.timesteps import NoiseRecipe, draw_noise, loss_weights, sample_timesteps
 
 VALIDATION_TIMESTEPS = 5  # fixed timesteps per validation image, spread over [min_timestep, max_timestep]
@@ -46,19 +47,21 @@ def draw_timesteps_and_noise(seed: int, micro_step: int, shape, world: World,
 
 def diffusion_loss(unet, x0, embeds, pooled, time_ids, t, noise, *, alphas_cumprod: torch.Tensor,
                    prediction_type: str = "epsilon", loss_weighting: str = "none", min_snr_gamma: float = 5.0,
-                   input_noise: torch.Tensor | None = None,
+                   input_noise: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                    autocast_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The per-sample MSE of one micro-batch, optionally weighted (Min-SNR or debiased); fp32, (B,).
 
     x0 (B, 4, h, w) latents, embeds (B, 77, ctx), pooled (B, P), time_ids (B, 6), t (B,), noise like x0;
-    input_noise (default: noise) makes x_t, noise makes the target (input perturbation, Ning et al. 2023).
+    input_noise (default: noise) makes x_t, noise makes the target (input perturbation, Ning et al. 2023);
+    mask (B, 1, h, w) weights each latent pixel, normalised by its mean (--masked_loss, training/masks.py).
     The UNet runs under autocast in `autocast_dtype` (bf16/fp16 over frozen base weights; fp32: no autocast)."""
     noisy = add_noise(x0, noise if input_noise is None else input_noise, t, alphas_cumprod)  # (B, 4, h, w)
     target = v_target(x0, noise, t, alphas_cumprod) if prediction_type == "v_prediction" else noise
     cond = {"text_embeds": pooled, "time_ids": time_ids}
     with torch.autocast(x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
         pred = unet(noisy, t, embeds, cond)
-    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+    per_pixel = F.mse_loss(pred.float(), target.float(), reduction="none")  # (B, 4, h, w)
+    loss = per_pixel.mean(dim=(1, 2, 3)) if mask is None else masked_mean(per_pixel, mask)  # (B,)
     weights = loss_weights(t, alphas_cumprod, loss_weighting, min_snr_gamma, prediction_type)
     return loss if weights is None else loss * weights
 

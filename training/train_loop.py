@@ -51,6 +51,7 @@ from training.config import resolved_config_yaml, save_resolved_config
 from training.datasets import build_dataset
 from training.ema import EMA
 from training.loss import diffusion_loss, draw_timesteps_and_noise, time_ids_of, validation_loss
+from training.masks import MaskSource, latent_mask
 from training.metrics import MetricsLog
 from training.optim import eval_weights, lr_schedule, make_optimizer
 from training.scoring import TrainingScores
@@ -117,7 +118,9 @@ def load_data(args, world):
     data = build_dataset(args.data_dir, center_crop=args.center_crop, random_flip=args.random_flip,
                          caption_dropout=args.caption_dropout, shuffle_tags=args.shuffle_tags,
                          keep_tokens=args.keep_tokens, max_bad_fraction=args.max_bad_fraction,
-                         rank=world.rank, world_size=world.size, dataset_config=args.dataset_config, **kwargs)
+                         rank=world.rank, world_size=world.size, dataset_config=args.dataset_config,
+                         masks=MaskSource(args.mask_dir and Path(args.mask_dir), args.alpha_mask)
+                         if args.masked_loss else None, **kwargs)
     if not (args.val_data_dir and world.main):
         return data, None
     return data, build_dataset(args.val_data_dir, center_crop=True, **kwargs)
@@ -200,7 +203,8 @@ def train(args) -> dict:
                                                                          world, recipe)
                         loss = diffusion_loss(unet, x0, embeds, pooled, time_ids_of(batch).to(device), t.to(device),
                                               noise.to(device), input_noise=input_noise.to(device),
-                                              **loss_kwargs).mean()
+                                              mask=latent_mask(batch["masks"]).to(device) if "masks" in batch
+                                              else None, **loss_kwargs).mean()
                         scaler.scale(loss / len(micro_batches)).backward()  # the mean over this step's batches
                         step_loss += loss.detach() / len(micro_batches)
                         loop.micro_step, samples = loop.micro_step + 1, samples + x0.shape[0]
