@@ -148,7 +148,8 @@ def test_training_step_matches_diffusers_with_peft(tiny_dir, prediction_type, ga
             assert err < 1e-4, name
 
 
-@pytest.mark.parametrize("name", ["tiny_demo", "sdxl_lora_512_12gb", "sdxl_lora_1024_24gb", "sdxl_lora_128px"])
+@pytest.mark.parametrize("name", ["tiny_demo", "sdxl_lora_512_12gb", "sdxl_lora_1024_24gb", "sdxl_lora_128px",
+                                  "sdxl_lora_128px_small_data"])
 def test_presets_parse(name):
     from training.config import parse_config
 
