@@ -52,18 +52,22 @@ def test_mask_gets_its_images_resize_crop_and_flip(masked_folder):
     assert flips == {True, False}
 
 
-def test_alpha_mask_equals_the_same_mask_as_a_file(tmp_path):
+def test_alpha_and_mask_dir_give_the_same_mask_as_a_file_beside_the_image(tmp_path):
     pixels = noise_image(150, 96, 4)
     alpha = np.random.default_rng(5).integers(0, 256, (96, 150), dtype=np.uint8)
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
+    for name in ("a", "b", "c", "c_masks"):
+        (tmp_path / name).mkdir()
     Image.fromarray(np.dstack([pixels, alpha]), "RGBA").save(tmp_path / "a" / "x.png")
     Image.fromarray(pixels).save(tmp_path / "b" / "x.png")
     Image.fromarray(alpha).save(tmp_path / "b" / "x_mask.png")
-    a = build_dataset(tmp_path / "a", 128, 1, random_flip=True, masks=MaskSource(alpha=True))
-    b = build_dataset(tmp_path / "b", 128, 1, random_flip=True, masks=MaskSource())
+    Image.fromarray(pixels).save(tmp_path / "c" / "x.png")
+    Image.fromarray(alpha).save(tmp_path / "c_masks" / "x.png")
+    sources = {"a": MaskSource(alpha=True), "b": MaskSource(), "c": MaskSource(mask_dir=tmp_path / "c_masks")}
+    data = {k: build_dataset(tmp_path / k, 128, 1, random_flip=True, masks=v) for k, v in sources.items()}
     for epoch in range(3):
-        assert torch.equal(next(a.iter_epoch(epoch))["masks"], next(b.iter_epoch(epoch))["masks"])
+        masks = [next(d.iter_epoch(epoch))["masks"] for d in data.values()]
+        assert torch.equal(masks[0], masks[1]) and torch.equal(masks[1], masks[2])
+        assert not torch.all(masks[0] == 255)
 
 
 def test_latent_mask_is_the_mean_of_each_8x8_block():
