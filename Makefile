@@ -7,7 +7,7 @@ PIP := $(PYTHON) -m pip
 # torch is a range in pyproject.toml (keep your CUDA build); where none is installed, pin 2.13.0.
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
-	$(PIP) install -e ".[dev,eval]"
+	$(PIP) install -e ".[dev,eval,recipes]"
 
 demo: install
 	$(PYTHON) demo.py

@@ -64,11 +64,12 @@ def read_metadata(root: Path) -> dict[str, str | None] | None:
     return captions
 
 
-def read_caption(path: Path, metadata: dict[str, str | None] | None, key: str) -> str | None:
-    """The caption of an image: metadata.jsonl first, then the same-stem .txt file; None if neither has one."""
+def read_caption(path: Path, metadata: dict[str, str | None] | None, key: str, extension: str = ".txt") -> str | None:
+    """The caption of an image: metadata.jsonl first, then the same-stem caption file (`extension`, e.g. .txt or
+    .caption); None if neither has one."""
     if metadata is not None and metadata.get(key) is not None:
         return metadata[key].strip()
-    text_file = path.with_suffix(".txt")
+    text_file = path.with_suffix(extension)
     if text_file.is_file():
         return text_file.read_text(encoding="utf-8", errors="replace").strip()
     return None

@@ -2,7 +2,8 @@
 
 SDXL trains on 1000 discrete timesteps with a "scaled_linear" beta schedule (betas linear in sqrt
 space from 0.00085 to 0.012), as diffusers' `DDPMScheduler` / `EulerDiscreteScheduler` configs say.
-References: Ho et al. 2020 (DDPM); Salimans & Ho 2022 (v-prediction); Hang et al. 2023 (Min-SNR).
+References: Ho et al. 2020 (DDPM); Salimans & Ho 2022 (v-prediction); Hang et al. 2023 (Min-SNR);
+Yu et al. 2024 (debiased estimation).
 """
 
 import torch
@@ -66,3 +67,12 @@ def min_snr_weights(t: torch.Tensor, ac: torch.Tensor, gamma: float, prediction_
     snr = a / (1 - a)
     clipped = torch.minimum(snr, torch.full_like(snr, gamma))
     return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+
+
+def debiased_weights(t: torch.Tensor, ac: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """Per-sample loss weights of debiased estimation (Yu et al. 2024, "Unmasking Bias in Diffusion Model
+    Training"), (B,): 1 / sqrt(SNR) on the epsilon loss. A v loss is (SNR + 1) / SNR times the epsilon loss, so
+    its weight is sqrt(SNR) / (SNR + 1), the same objective."""
+    a = ac.to(t.device)[t].float()
+    snr = a / (1 - a)
+    return snr.sqrt() / (snr + 1) if prediction_type == "v_prediction" else 1 / snr.sqrt()

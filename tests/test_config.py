@@ -50,10 +50,9 @@ def base(tmp):
 
 @pytest.fixture
 def no_optional_packages(monkeypatch):
-    """Make bitsandbytes and wandb look uninstalled, whatever this machine has."""
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name in ("bitsandbytes", "wandb") else real(name, *a))
+    """Make bitsandbytes, prodigyopt, schedulefree and wandb look uninstalled, whatever this machine has."""
+    real, missing = importlib.util.find_spec, ("bitsandbytes", "prodigyopt", "schedulefree", "wandb")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in missing else real(name, *a))
 
 
 def write_yaml(path, data) -> str:
@@ -83,6 +82,11 @@ def test_defaults(tmp, base):
         config=None, validation_prompts=[], validation_interval=100, num_validation_images=4,
         wandb_project=None, wandb_run_name=None, log_interval=1, eval_interval=0, eval_num_images=32,
         eval_real_dir=None, inception_weights=None, clip_model=None, keep_best="none",
+        timestep_sampling="uniform", logit_mean=0.0, logit_std=1.0, mode_scale=1.29, loss_weighting="none",
+        multires_noise_iterations=0, multires_noise_discount=0.3, input_perturbation=0.0, prodigy_d_coef=1.0,
+        prodigy_use_bias_correction=False, prodigy_safeguard_warmup=False,
+        masked_loss=False, mask_dir=None, alpha_mask=False, dataset_config=None, caption_extension=".txt",
+        caption_prefix="", caption_suffix="", keep_tokens_separator="",
         data_dir=str(tmp / "data"), output_dir=str(tmp / "out"), cache_dir=str(tmp / "out" / "cache"),
     )
     got = vars(args)
@@ -138,7 +142,7 @@ def test_unknown_yaml_key_names_key_file_and_suggestion(tmp, base):
 @pytest.mark.parametrize("key, value", [
     ("learning_rate", "abc"), ("batch_size", 2.5), ("batch_size", True), ("lora_rank", [1, 2]),
     ("use_ema", "yes"), ("optimizer", "sgd"), ("precision", "fp8"), ("validation_prompts", {"a": 1}),
-    ("seed", "1e3"), ("data_dir", None), ("image_size", None), ("config", "other.yaml"),
+    ("seed", "1e3"), ("pretrained_model", None), ("image_size", None), ("config", "other.yaml"),
 ])
 def test_bad_yaml_value_names_the_key(tmp, base, key, value):
     cfg = write_yaml(tmp / "c.yaml", {key: value})
@@ -215,6 +219,10 @@ BAD = [  # (extra flags; "{tmp}" is the fixture folder), flag the message must n
     (["--eval_interval", "5", "--validation_prompts", "a dog", "--inception_weights", "{tmp}/file.txt",
       "--eval_real_dir", "{tmp}/nope"], "eval_real_dir"),
     (["--eval_num_images", "0"], "eval_num_images"), (["--eval_interval", "-1"], "eval_interval"),
+    (["--optimizer", "prodigy"], "optimizer"), (["--optimizer", "adamw_schedulefree"], "optimizer"),
+    (["--logit_std", "0"], "logit_std"), (["--multires_noise_iterations", "-1"], "multires_noise_iterations"),
+    (["--multires_noise_discount", "0"], "multires_noise_discount"),
+    (["--input_perturbation", "-0.1"], "input_perturbation"), (["--prodigy_d_coef", "0"], "prodigy_d_coef"),
 ]
 
 
@@ -326,3 +334,31 @@ def test_saved_config_round_trips_defaults(tmp, base):
     again = check(["--config", str(save_resolved_config(args, tmp / "out"))])
     assert {**vars(again), "config": None} == {**vars(args), "config": None}
     assert not re.search(r"\.tmp$", " ".join(p.name for p in (tmp / "out").iterdir()))
+
+
+def test_recipe_defaults_resolve(tmp, base):
+    """Prodigy's learning rate defaults to 1.0; --min_snr_gamma alone means min_snr; min_snr alone means gamma 5."""
+    assert check([*base, "--optimizer", "prodigy"]).learning_rate == 1.0
+    assert check([*base, "--optimizer", "prodigy", "--learning_rate", "0.5"]).learning_rate == 0.5
+    args = check([*base, "--min_snr_gamma", "3"])
+    assert (args.loss_weighting, args.min_snr_gamma) == ("min_snr", 3.0)
+    args = check([*base, "--loss_weighting", "min_snr"])
+    assert (args.loss_weighting, args.min_snr_gamma) == ("min_snr", 5.0)
+
+
+def test_optimizer_that_cannot_run_here_is_one_line(tmp, base, monkeypatch):
+    """adamw8bit on a CPU (bitsandbytes installed or not), schedule-free with an LR schedule."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "bitsandbytes"
+                        else real(name, *a))
+    with pytest.raises(ConfigError, match=r"^--optimizer adamw8bit: needs a CUDA GPU \(bitsandbytes\), not cpu"):
+        check([*base, "--optimizer", "adamw8bit", "--device", "cpu"])
+    with pytest.raises(ConfigError, match=r"^--lr_scheduler cosine: schedule-free AdamW needs no learning-rate"):
+        check([*base, "--optimizer", "adamw_schedulefree", "--lr_scheduler", "cosine"])
+
+
+def test_missing_recipe_package_names_the_extra(tmp, base, no_optional_packages):
+    with pytest.raises(ConfigError) as e:
+        check([*base, "--optimizer", "prodigy"])
+    assert str(e.value) == ("--optimizer prodigy: needs prodigyopt, which is not installed; run `pip install -e "
+                            ".[recipes]` or use --optimizer adamw")

@@ -320,13 +320,30 @@ def test_rank_split(tmp_path):
 
 
 def test_rank_split_trims_odd_bucket_tails(tmp_path):
-    mixed_folder(tmp_path, 12)  # buckets of 3, 3 and 6 images
-    ranks = [build_dataset(tmp_path, 192, 2, rank=r, world_size=2) for r in range(2)]
+    mixed_folder(tmp_path, 14)  # buckets of 4, 3 and 7 images
+    ranks = [build_dataset(tmp_path, 192, 1, rank=r, world_size=2) for r in range(2)]  # global batch 2
     for epoch in range(2):
         plans = [r.batches_for_epoch(epoch) for r in ranks]
         assert [len(b) for b in plans[0]] == [len(b) for b in plans[1]]
         seen = [i for plan in plans for batch in plan for i in batch]
-        assert len(seen) == len(set(seen)) == 10  # one image of each 3-image bucket sits out the epoch
+        assert len(seen) == len(set(seen)) == 12  # one image of each odd bucket sits out the epoch
+
+
+def test_buckets_smaller_than_a_global_batch_join_the_nearest_full_one(tmp_path):
+    """Buckets of 3 images with a global batch of 4 (2 processes x 2): trained in the 6-image bucket, every image
+    every epoch, and the summary says so; one process with batch 4 plans the same."""
+    mixed_folder(tmp_path, 12)  # buckets of 3, 3 and 6 images
+    ranks = [build_dataset(tmp_path, 192, 2, rank=r, world_size=2) for r in range(2)]
+    single = build_dataset(tmp_path, 192, 4)
+    for epoch in range(2):
+        plans = [r.batches_for_epoch(epoch) for r in ranks]
+        seen = [i for plan in plans for batch in plan for i in batch]
+        assert sorted(seen) == list(range(12))
+        assert [a + b for a, b in zip(*plans, strict=True)] == single.batches_for_epoch(epoch)
+    merged = ranks[0].summary()["merged_buckets"]
+    assert len(merged) == 2 and all(v.startswith("3 images trained in bucket ") for v in merged.values())
+    assert len(set(ranks[0].bucket_of)) == 1 and ranks[0].summary()["buckets"] == {
+        "{}x{}".format(*ranks[0].buckets[ranks[0].bucket_of[0]]): 12}
 
 
 # ---------------------------------------------------------------------------------------------------- webdataset

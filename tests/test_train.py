@@ -136,7 +136,8 @@ def test_training_step_matches_diffusers_with_peft(tiny_dir, prediction_type, ga
     losses = {}
     for name, unet in (("ours", ours), ("ref", Wrap(ref))):
         loss = diffusion_loss(unet, x0, embeds, pooled, time_ids, t, noise, alphas_cumprod=alphas_cumprod(),
-                              prediction_type=prediction_type, min_snr_gamma=gamma).mean()
+                              prediction_type=prediction_type, min_snr_gamma=gamma,
+                              loss_weighting="min_snr" if gamma else "none").mean()
         loss.backward()
         losses[name] = loss.item()
     assert abs(losses["ours"] - losses["ref"]) / losses["ref"] < 1e-5
@@ -147,7 +148,8 @@ def test_training_step_matches_diffusers_with_peft(tiny_dir, prediction_type, ga
             assert err < 1e-4, name
 
 
-@pytest.mark.parametrize("name", ["tiny_demo", "sdxl_lora_512_12gb", "sdxl_lora_1024_24gb", "sdxl_lora_128px"])
+@pytest.mark.parametrize("name", ["tiny_demo", "sdxl_lora_512_12gb", "sdxl_lora_1024_24gb", "sdxl_lora_128px",
+                                  "sdxl_lora_128px_small_data"])
 def test_presets_parse(name):
     from training.config import parse_config
 

@@ -138,3 +138,20 @@ def group_by_bucket(items: Iterable, bucket_of: Callable[[object], Hashable], ba
             yield pending.pop(bucket_of(item))
     for bucket in sorted(pending):
         yield pending[bucket]
+
+
+def merge_small_buckets(bucket_of: Sequence[int], buckets: Sequence[Size], global_batch: int) -> tuple[list[int], dict]:
+    """Buckets holding fewer images than one global batch give their images to the nearest bucket (in log aspect
+    ratio) that holds at least that many (to the fullest bucket if none does), so that no bucket's few images are
+    trained only in small batches or, trimmed to a multiple of the processes, never at all.
+    Returns the new bucket of each image and {small bucket: (its images, the bucket they went to)}."""
+    counts = defaultdict(int)
+    for bucket in bucket_of:
+        counts[bucket] += 1
+    full = [b for b, n in counts.items() if n >= global_batch] or [max(counts, key=lambda b: (counts[b], -b))]
+
+    def log_ratio(b: int) -> float:
+        return math.log(buckets[b][0] / buckets[b][1])
+
+    moved = {b: min(full, key=lambda f: (abs(log_ratio(f) - log_ratio(b)), f)) for b in counts if b not in full}
+    return [moved.get(b, b) for b in bucket_of], {b: (counts[b], to) for b, to in moved.items()}

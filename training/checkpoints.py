@@ -49,8 +49,24 @@ MUST_MATCH = (
     "min_snr_gamma", "noise_offset", "min_timestep", "max_timestep", "optimizer", "learning_rate", "weight_decay",
     "adam_beta1", "adam_beta2", "adam_epsilon", "lr_scheduler", "warmup_steps", "max_grad_norm", "use_ema",
     "ema_decay",
+    "timestep_sampling", "logit_mean", "logit_std", "mode_scale", "loss_weighting", "multires_noise_iterations",
+    "multires_noise_discount", "input_perturbation", "prodigy_d_coef", "prodigy_use_bias_correction",
+    "prodigy_safeguard_warmup", "dataset_config", "caption_extension", "caption_prefix", "caption_suffix",
+    "keep_tokens_separator", "masked_loss", "mask_dir", "alpha_mask",
 )
-ADDED_SETTINGS = {"conv_rank": 0, "conv_alpha": 0.0, "use_dora": False}  # defaults of settings added later
+
+
+def with_later_settings(config: dict) -> dict:
+    """A checkpoint's config.yaml from before a setting existed: the run used its default (and Min-SNR was on
+    when min_snr_gamma > 0)."""
+    later = {"timestep_sampling": "uniform", "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29,
+             "loss_weighting": "min_snr" if config.get("min_snr_gamma") else "none", "multires_noise_iterations": 0,
+             "multires_noise_discount": 0.3, "input_perturbation": 0.0, "prodigy_d_coef": 1.0,
+             "prodigy_use_bias_correction": False, "prodigy_safeguard_warmup": False, "dataset_config": None,
+             "caption_extension": ".txt", "caption_prefix": "", "caption_suffix": "", "keep_tokens_separator": "",
+             "masked_loss": False, "mask_dir": None, "alpha_mask": False, "conv_rank": 0, "conv_alpha": 0.0,
+             "use_dora": False}
+    return {**later, **config}
 RUN_OUTPUTS = ("checkpoints", "samples", "metrics.jsonl", "lora_final.safetensors", "lora_best.safetensors")
 
 
@@ -219,8 +235,7 @@ def settings_differences(saved: dict, current: dict, keys=MUST_MATCH) -> list[st
     def plain(v):
         return str(v) if isinstance(v, Path) else v
 
-    # a checkpoint from before a setting existed ran with its default
-    saved, current = ADDED_SETTINGS | saved, ADDED_SETTINGS | current
+    saved = with_later_settings(saved)  # a checkpoint from before a setting existed ran with its default
     return [f"{k}: checkpoint {plain(saved.get(k))!r}, now {plain(current.get(k))!r}" for k in keys
             if plain(saved.get(k)) != plain(current.get(k))]
 

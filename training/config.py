@@ -32,11 +32,14 @@ from common.cli import ConfigError, fail, print_error
 from common.files import check_writable, write_text
 from common.runtime import resolve_device
 from training.buckets import SIZE_MULTIPLE
+from training.captions import CaptionStyle
 from training.flags import DATA_HINT, build_parser
+from training.optim import OPTIMIZERS
 
 __all__ = ["ConfigError", "build_parser", "parse_config", "parse_or_exit", "resolved_config_yaml",
            "save_resolved_config", "validate"]
-PATH_FLAGS = ("data_dir", "val_data_dir", "pretrained_model", "vae_model", "cache_dir", "output_dir", "eval_real_dir",
+PATH_FLAGS = ("data_dir", "dataset_config", "mask_dir", "val_data_dir", "pretrained_model", "vae_model", "cache_dir",
+              "output_dir", "eval_real_dir",
               "inception_weights", "clip_model")
 
 
@@ -144,6 +147,12 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
         args.lora_alpha = float(args.lora_rank)
     if args.conv_alpha is None:
         args.conv_alpha = float(args.conv_rank)
+    if args.learning_rate is None:  # Prodigy estimates the step size itself: its lr is a multiplier, 1.0
+        args.learning_rate = 1.0 if args.optimizer == "prodigy" else 1e-4
+    if args.loss_weighting == "none" and args.min_snr_gamma > 0:  # the older spelling of min_snr
+        args.loss_weighting = "min_snr"
+    if args.loss_weighting == "min_snr" and args.min_snr_gamma == 0:
+        args.min_snr_gamma = 5.0
     if args.cache_dir is None:
         args.cache_dir = os.path.join(args.output_dir, "cache")
     args.validation_prompts = list(args.validation_prompts)
@@ -168,9 +177,10 @@ RULES = [
       "log_interval", "eval_num_images"), lambda v: v >= 1, ">= 1"),
     (("keep_tokens", "num_workers", "save_every_n_epochs", "keep_last", "warmup_steps", "max_nonfinite_steps",
       "save_interval", "validation_interval", "eval_interval",
-      "weight_decay", "max_grad_norm", "min_snr_gamma", "noise_offset", "conv_rank",
-      "conv_alpha"), lambda v: v >= 0, ">= 0"),
-    (("learning_rate", "lora_alpha", "adam_epsilon"), lambda v: v > 0, "> 0"),
+      "weight_decay", "max_grad_norm", "min_snr_gamma", "noise_offset", "conv_rank", "conv_alpha",
+      "multires_noise_iterations", "input_perturbation"), lambda v: v >= 0, ">= 0"),
+    (("learning_rate", "lora_alpha", "adam_epsilon", "logit_std", "prodigy_d_coef"), lambda v: v > 0, "> 0"),
+    (("multires_noise_discount",), lambda v: 0 < v <= 1, "in (0, 1], e.g. 0.3"),
     (("caption_dropout", "lora_dropout", "adam_beta1", "adam_beta2"), lambda v: 0 <= v < 1, "in [0, 1)"),
     (("max_bad_fraction",), lambda v: 0 <= v <= 1, "in [0, 1], e.g. 0.05"),
     (("ema_decay",), lambda v: 0 < v < 1, "in (0, 1), e.g. 0.999"),
@@ -233,11 +243,48 @@ def _check_evaluation(args: argparse.Namespace) -> None:
              "download of e.g. openai/clip-vit-large-patch14, or leave the flag out")
 
 
+def _check_captions(args: argparse.Namespace) -> None:
+    """Where the images come from (one of --data_dir, --dataset_config) and how captions are read."""
+    if (args.data_dir is None) == (args.dataset_config is None):
+        fail("data_dir", args.data_dir, "is required (on the command line or in the --config file), or else "
+             "--dataset_config FILE.yaml; give exactly one of the two")
+    if args.dataset_config is not None:
+        from training.dataset_config import read_dataset_config  # its one-line errors, before any model loads
+
+        read_dataset_config(args.dataset_config, CaptionStyle(args.caption_extension))
+    if not args.caption_extension.startswith(".") or len(args.caption_extension) < 2:
+        fail("caption_extension", args.caption_extension, "must start with a dot, e.g. .txt or .caption")
+    for name in ("mask_dir", "alpha_mask"):
+        if getattr(args, name) and not args.masked_loss:
+            fail(name, getattr(args, name) if name == "mask_dir" else None, "needs --masked_loss")
+    if args.mask_dir and args.alpha_mask:
+        fail("alpha_mask", None, "cannot be combined with --mask_dir; the mask comes from one of them")
+    if args.mask_dir and not Path(args.mask_dir).is_dir():
+        fail("mask_dir", args.mask_dir, "is not a folder; give the folder of IMAGE_STEM.png masks")
+    if args.masked_loss and args.cache_latents != "none":
+        fail("masked_loss", None, "cannot be combined with --cache_latents yet (each crop's mask is made with its "
+             "image); use --cache_latents none")
+
+
+def _check_optimizer(args: argparse.Namespace) -> None:
+    """The optimizer's package is installed and it fits the device and LR schedule (after the device resolved)."""
+    module, install = OPTIMIZERS[args.optimizer] or (None, None)
+    if module is not None and importlib.util.find_spec(module) is None:
+        fail("optimizer", args.optimizer, f"needs {module}, which is not installed; run `{install}` or use "
+             "--optimizer adamw")
+    if args.optimizer == "adamw8bit" and not str(args.device).startswith("cuda"):
+        fail("optimizer", "adamw8bit", f"needs a CUDA GPU (bitsandbytes), not {args.device}; use --optimizer adamw")
+    if args.optimizer == "adamw_schedulefree" and args.lr_scheduler != "constant":
+        fail("lr_scheduler", args.lr_scheduler, "schedule-free AdamW needs no learning-rate schedule; use "
+             "--lr_scheduler constant (--warmup_steps still warms up)")
+
+
 def validate(args: argparse.Namespace) -> None:
     """Check every resolved value; raise ConfigError naming the flag, the value and what to do."""
-    for name in ("data_dir", "pretrained_model", "output_dir"):
+    for name in ("pretrained_model", "output_dir"):
         if getattr(args, name) is None:
             fail(name, None, "is required (on the command line or in the --config file)")
+    _check_captions(args)
     for name, value in sorted(vars(args).items()):
         if isinstance(value, float) and not math.isfinite(value):
             fail(name, value, "must be a finite number")
@@ -255,7 +302,8 @@ def validate(args: argparse.Namespace) -> None:
     if args.shuffle_tags and args.cache_text_embeddings:
         fail("shuffle_tags", None, "cannot be combined with --cache_text_embeddings (a cached embedding cannot be "
               "reshuffled); drop one of them")
-    _check_data("data_dir", args.data_dir)
+    if args.data_dir is not None:
+        _check_data("data_dir", args.data_dir)
     if args.val_data_dir is not None:
         _check_data("val_data_dir", args.val_data_dir)
     for name in ("output_dir", "cache_dir"):
@@ -263,9 +311,7 @@ def validate(args: argparse.Namespace) -> None:
             fail(name, getattr(args, name), "is an existing file; give a folder (it is created if missing)")
     _check_models(args)
     args.device, args.precision = resolve_device(args.device, args.precision)
-    if args.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
-        fail("optimizer", "adamw8bit", "needs bitsandbytes, which is not installed; run `pip install bitsandbytes` "
-              "or use --optimizer adamw")
+    _check_optimizer(args)
     prompts_file = _prompts_file(args.validation_prompts)
     if prompts_file is not None and not Path(prompts_file).is_file():
         fail("validation_prompts", prompts_file, "this prompts file does not exist; give an existing .txt file "

@@ -17,6 +17,7 @@ import io
 import logging
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 from itertools import chain, islice
 from pathlib import Path
 
@@ -31,11 +32,15 @@ from training.buckets import (
     cover_size,
     group_by_bucket,
     make_buckets,
+    merge_small_buckets,
     plan_global_batches,
     rank_share,
 )
+from training.captions import CaptionStyle, finish_caption
 from training.data_checks import warn_about_images
+from training.dataset_config import read_dataset_config, scan_subsets
 from training.images import Augmentation, Example, collate, make_example
+from training.masks import MaskSource, check_masks, is_mask_file, mask_crop, read_mask
 from training.scan import DataError, ScanResult, find_shards, scan_folder
 from training.signals import ignore_stop_signals
 
@@ -93,12 +98,14 @@ class FolderDataset(torch.utils.data.Dataset):
         self.rank, self.world_size = rank, world_size
         self.records = scan.records
         self.bucket_of = [closest_bucket(r.height, r.width, buckets) for r in self.records]
+        self.bucket_of, self.merged_buckets = merge_small_buckets(self.bucket_of, buckets, batch_size * world_size)
         self._same_bucket = {b: [] for b in set(self.bucket_of)}  # bucket -> its sample indices, ascending
         for index, bucket in enumerate(self.bucket_of):
             self._same_bucket[bucket].append(index)
         self._position = {i: n for members in self._same_bucket.values() for n, i in enumerate(members)}
         self._failed: set[int] = set()  # indices that failed to load in this process
         self.decode = True  # False once the latents are cached: samples then carry no pixels
+        self.masks: MaskSource | None = None  # --masked_loss: where each image's mask comes from
         self._num_batches = len(self.batches_for_epoch(0))  # the same for every epoch
 
     def global_batches_for_epoch(self, epoch: int) -> list[list[int]]:
@@ -141,7 +148,11 @@ class FolderDataset(torch.utils.data.Dataset):
                 self._failed.add(candidate)
                 logger.warning("cannot load %s any more, replacing it in its batch: %s", record.path, error)
                 continue
-            return make_example(image, original_size, bucket, record.caption, record.key, self.aug, epoch, index)
+            example = make_example(image, original_size, bucket, record.caption, record.key, self.aug, epoch, index)
+            if self.masks is not None:
+                example.mask = mask_crop(read_mask(record.path, self.masks), original_size, bucket,
+                                         example.crop_top_left)
+            return example
         raise DataError(f"none of the images under {self.scan.root} can be loaded any more; see the warnings above")
 
     def __getitem__(self, item: tuple[int, int]) -> dict:
@@ -188,6 +199,9 @@ class FolderDataset(torch.utils.data.Dataset):
             "bad_files": self.scan.bad_files,
             "missing_captions": self.scan.missing_captions,
             "buckets": {f"{h}x{w}": counts[i] for i, (h, w) in enumerate(self.buckets) if counts[i]},
+            "merged_buckets": {"{}x{}".format(*self.buckets[b]): f"{n} images trained in bucket "
+                               "{}x{} (fewer than one global batch)".format(*self.buckets[to])
+                               for b, (n, to) in self.merged_buckets.items()},
             "batches_per_epoch": len(self),
             "fingerprint": self.fingerprint(),
         }
@@ -276,9 +290,11 @@ class ShardDataset(torch.utils.data.IterableDataset):
         if member is None:
             logger.warning("skipping %s: no jpg/jpeg/png/webp member (has %s)", key, sorted(sample))
             return None
-        if "txt" not in sample:
+        text = self.aug.captions.extension.lstrip(".")
+        if text not in sample:
             logger.warning("no caption: %s (training it with an empty caption)", key)
-        caption = sample.get("txt", b"").decode("utf-8", errors="replace").strip()
+        caption = finish_caption(sample.get(text, b"").decode("utf-8", errors="replace").strip(), self.aug.captions,
+                                 self.aug.shuffle_tags)
 
         def resize_to(h: int, w: int) -> tuple[int, int]:
             return cover_size(h, w, self.buckets[closest_bucket(h, w, self.buckets)])
@@ -343,8 +359,12 @@ def build_dataset(
     rank: int = 0,
     world_size: int = 1,
     shuffle_buffer: int = 1000,
+    captions: CaptionStyle | None = None,
+    dataset_config: str | Path | None = None,
+    masks: MaskSource | None = None,
 ) -> FolderDataset | ShardDataset:
-    """The training dataset for data_dir (a folder, a metadata.jsonl folder, or .tar shards); see the module doc.
+    """The training dataset for data_dir (a folder, a metadata.jsonl folder, or .tar shards), or for the subsets of
+    a dataset_config file (training/dataset_config.py); see the module doc.
 
     bucketing=False trains at a fixed resolution x resolution: short side resized to it, then cropped.
     """
@@ -356,13 +376,32 @@ def build_dataset(
         raise ValueError(f"resolution {resolution} must be a multiple of {SIZE_MULTIPLE} and at least "
                          f"{2 * SIZE_MULTIPLE} (VAE /8, UNet /4)")
     buckets = make_buckets(resolution) if bucketing else [(resolution, resolution)]
-    aug = Augmentation(center_crop, random_flip, caption_dropout, shuffle_tags, keep_tokens, seed)
+    captions = captions or CaptionStyle()
+    aug = Augmentation(center_crop, random_flip, caption_dropout, shuffle_tags, keep_tokens, seed, captions)
+    if dataset_config is not None:
+        scan = scan_subsets(dataset_config, read_dataset_config(dataset_config, captions), max_bad_fraction,
+                            shuffle_tags)
+        return _folder_dataset(scan, buckets, batch_size, aug, rank, world_size, masks, resolution, bucketing)
     shards = find_shards(data_dir)
+    if shards is not None and masks is not None:
+        raise DataError(f"--masked_loss needs a folder of images; {data_dir} is .tar shards")
     if shards is not None:
         dataset = ShardDataset(shards, buckets, batch_size, aug, rank, world_size, shuffle_buffer)
         logger.info("training data: %d webdataset shards from %s", len(shards), data_dir)
         return dataset
-    dataset = FolderDataset(scan_folder(data_dir, max_bad_fraction), buckets, batch_size, aug, rank, world_size)
+    scan = scan_folder(data_dir, max_bad_fraction, captions.extension)
+    scan.records = [replace(r, caption=finish_caption(r.caption, captions, shuffle_tags)) for r in scan.records]
+    return _folder_dataset(scan, buckets, batch_size, aug, rank, world_size, masks, resolution, bucketing)
+
+
+def _folder_dataset(scan: ScanResult, buckets, batch_size: int, aug: Augmentation, rank: int,
+                    world_size: int, masks: MaskSource | None, resolution: int, bucketing: bool) -> FolderDataset:
+    scan.records = [r for r in scan.records if not is_mask_file(r.path, masks)]
+    scan.missing_captions = [p for p in scan.missing_captions if not is_mask_file(p, masks)]
+    if masks is not None:
+        check_masks(scan.records, masks)
+    dataset = FolderDataset(scan, buckets, batch_size, aug, rank, world_size)
+    dataset.masks = masks
     warn_about_images(dataset.scan.records, resolution, bucketing)  # odd images and captions, named
     summary = dataset.summary()
     logger.info(
@@ -373,4 +412,6 @@ def build_dataset(
         summary["buckets"],
         summary["batches_per_epoch"],
     )
+    for bucket, how in summary["merged_buckets"].items():
+        logger.warning("bucket %s: %s", bucket, how)
     return dataset

@@ -7,6 +7,8 @@ YAML file given with `--config` (training/config.py reads, resolves and checks t
 import argparse
 
 from common.cli import Parser, add_flag
+from training.optim import OPTIMIZERS
+from training.timesteps import LOSS_WEIGHTING, TIMESTEP_SAMPLING
 
 DATA_HINT = "give a folder of images with .txt captions, a .tar shard, or a pattern like shards/{000000..000099}.tar"
 
@@ -23,8 +25,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     flag, req = argparse.BooleanOptionalAction, "(required, here or in --config)"
     g = p.add_argument_group("data")
-    add_flag(g, "data_dir", f"training images: a folder of images with same-named .txt captions, a .tar shard, or a "
-         f"pattern shards/{{000000..000099}}.tar {req}", required=True, metavar="DIR")
+    add_flag(g, "data_dir", "training images: a folder of images with same-named .txt captions, a .tar shard, or a "
+         "pattern shards/{000000..000099}.tar (required, here or in --config, unless --dataset_config)",
+         metavar="DIR")
+    add_flag(g, "dataset_config", "YAML listing several image folders (`subsets:`), each with its num_repeats and "
+             "caption settings, instead of --data_dir; see training/dataset_config.py (default: none)",
+             metavar="FILE.yaml")
+    add_flag(g, "caption_extension", "caption files beside the images: IMAGE_STEM + this, e.g. .caption; in shards "
+             "the member of that name (default: .txt)", default=".txt", metavar="EXT")
+    add_flag(g, "caption_prefix", "put before every caption with a space, e.g. a trigger word 'sks,' "
+             "(default: none)", default="", metavar="TEXT")
+    add_flag(g, "caption_suffix", "put after every caption with a space (default: none)", default="", metavar="TEXT")
+    add_flag(g, "keep_tokens_separator", "tags before this separator (e.g. |||) stay in place with --shuffle_tags; a "
+             "second one fixes the tags after it; removed from the caption (default: none)", default="",
+             metavar="SEP")
     add_flag(g, "val_data_dir", "held-out images for a validation loss, as --data_dir (default: none)", metavar="DIR")
     add_flag(g, "image_size", "training size in pixels, a multiple of 64; buckets hold about image_size^2 pixels "
          "(default: 1024)", type=int, default=1024, metavar="PX")
@@ -39,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(g, "shuffle_tags", "shuffle the comma-separated tags of a caption each time it is used; not with "
          "--cache_text_embeddings (default: off)", action=flag, default=False)
     add_flag(g, "keep_tokens", "--shuffle_tags keeps the first N tags (default: 0)", type=int, default=0, metavar="N")
+    add_flag(g, "masked_loss", "weight the loss by a mask per image: IMAGE_STEM_mask.png beside it, --mask_dir, or "
+             "--alpha_mask; white = learn, black = ignore; images without one learn everywhere; not with "
+             "--cache_latents (default: off)", action=flag, default=False)
+    add_flag(g, "mask_dir", "--masked_loss: the masks are MASK_DIR/IMAGE_STEM.png (default: beside the images)",
+             metavar="DIR")
+    add_flag(g, "alpha_mask", "--masked_loss: the mask is each image's alpha channel (default: off)", action=flag,
+             default=False)
     add_flag(g, "max_bad_fraction", "unreadable images are skipped; stop when more than this fraction are bad "
          "(default: 0.05)", type=float, default=0.05, metavar="F")
     add_flag(g, "num_workers", "data loader processes; 0 = the main process (default: 2)", type=int, default=2,
@@ -69,9 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(g, "gradient_accumulation_steps", "micro-batches per step (default: 1)", type=int, default=1, metavar="N")
     add_flag(g, "num_epochs", "passes over the data (default: 1)", type=int, default=1, metavar="N")
     add_flag(g, "max_train_steps", "optimizer steps; overrides --num_epochs (default: none)", type=int, metavar="N")
-    add_flag(g, "learning_rate", "peak learning rate (default: 1e-4)", type=float, default=1e-4, metavar="LR")
-    add_flag(g, "optimizer", "adamw = torch.optim.AdamW; adamw8bit = bitsandbytes AdamW8bit, less memory "
-         "(default: adamw)", choices=["adamw", "adamw8bit"], default="adamw")
+    add_flag(g, "learning_rate", "peak learning rate (default: 1.0 with prodigy, which finds its own step size; "
+             "else 1e-4)", type=float, metavar="LR")
+    add_flag(g, "optimizer", "adamw = torch.optim.AdamW; adamw8bit = bitsandbytes AdamW8bit, less memory (CUDA); "
+             "prodigy = Prodigy, learning-rate free (prodigyopt); adamw_schedulefree = schedule-free AdamW, no LR "
+             "schedule, its eval-mode weights are validated and saved (schedulefree); adafactor = transformers' "
+             "Adafactor at a fixed --learning_rate (prodigy and schedule-free: `pip install -e .[recipes]`) "
+             "(default: adamw)", choices=list(OPTIMIZERS), default="adamw")
+    add_flag(g, "prodigy_d_coef", "Prodigy: scales its estimated step size d (default: 1.0)", type=float, default=1.0,
+             metavar="C")
+    add_flag(g, "prodigy_use_bias_correction", "Prodigy: Adam's bias correction, as kohya users usually set "
+             "(default: off)", action=flag, default=False)
+    add_flag(g, "prodigy_safeguard_warmup", "Prodigy: keep d from growing too fast during --warmup_steps "
+             "(default: off)", action=flag, default=False)
     add_flag(g, "weight_decay", "AdamW weight decay (default: 1e-2)", type=float, default=1e-2, metavar="WD")
     add_flag(g, "adam_beta1", "Adam beta1 (default: 0.9)", type=float, default=0.9, metavar="B")
     add_flag(g, "adam_beta2", "Adam beta2 (default: 0.999)", type=float, default=0.999, metavar="B")
@@ -84,8 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(g, "max_timestep", "highest timestep trained, 0..999 (default: 999)", type=int, default=999, metavar="T")
     add_flag(g, "prediction_type", "epsilon (SDXL base) or v_prediction (v-models) (default: epsilon)",
          choices=["epsilon", "v_prediction"], default="epsilon")
-    add_flag(g, "min_snr_gamma", "Min-SNR loss weighting gamma (Hang et al. 2023), 5 is typical; 0 = off (default: 0)",
-         type=float, default=0.0, metavar="G")
+    add_flag(g, "min_snr_gamma", "gamma of --loss_weighting min_snr (Hang et al. 2023), 5 is typical; a value > 0 "
+             "alone turns min_snr on (default: 0; 5 with --loss_weighting min_snr)", type=float, default=0.0,
+             metavar="G")
     add_flag(g, "noise_offset", "offset noise strength, e.g. 0.0357 (default: 0.0)", type=float, default=0.0,
              metavar="X")
     add_flag(g, "max_nonfinite_steps", "steps with a NaN/inf loss are skipped; stop after this many in a row "
@@ -93,6 +125,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(g, "seed", "seed of data order, noise, timesteps and LoRA init (default: 0)", type=int, default=0)
     add_flag(g, "use_ema", "keep and save an EMA of the LoRA weights (default: off)", action=flag, default=False)
     add_flag(g, "ema_decay", "EMA decay per optimizer step (default: 0.999)", type=float, default=0.999, metavar="D")
+
+    g = p.add_argument_group("timesteps, noise & loss weighting (training/timesteps.py)")
+    add_flag(g, "timestep_sampling", "density of the trained timesteps: uniform; logit_normal (SD3) favours the "
+             "middle; mode (SD3) by --mode_scale (default: uniform)", choices=list(TIMESTEP_SAMPLING),
+             default="uniform")
+    add_flag(g, "logit_mean", "logit_normal: mean of the normal before the sigmoid (default: 0.0)", type=float,
+             default=0.0, metavar="M")
+    add_flag(g, "logit_std", "logit_normal: std of the normal before the sigmoid (default: 1.0)", type=float,
+             default=1.0, metavar="S")
+    add_flag(g, "mode_scale", "mode: > 0 favours the middle timesteps, < 0 the ends (default: 1.29)", type=float,
+             default=1.29, metavar="S")
+    add_flag(g, "loss_weighting", "per-sample loss weights: none; min_snr = Min-SNR-gamma (Hang et al. 2023); "
+             "debiased = 1/sqrt(SNR) (Yu et al. 2024); the validation loss is never weighted (default: none)",
+             choices=list(LOSS_WEIGHTING), default="none")
+    add_flag(g, "multires_noise_iterations", "multi-resolution (pyramid) noise levels, 6-10 is typical; 0 = off "
+             "(default: 0)", type=int, default=0, metavar="N")
+    add_flag(g, "multires_noise_discount", "weight ratio of each coarser noise level, 0.1-0.3 (default: 0.3)",
+             type=float, default=0.3, metavar="D")
+    add_flag(g, "input_perturbation", "extra noise on the UNet's input only (Ning et al. 2023), 0.1 is typical; "
+             "0 = off (default: 0.0)", type=float, default=0.0, metavar="G")
 
     g = p.add_argument_group("precision & memory")
     add_flag(g, "precision", "UNet autocast dtype; LoRA weights and the VAE stay fp32; fp16 needs a GPU. auto = bf16 "

@@ -10,6 +10,7 @@ Every optimizer micro-batch is a dict (B images of one bucket (H, W)):
     target_size    int64 (B, 2)      (H, W), the bucket
     keys           list[str]         stable sample id: path relative to data_dir, or "<shard file>/<key>"
     flipped        bool (B,)
+    masks          uint8 (B, 1, H, W) with --masked_loss: each image's mask, cropped and flipped as its image
 and SDXL's micro-conditioning (Podell et al. 2023, "SDXL", section 2.2) is
 `time_ids = original_size + crop_top_left + target_size`.
 
@@ -22,13 +23,15 @@ drawn from their own numpy generators (`sample_rng`), never from global RNG stat
 exact with any number of DataLoader workers.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from PIL import Image
 
 from training.buckets import crop_geometry, crop_to_bucket
+from training.captions import CaptionStyle
+from training.captions import shuffle_tags as shuffle_caption_tags
 
 # Independent random streams of one sample, seeded by (seed, epoch, index, stream).
 CROP_STREAM, FLIP_STREAM, CAPTION_STREAM = 1, 2, 3
@@ -58,6 +61,7 @@ class Augmentation:
     shuffle_tags: bool = False
     keep_tokens: int = 0
     seed: int = 0
+    captions: CaptionStyle = field(default_factory=CaptionStyle)  # their file extension, trigger words, separator
 
 
 def sample_rng(seed: int, epoch: int, index: int, stream: int) -> np.random.Generator:
@@ -65,15 +69,15 @@ def sample_rng(seed: int, epoch: int, index: int, stream: int) -> np.random.Gene
     return np.random.default_rng([seed % 2**64, epoch, index, stream])
 
 
-def transform_caption(caption: str, rng: np.random.Generator, dropout: float, shuffle_tags: bool, keep: int) -> str:
-    """Caption dropout (-> ""), then optionally shuffle comma-separated tags, the first `keep` staying in place."""
+def transform_caption(caption: str, rng: np.random.Generator, dropout: float, shuffle_tags: bool, keep: int,
+                      separator: str = "") -> str:
+    """Caption dropout (-> ""), then optionally shuffle comma-separated tags, the first `keep` (or those before
+    `separator`) staying in place."""
     if rng.random() < dropout:
         return ""
     if not shuffle_tags:
         return caption
-    tags = [tag.strip() for tag in caption.split(",") if tag.strip()]
-    fixed, shuffled = tags[:keep], tags[keep:]
-    return ", ".join(fixed + [shuffled[i] for i in rng.permutation(len(shuffled))])
+    return shuffle_caption_tags(caption, rng, keep, separator)
 
 
 @dataclass
@@ -88,6 +92,7 @@ class Example:
     crop_top_left_flipped: tuple[int, int]  # the same for the mirrored crop in the mirrored resized image
     target_size: tuple[int, int]  # (H, W)
     flip: bool  # whether this (seed, epoch, index) trains on the mirrored crop
+    mask: torch.Tensor | None = None  # uint8 (1, H, W) of --masked_loss: the same crop, unflipped (training/masks.py)
 
     def to_sample(self) -> dict:
         """The training sample: mirrored (pixels and crop offset) when `flip`."""
@@ -100,6 +105,7 @@ class Example:
             "crop_top_left": self.crop_top_left_flipped if self.flip else self.crop_top_left,
             "target_size": self.target_size,
             "flipped": self.flip,
+            **({} if self.mask is None else {"mask": self.mask.flip(-1) if self.flip else self.mask}),
         }
 
 
@@ -124,7 +130,8 @@ def make_example(
     caption_rng = sample_rng(aug.seed, epoch, index, CAPTION_STREAM)
     return Example(
         pixel_values=None if crop is None else to_tensor(crop),
-        caption=transform_caption(caption, caption_rng, aug.caption_dropout, aug.shuffle_tags, aug.keep_tokens),
+        caption=transform_caption(caption, caption_rng, aug.caption_dropout, aug.shuffle_tags, aug.keep_tokens,
+                                  aug.captions.separator),
         key=key,
         original_size=original_size,
         crop_top_left=top_left,
@@ -146,4 +153,5 @@ def collate(samples: list[dict]) -> dict:
         "target_size": torch.tensor([s["target_size"] for s in samples], dtype=torch.long),  # (B, 2)
         "keys": [s["key"] for s in samples],
         "flipped": torch.tensor([s["flipped"] for s in samples], dtype=torch.bool),  # (B,)
+        **({"masks": torch.stack([s["mask"] for s in samples])} if "mask" in samples[0] else {}),  # uint8 (B, 1, H, W)
     }

@@ -3,6 +3,7 @@ timesteps it is drawn with, and the validation loss.
 
     x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise;  loss = || unet(x_t, t, text) - target ||^2 per sample
     target = noise (epsilon prediction, SDXL base) or v = sqrt(abar_t) noise - sqrt(1 - abar_t) x0
+    (timestep density, noise variants and per-sample loss weights: training/timesteps.py)
 
 Every micro-batch draws its timesteps and noise from a CPU generator seeded by (seed, micro-step) for the
 whole global batch and keeps this rank's rows: so a resumed run draws the same, and N processes draw what
@@ -14,7 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from common.runtime import World
-from sdxl.diffusion import add_noise, min_snr_weights, v_target
+from sdxl.diffusion import add_noise, v_target
+from training.masks import masked_mean
+from training.timesteps import NoiseRecipe, draw_noise, loss_weights, sample_timesteps
 
 VALIDATION_TIMESTEPS = 5  # fixed timesteps per validation image, spread over [min_timestep, max_timestep]
 
@@ -30,41 +33,45 @@ def time_ids_of(batch: dict) -> torch.Tensor:
     return torch.cat([batch["original_size"], batch["crop_top_left"], batch["target_size"]], dim=1).float()  # (B, 6)
 
 
-def draw_timesteps_and_noise(seed: int, micro_step: int, shape, world: World, *, min_timestep: int,
-                             max_timestep: int, noise_offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's rows of micro-batch `micro_step`'s timesteps (B,) and noise (B, 4, h, w), CPU."""
+def draw_timesteps_and_noise(seed: int, micro_step: int, shape, world: World,
+                             recipe: NoiseRecipe) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This rank's rows of micro-batch `micro_step`'s timesteps (B,), noise (B, 4, h, w) and the noise x_t is
+    made with (differs from `noise` only with --input_perturbation), CPU (training/timesteps.py)."""
     g = step_generator(seed, micro_step)
-    b, c = shape[:2]
+    b = shape[0]
     n, mine = b * world.size, slice(world.rank * b, (world.rank + 1) * b)
-    t = torch.randint(min_timestep, max_timestep + 1, (n,), generator=g)[mine]
-    noise = torch.randn((n, *shape[1:]), generator=g)[mine]
-    if noise_offset > 0:  # shifts each channel's mean: lets the model learn very dark or bright images
-        noise = noise + noise_offset * torch.randn((n, c, 1, 1), generator=g)[mine]
-    return t, noise
+    t = sample_timesteps(n, recipe, g)[mine]
+    noise, input_noise = draw_noise((n, *shape[1:]), recipe, g)
+    return t, noise[mine], input_noise[mine]
 
 
 def diffusion_loss(unet, x0, embeds, pooled, time_ids, t, noise, *, alphas_cumprod: torch.Tensor,
-                   prediction_type: str = "epsilon", min_snr_gamma: float = 0.0,
+                   prediction_type: str = "epsilon", loss_weighting: str = "none", min_snr_gamma: float = 5.0,
+                   input_noise: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                    autocast_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The per-sample MSE of one micro-batch, optionally Min-SNR weighted (Hang et al. 2023); fp32, (B,).
+    """The per-sample MSE of one micro-batch, optionally weighted (Min-SNR or debiased); fp32, (B,).
 
-    x0 (B, 4, h, w) latents, embeds (B, 77, ctx), pooled (B, P), time_ids (B, 6), t (B,), noise like x0.
+    x0 (B, 4, h, w) latents, embeds (B, 77, ctx), pooled (B, P), time_ids (B, 6), t (B,), noise like x0;
+    input_noise (default: noise) makes x_t, noise makes the target (input perturbation, Ning et al. 2023);
+    mask (B, 1, h, w) weights each latent pixel, normalised by its mean (--masked_loss, training/masks.py).
     The UNet runs under autocast in `autocast_dtype` (bf16/fp16 over frozen base weights; fp32: no autocast)."""
-    noisy = add_noise(x0, noise, t, alphas_cumprod)  # (B, 4, h, w)
+    noisy = add_noise(x0, noise if input_noise is None else input_noise, t, alphas_cumprod)  # (B, 4, h, w)
     target = v_target(x0, noise, t, alphas_cumprod) if prediction_type == "v_prediction" else noise
     cond = {"text_embeds": pooled, "time_ids": time_ids}
     with torch.autocast(x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
         pred = unet(noisy, t, embeds, cond)
-    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
-    if min_snr_gamma > 0:
-        loss = loss * min_snr_weights(t, alphas_cumprod, min_snr_gamma, prediction_type)
-    return loss
+    per_pixel = F.mse_loss(pred.float(), target.float(), reduction="none")  # (B, 4, h, w)
+    loss = per_pixel.mean(dim=(1, 2, 3)) if mask is None else masked_mean(per_pixel, mask)  # (B,)
+    weights = loss_weights(t, alphas_cumprod, loss_weighting, min_snr_gamma, prediction_type)
+    return loss if weights is None else loss * weights
 
 
 @torch.no_grad()
 def validation_loss(encode, unet, val_data, *, seed: int, min_timestep: int, max_timestep: int, **loss_kwargs) -> float:
-    """Mean loss over the validation images at fixed timesteps and fixed noise: comparable across steps and runs.
-    `encode(batch)` -> (x0, embeds, pooled) on the UNet's device; loss_kwargs go to `diffusion_loss`."""
+    """Mean unweighted loss over the validation images at fixed timesteps and fixed noise: comparable across steps
+    and runs, whatever their timestep sampling, noise or loss weighting. `encode(batch)` -> (x0, embeds, pooled) on
+    the UNet's device; loss_kwargs go to `diffusion_loss`."""
+    loss_kwargs = {**loss_kwargs, "loss_weighting": "none"}
     ts = torch.linspace(min_timestep, max_timestep, VALIDATION_TIMESTEPS).round().long()
     total, count = 0.0, 0
     for i, batch in enumerate(val_data.iter_epoch(0)):

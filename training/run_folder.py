@@ -110,7 +110,7 @@ def describe(checkpoint: Checkpoint) -> str:
                  f"micro-step {st.get('micro_step')}"),
         ("last loss", f"{st.get('last_loss', float('nan')):.6g}"),
         ("base model", f"{cfg.get('pretrained_model')}" + (f" (VAE {vae})" if (vae := cfg.get("vae_model")) else "")),
-        ("data", f"{cfg.get('data_dir')} at {cfg.get('image_size')} px{data_options}"),
+        ("data", f"{cfg.get('data_dir') or cfg.get('dataset_config')} at {cfg.get('image_size')} px{data_options}"),
         ("LoRA", f"rank {lora.rank}, alpha {lora.alpha:g}, targets {lora.target_mode} ({modules} layers), "
                  f"dropout {lora.dropout:g}"),
         ("EMA weights", ema),

@@ -90,8 +90,9 @@ def probe_image(path: Path) -> tuple[int, int] | str:
     return height, width
 
 
-def scan_folder(data_dir: str | Path, max_bad_fraction: float = 0.05) -> ScanResult:
-    """Check every image under data_dir before training; raise DataError if too many are unusable."""
+def scan_folder(data_dir: str | Path, max_bad_fraction: float = 0.05, caption_extension: str = ".txt") -> ScanResult:
+    """Check every image under data_dir before training; raise DataError if too many are unusable. Captions come
+    from metadata.jsonl or same-stem `caption_extension` files."""
     root = Path(data_dir).expanduser().resolve()
     if not root.is_dir():
         raise DataError(f"data_dir {root} does not exist or is not a folder; pass a folder of images or .tar shards")
@@ -101,7 +102,7 @@ def scan_folder(data_dir: str | Path, max_bad_fraction: float = 0.05) -> ScanRes
         raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}; check the data_dir path")
 
     def check(path: Path) -> tuple[tuple[int, int] | str, str | None]:
-        return probe_image(path), read_caption(path, metadata, path.relative_to(root).as_posix())
+        return probe_image(path), read_caption(path, metadata, path.relative_to(root).as_posix(), caption_extension)
 
     records, bad_files, missing_captions = [], [], []
     for path, (size, caption) in zip(paths, map_in_threads(check, paths, "scanning images"), strict=True):

@@ -7,7 +7,7 @@ One optimizer step, written out in `train`:
   3. the UNet's loss under autocast over the frozen bf16/fp16 base weights, LoRA weights in fp32, divided by
      the number of micro-batches in the step, backward;
   4. gradients averaged over the processes (torch DDP, during the last micro-batch's backward), unscaled (fp16),
-     clipped; a non-finite loss or gradient skips the step (weights and optimizer state unchanged); else AdamW step,
+     clipped; a non-finite loss or gradient skips the step (weights and optimizer state unchanged); else optimizer step,
      LR schedule, EMA;
   5. log, validate, sample, checkpoint, stop on SIGTERM/SIGINT.
 """
@@ -19,7 +19,6 @@ import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from functools import partial
 from itertools import islice
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from sdxl.loading import load_text_encoder, load_unet, load_vae
 from sdxl.lora import LoRAConfig, apply_lora, lora_parameters, lora_state_dict
 from sdxl.lora_files import save_lora, write_lora
 from training.caching import LatentCache, TextEmbeddingCache
+from training.captions import CaptionStyle
 from training.checkpoints import (
     CheckpointError,
     LoopState,
@@ -54,11 +54,13 @@ from training.config import resolved_config_yaml, save_resolved_config
 from training.datasets import build_dataset
 from training.ema import EMA
 from training.loss import diffusion_loss, draw_timesteps_and_noise, time_ids_of, validation_loss
+from training.masks import MaskSource, latent_mask
 from training.metrics import MetricsLog
-from training.optim import lr_multiplier, make_optimizer
+from training.optim import eval_weights, lr_schedule, make_optimizer
 from training.run_metadata import dataset_metadata, run_metadata
 from training.scoring import TrainingScores
 from training.signals import Stopped, StopRequest
+from training.timesteps import NoiseRecipe
 
 
 class TrainingError(RuntimeError):
@@ -116,10 +118,14 @@ def load_data(args, world):
     """The training data of this rank (and the validation data, on rank 0); a bad dataset is an error here,
     before any model loads."""
     kwargs = dict(resolution=args.image_size, batch_size=args.batch_size, bucketing=args.bucketing, seed=args.seed)
+    kwargs["captions"] = CaptionStyle(args.caption_extension, args.caption_prefix, args.caption_suffix,
+                                      args.keep_tokens_separator)
     data = build_dataset(args.data_dir, center_crop=args.center_crop, random_flip=args.random_flip,
                          caption_dropout=args.caption_dropout, shuffle_tags=args.shuffle_tags,
                          keep_tokens=args.keep_tokens, max_bad_fraction=args.max_bad_fraction,
-                         rank=world.rank, world_size=world.size, **kwargs)
+                         rank=world.rank, world_size=world.size, dataset_config=args.dataset_config,
+                         masks=MaskSource(args.mask_dir and Path(args.mask_dir), args.alpha_mask)
+                         if args.masked_loss else None, **kwargs)
     if not (args.val_data_dir and world.main):
         return data, None
     return data, build_dataset(args.val_data_dir, center_crop=True, **kwargs)
@@ -174,7 +180,7 @@ def train(args) -> dict:
     trained = data_parallel(unet, world)  # what the step runs; validation and saving use `unet` itself
     total_steps, batches_per_epoch = run_length(args, data)
     optimizer = make_optimizer(params, args)
-    schedule = partial(lr_multiplier, warmup=args.warmup_steps, total=total_steps, kind=args.lr_scheduler)
+    schedule = lr_schedule(args, total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     ema = EMA({n: p for n, p in unet.named_parameters() if p.requires_grad}, args.ema_decay) if args.use_ema else None
@@ -186,7 +192,8 @@ def train(args) -> dict:
             print(f"resuming from {resume.path} at step {loop.step} (epoch {loop.epoch}, batch {loop.position})")
     log = MetricsLog(output_dir, args.wandb_project, args.wandb_run_name, config=vars(args)) if world.main else None
     loss_kwargs = dict(alphas_cumprod=alphas_cumprod().to(device), prediction_type=args.prediction_type,
-                       min_snr_gamma=args.min_snr_gamma, autocast_dtype=DTYPES[args.precision])
+                       loss_weighting=args.loss_weighting, min_snr_gamma=args.min_snr_gamma,
+                       autocast_dtype=DTYPES[args.precision])
     started_at = float(resume.metadata.get("ss_training_started_at", t_start)) if resume else t_start
     side = SideTasks(args, world, models, val_data, log, ema, loss_kwargs,
                      state_of=lambda loop: training_state(loop, optimizer, scheduler, scaler, fingerprint),
@@ -195,7 +202,9 @@ def train(args) -> dict:
         print(banner(args, world, data, params, total_steps))
 
     if resume is None:
-        side.validate(loop)
+        with eval_weights(optimizer):
+            side.validate(loop)
+    recipe = NoiseRecipe.of(args)
     accumulation, max_norm = args.gradient_accumulation_steps, args.max_grad_norm or math.inf
     saved_at, nonfinite_run = (loop.step if resume else None), 0
     bar = tqdm(total=total_steps, initial=loop.step, desc="training", unit="step", dynamic_ncols=True,
@@ -213,13 +222,14 @@ def train(args) -> dict:
                     step_loss = torch.zeros(2, device=device)  # [mean loss, stop requested]: one all-reduce
                     for i, batch in enumerate(micro_batches):
                         x0, embeds, pooled = models.encode(batch, device)
-                        t, noise = draw_timesteps_and_noise(
-                            args.seed, loop.micro_step, x0.shape, world, min_timestep=args.min_timestep,
-                            max_timestep=args.max_timestep, noise_offset=args.noise_offset)
+                        t, noise, input_noise = draw_timesteps_and_noise(args.seed, loop.micro_step, x0.shape,
+                                                                         world, recipe)
+                        mask = latent_mask(batch["masks"]).to(device) if "masks" in batch else None
                         last = i == len(micro_batches) - 1  # DDP all-reduces the gradients in its backward
                         with nullcontext() if last or world.size == 1 else trained.no_sync():
                             loss = diffusion_loss(trained, x0, embeds, pooled, time_ids_of(batch).to(device),
-                                                  t.to(device), noise.to(device), **loss_kwargs).mean()
+                                                  t.to(device), noise.to(device), input_noise=input_noise.to(device),
+                                                  mask=mask, **loss_kwargs).mean()
                             scaler.scale(loss / len(micro_batches)).backward()  # the mean over this step's batches
                         step_loss[0] += loss.detach() / len(micro_batches)
                         loop.micro_step, samples = loop.micro_step + 1, samples + x0.shape[0]
@@ -258,22 +268,25 @@ def train(args) -> dict:
                     bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
                     bar.update(1)
                     if side.due(loop.step) and loop.step < total_steps:  # the last step validates after the loop
-                        side.validate(loop)
+                        with eval_weights(optimizer):  # schedule-free: validate and save its eval weights
+                            side.validate(loop)
                     epoch_end = loop.position == batches_per_epoch
                     due = (args.save_interval and loop.step % args.save_interval == 0) or (
                         epoch_end and args.save_every_n_epochs and (loop.epoch + 1) % args.save_every_n_epochs == 0)
                     if due or stopping:
                         saved_at = loop.step
-                        path = side.save(loop)
+                        with eval_weights(optimizer):
+                            path = side.save(loop)
                     if stopping:
                         raise Stopped(stop.signum or signal.SIGTERM, path)
                 if loop.step < total_steps:  # the epoch ran out
                     loop.epoch, loop.position = loop.epoch + 1, 0
             bar.close()
-            side.validate(loop, last=True)
-            if saved_at != loop.step and (args.save_interval or args.save_every_n_epochs):  # so a longer run can
-                side.save(loop)  # continue it
-            final = side.save_final(loop)
+            with eval_weights(optimizer):
+                side.validate(loop, last=True)
+                if saved_at != loop.step and (args.save_interval or args.save_every_n_epochs):  # so a longer run
+                    side.save(loop)  # can continue it
+                final = side.save_final(loop)
     finally:  # every exit, a stop or an error included
         bar.close()
         side.close()
