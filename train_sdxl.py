@@ -21,12 +21,17 @@ from training.config import parse_or_exit
 
 def main(argv=None) -> int:
     args = parse_or_exit(argv)
+    from training.run_plan import AlreadyFinished
     from training.scan import DataError
     from training.signals import Stopped
     from training.train_loop import TrainingError, train
 
     try:
         summary = train(args)
+    except AlreadyFinished as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(e)
+        return 0
     except Stopped as e:
         print(f"{e}\ncontinue with: python train_sdxl.py --config {args.output_dir}/config.yaml --resume_from latest",
               file=sys.stderr)

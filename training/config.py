@@ -176,6 +176,7 @@ RULES = [
      f"a positive multiple of {SIZE_MULTIPLE}, e.g. 512 or 1024"),
     (("seed",), lambda v: 0 <= v < 2**32, "in [0, 2^32)"),
     (("max_train_steps",), lambda v: v is None or v >= 1, ">= 1, or left out to train --num_epochs epochs"),
+    (("lr_schedule_total",), lambda v: v is None or v >= 1, ">= 1, or left out to decay over the run's length"),
 ]
 
 

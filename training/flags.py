@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(g, "adam_epsilon", "Adam epsilon (default: 1e-8)", type=float, default=1e-8, metavar="EPS")
     add_flag(g, "lr_scheduler", "learning-rate schedule after the warmup (default: constant)",
          choices=["constant", "linear", "cosine"], default="constant")
+    add_flag(g, "lr_schedule_total", "steps the LR schedule decays over; give the longest run you may extend to, so "
+             "that a later, larger --max_train_steps continues the same curve (default: the run's length)", type=int,
+             metavar="N")
     add_flag(g, "warmup_steps", "optimizer steps of linear warmup (default: 0)", type=int, default=0, metavar="N")
     add_flag(g, "max_grad_norm", "clip the gradient norm; 0 = off (default: 1.0)", type=float, default=1.0, metavar="N")
     add_flag(g, "min_timestep", "lowest timestep trained, 0..999 (default: 0)", type=int, default=0, metavar="T")

@@ -53,6 +53,7 @@ from training.ema import EMA
 from training.loss import diffusion_loss, draw_timesteps_and_noise, time_ids_of, validation_loss
 from training.metrics import MetricsLog
 from training.optim import lr_multiplier, make_optimizer
+from training.run_plan import check_not_finished, schedule_note, schedule_total
 from training.scoring import TrainingScores
 from training.signals import Stopped, StopRequest
 
@@ -143,18 +144,20 @@ def train(args) -> dict:
     world = init_world(args.device)  # one process, or one rank of torchrun
     device, output_dir = world.device, Path(args.output_dir)
     resume = start_or_resume(args, clear=world.main)  # before anything is written: never clobbers a previous run
-    if world.main:
-        save_resolved_config(args, output_dir)
     data, val_data = load_data(args, world)
     fingerprint = data.summary().get("fingerprint", "")
+    total_steps, batches_per_epoch = run_length(args, data)
     if resume is not None:
         check_resumable(resume, args, fingerprint)
+        check_not_finished(resume, total_steps)  # a finished run: say so, write nothing
+    if world.main:
+        save_resolved_config(args, output_dir)
     models = build_models(args, device)
     models.fill_caches(data, device)
     unet, params = models.unet, lora_parameters(models.unet)
-    total_steps, batches_per_epoch = run_length(args, data)
     optimizer = make_optimizer(params, args)
-    schedule = partial(lr_multiplier, warmup=args.warmup_steps, total=total_steps, kind=args.lr_scheduler)
+    lr_total = schedule_total(args, total_steps)
+    schedule = partial(lr_multiplier, warmup=args.warmup_steps, total=lr_total, kind=args.lr_scheduler)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     ema = EMA({n: p for n, p in unet.named_parameters() if p.requires_grad}, args.ema_decay) if args.use_ema else None
@@ -164,6 +167,8 @@ def train(args) -> dict:
         if world.main:
             rewind_metrics(output_dir, loop.step)
             print(f"resuming from {resume.path} at step {loop.step} (epoch {loop.epoch}, batch {loop.position})")
+            if note := schedule_note(resume, args, lr_total, batches_per_epoch):
+                print(note)
     log = MetricsLog(output_dir, args.wandb_project, args.wandb_run_name, config=vars(args)) if world.main else None
     loss_kwargs = dict(alphas_cumprod=alphas_cumprod().to(device), prediction_type=args.prediction_type,
                        min_snr_gamma=args.min_snr_gamma, autocast_dtype=DTYPES[args.precision])
