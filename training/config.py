@@ -193,6 +193,16 @@ def _check_data(flag: str, value: str) -> None:
         fail(flag, value, f"does not exist; {DATA_HINT}")
 
 
+def _check_streamed_length(args: argparse.Namespace) -> None:
+    """Streamed .tar shards have no length before they are read: the run's length must be given in steps."""
+    from training.scan import find_shards  # here: --help needs no PIL
+
+    value = args.data_dir  # a URL, a .tar or brace pattern of them, or a folder of .tar files
+    if args.max_train_steps is None and (_is_url(value) or value.endswith(".tar") or find_shards(value)):
+        fail("data_dir", args.data_dir, "is streamed from .tar shards, whose number of samples is unknown before "
+             "they are read, so --num_epochs cannot set the run's length: give --max_train_steps N")
+
+
 def _check_models(args: argparse.Namespace) -> None:
     from sdxl.loading import model_path_problem, vae_path_problem  # here: --help needs no diffusers
 
@@ -254,6 +264,7 @@ def validate(args: argparse.Namespace) -> None:
         fail("shuffle_tags", None, "cannot be combined with --cache_text_embeddings (a cached embedding cannot be "
               "reshuffled); drop one of them")
     _check_data("data_dir", args.data_dir)
+    _check_streamed_length(args)
     if args.val_data_dir is not None:
         _check_data("val_data_dir", args.val_data_dir)
     for name in ("output_dir", "cache_dir"):

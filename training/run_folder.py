@@ -83,6 +83,14 @@ def human_size(n: int) -> str:
     raise AssertionError("unreachable")
 
 
+def effective_batch(batch: int | None, accumulation: int, processes: int | None) -> str:
+    """`B x A accumulation x P processes = N images per step`; P is unknown in checkpoints before it was saved."""
+    if batch is None or processes is None:
+        return f"{batch or '?'} x {accumulation} accumulation x ? processes (not recorded in this checkpoint)"
+    return (f"{batch} x {accumulation} accumulation x {processes} process{'es' * (processes != 1)} = "
+            f"{batch * accumulation * processes} images per step")
+
+
 def describe(checkpoint: Checkpoint) -> str:
     """Where the run stands and what it trains: step, epoch, loss, the settings that define it, its files."""
     st, cfg, lora = checkpoint.state, checkpoint.config, checkpoint.lora_config
@@ -108,7 +116,7 @@ def describe(checkpoint: Checkpoint) -> str:
         ("EMA weights", ema),
         ("optimizer", f"{cfg.get('optimizer')}, lr {cfg.get('learning_rate')} ({schedule}); lr now "
                       + ("?" if lr_now[0] is None else f"{lr_now[0]:.4g}")),
-        ("batch", f"{batch} x {accum} accumulation = {batch * accum if batch else '?'} images per step"),
+        ("batch", effective_batch(batch, accum, st.get("world_size"))),
         ("precision", str(cfg.get("precision"))),
         ("max steps", str(max_steps) if max_steps else f"none ({cfg.get('num_epochs')} epochs)"),
         ("seed", str(cfg.get("seed"))),

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from common.files import atomic_write
 from common.runtime import DTYPES, close_world, init_world
+from sampling.grid_labels import label_grid
 from sampling.inference import sample_grid
 from sdxl.diffusion import alphas_cumprod
 from sdxl.loading import load_text_encoder, load_unet, load_vae
@@ -173,7 +174,8 @@ def train(args) -> dict:
     loss_kwargs = dict(alphas_cumprod=alphas_cumprod().to(device), prediction_type=args.prediction_type,
                        min_snr_gamma=args.min_snr_gamma, autocast_dtype=DTYPES[args.precision])
     side = SideTasks(args, world, models, val_data, log, ema, loss_kwargs,
-                     state_of=lambda loop: training_state(loop, optimizer, scheduler, scaler, fingerprint))
+                     state_of=lambda loop: {**training_state(loop, optimizer, scheduler, scaler, fingerprint),
+                                            "world_size": world.size})  # for the effective batch in --inspect
     if world.main:
         print(banner(args, world, data, params, total_steps))
 
@@ -264,9 +266,19 @@ def train(args) -> dict:
 
 
 def banner(args, world, data, params, total_steps: int) -> str:
+    summary = data.summary()
+    source = (f"{summary['num_images']} images" if summary.get("num_images") is not None
+              else f"{summary['shards']} .tar shards (samples unknown until streamed)")
     return (f"training {sum(p.numel() for p in params):,} LoRA parameters ({args.lora_target_mode}, rank "
-            f"{args.lora_rank}) on {data.summary()['num_images']} images, {total_steps} steps, device "
-            f"{world.device}, {args.precision}" + (f", {world.size} processes" if world.size > 1 else ""))
+            f"{args.lora_rank}) on {source}, {total_steps} steps of {effective_batch(args, world.size)}, device "
+            f"{world.device}, {args.precision}")
+
+
+def effective_batch(args, processes: int) -> str:
+    """`N images (batch_size B x accumulation A x P processes)`: the images of one optimizer step."""
+    b, a = args.batch_size, args.gradient_accumulation_steps
+    plural = "es" * (processes != 1)
+    return f"{b * a * processes} images (batch_size {b} x accumulation {a} x {processes} process{plural})"
 
 
 def data_problems(data) -> dict:
@@ -308,27 +320,35 @@ class SideTasks:
         models.unet.eval()
         with self.ema.applied() if self.ema else nullcontext():
             if validating and self.val_data is not None:
+                tqdm.write(f"step {step}: validation loss ...")
                 loss = validation_loss(lambda b: models.encode(b, self.world.device), models.unet, self.val_data,
                                        seed=args.seed, min_timestep=args.min_timestep, max_timestep=args.max_timestep,
                                        **self.loss_kwargs)
                 self.log.log({"step": step, "val_loss": loss})
+                tqdm.write(f"step {step}: validation loss {loss:.6g}")
                 self.keep_if_best(loop, "val_loss", loss)
             if validating and args.validation_prompts:
                 self.sample_grid(step)
             if evaluating:
+                tqdm.write(f"step {step}: scoring {args.eval_num_images} generated images ...")
                 scores = self.scores(models.unet, models.vae, models.texts, models.text_encoder)
                 self.log.log({"step": step, **scores})
                 self.keep_if_best(loop, "kid", scores.get("kid_mean", math.inf))
         models.unet.train()
 
     def sample_grid(self, step: int) -> None:
+        """samples/step_XXXXXX.png: a row per validation prompt, its images seeded 0, 1, ..., labelled."""
         args, models, device = self.args, self.models, self.world.device
-        embeds, pooled = models.texts.get(args.validation_prompts, models.text_encoder)
+        prompts, seeds = args.validation_prompts, list(range(args.num_validation_images))
+        tqdm.write(f"step {step}: sampling {len(prompts)} prompts x {len(seeds)} images ...")
+        embeds, pooled = models.texts.get(prompts, models.text_encoder)
         grid = sample_grid(models.unet, models.vae, embeds.to(device), pooled.to(device),
-                           images_per_prompt=args.num_validation_images, height=args.image_size, width=args.image_size)
+                           images_per_prompt=len(seeds), height=args.image_size, width=args.image_size)
+        grid = label_grid(grid, prompts, seeds)
         path = self.output_dir / "samples" / f"step_{step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
+        tqdm.write(f"step {step}: sample grid {path}")
         self.log.log_image(step, "samples", path)
 
     def keep_if_best(self, loop: LoopState, metric: str, score: float) -> None:
