@@ -105,8 +105,9 @@ def parse_config(argv=None) -> argparse.Namespace:
     parser = build_parser()
     if config_path:
         actions, where = _actions(parser), f"--config {config_path}"
+        spellings = {o[2:].replace("-", "_"): dest for dest, a in actions.items() for o in a.option_strings}
         for key, value in load_yaml_config(config_path).items():
-            key = str(key)
+            key = spellings.get(str(key), str(key))  # `resolution:` is `image_size:`
             if key == "config":
                 raise ConfigError(f"{where}: key 'config' is not allowed; a config file cannot include another one")
             if key not in actions:
@@ -129,6 +130,8 @@ def _prompts_file(prompts) -> str | None:
 
 def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the derived defaults in place, so the saved config states what the run really used."""
+    if vars(args).pop("use_lora") and os.environ.get("RANK", "0") == "0":  # the original scripts' flag
+        print("note: --use_lora does nothing: this trainer always trains a LoRA", file=sys.stderr)
     for name in PATH_FLAGS:
         value = getattr(args, name)
         if value == "":  # an empty value switches an option off (e.g. a YAML's val_data_dir)

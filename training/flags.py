@@ -26,8 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(g, "data_dir", f"training images: a folder of images with same-named .txt captions, a .tar shard, or a "
          f"pattern shards/{{000000..000099}}.tar {req}", required=True, metavar="DIR")
     add_flag(g, "val_data_dir", "held-out images for a validation loss, as --data_dir (default: none)", metavar="DIR")
-    add_flag(g, "image_size", "training size in pixels, a multiple of 64; buckets hold about image_size^2 pixels "
-         "(default: 1024)", type=int, default=1024, metavar="PX")
+    add_flag(g, "image_size", "training size in pixels, a multiple of 64; buckets hold about image_size^2 pixels; "
+         "--resolution is the same flag (default: 1024)", type=int, default=1024, metavar="PX",
+             aliases=("resolution",))
     add_flag(g, "bucketing", "aspect-ratio buckets instead of square crops (default: on)", action=flag, default=True)
     add_flag(g, "center_crop", "center crops instead of random crops; always on with --cache_latents (default: off)",
          action=flag, default=False)
@@ -53,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("LoRA")
     add_flag(g, "lora_rank", "rank of each LoRA (default: 16)", type=int, default=16, metavar="R")
     add_flag(g, "lora_alpha", "updates are scaled by alpha/rank (default: --lora_rank)", type=float, metavar="A")
+    add_flag(g, "use_lora", "accepted so that commands of the original scripts run; does nothing: LoRA is always "
+             "on", action="store_true")
     add_flag(g, "lora_dropout", "dropout on the LoRA input (default: 0.0)", type=float, default=0.0, metavar="P")
     add_flag(g, "lora_target_mode", "attention = to_q/k/v; attention_out = + to_out.0; all = every Linear of the "
          "transformer blocks, as kohya (default: attention_out)", choices=["attention", "attention_out", "all"],

@@ -2,10 +2,10 @@
 
 A run's output folder (`train_sdxl.py --output_dir`) holds `config.yaml` (written first) and
 `checkpoints/step_XXXXXX/` folders (see training/checkpoints.py). Paths given here may be a checkpoint
-folder, an output folder (-> its newest complete checkpoint that loads) or the `checkpoints/` folder
-itself. Anything else is a `CheckpointError` with a one-line message; an output folder that has no
-usable checkpoint (yet) is the subclass `NoCheckpoint`, so a caller can tell "nothing saved yet" from
-"not a run folder".
+folder, an output folder (-> its newest complete checkpoint that loads), the `checkpoints/` folder itself or
+`checkpoints/latest` (a name, not a folder: the same newest complete checkpoint). Anything else is a
+`CheckpointError` with a one-line message; an output folder that has no usable checkpoint (yet) is the
+subclass `NoCheckpoint`, so a caller can tell "nothing saved yet" from "not a run folder".
 """
 
 import os
@@ -33,6 +33,8 @@ def _is_checkpoint_folder(path: Path) -> bool:
 def output_dir_of(path) -> Path:
     """The run folder that `path` (the run folder or its checkpoints/ folder) names."""
     path = Path(path)
+    if path.name == "latest" and path.parent.name == "checkpoints" and not path.exists():
+        path = path.parent  # RUN/checkpoints/latest: the run's newest complete checkpoint (as --resume_from latest)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist; give a training output folder (train_sdxl.py --output_dir) "
                               "or one of its checkpoints/step_XXXXXX folders")
