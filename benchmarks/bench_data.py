@@ -34,7 +34,8 @@ def parse_args(argv=None):
                    help="folder of the test JPEGs (made on first use)")
     p.add_argument("--num_images", type=int, default=64, help="JPEGs in the folder")
     p.add_argument("--size", default="3000x2000", help="their width x height")
-    p.add_argument("--resolution", type=int, default=1024, help="training resolution (bucket area)")
+    p.add_argument("--image_size", "--resolution", dest="resolution", metavar="PX", type=int, default=1024,
+                   help="training resolution (bucket area)")
     p.add_argument("--batch_size", type=int, default=4, help="images per batch")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2, 4], help="num_workers values to try")
     p.add_argument("--threads", type=int, default=0, help="torch threads in the main process; 0 = torch's default")
