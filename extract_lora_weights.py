@@ -5,10 +5,12 @@
         --format diffusers --dtype fp16
     python extract_lora_weights.py demo_lora.safetensors -o demo_diffusers.safetensors --format diffusers
     python extract_lora_weights.py demo_diffusers.safetensors --info
+    python extract_lora_weights.py old_lora.pt -o old_lora.safetensors       # a .pt LoRA of the original scripts
 
 CHECKPOINT is a `checkpoints/step_XXXXXX` folder (its LoRA weights; `--ema` for its EMA weights, which is
 what lora_final.safetensors and `load_lora(folder)` use when the run kept them) or a LoRA file in any
-format `sdxl.lora.load_lora` reads (kohya with SGM or diffusers-style names, diffusers/peft). Formats:
+format `sdxl.lora.load_lora` reads (kohya with SGM or diffusers-style names, diffusers/peft), or a `.pt` LoRA
+of the original scripts (a dict of tensors, read with torch.load(weights_only=True) only: sdxl/lora_pt.py). Formats:
 `kohya` (ComfyUI, A1111/Forge, kohya, diffusers) and `diffusers` (peft names, alpha / rank folded into
 lora_B). The UNet a file belongs to (SDXL base or the tiny model) is found from its keys and shapes;
 `--base` names it (e.g. a diffusers folder of another SDXL-shaped model). Built on the meta device: an
@@ -28,8 +30,8 @@ from common.cli import Parser
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="extract_lora_weights.py", description=__doc__.splitlines()[0])
-    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoints/step_XXXXXX folder or a .safetensors "
-                   "LoRA file (kohya or diffusers format)")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoints/step_XXXXXX folder, a .safetensors "
+                   "LoRA file (kohya or diffusers format) or a .pt LoRA of the original scripts (a dict of tensors)")
     p.add_argument("-o", "--output", metavar="OUT.safetensors", help="the LoRA file to write (not needed "
                    "with --info)")
     p.add_argument("--format", choices=["kohya", "diffusers"], default="kohya", help="kohya: lora_unet_* keys "
@@ -42,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", metavar="tiny|sdxl|PATH", help="the UNet the LoRA is for: tiny, sdxl (SDXL base) or a "
                    "diffusers model folder (default: a checkpoint's pretrained_model; for a file, found from its "
                    "shapes)")
+    p.add_argument("--alpha", type=float, metavar="A", help="for a .pt file: the alpha of its layers that store "
+                   "none (default: their rank, i.e. the update up @ down at scale 1)")
     p.add_argument("--info", action="store_true", help="print rank, alpha, targets, module count, base and "
                    "metadata of CHECKPOINT (and write -o only if given)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file (default: refuse)")
@@ -97,6 +101,8 @@ def main(argv=None) -> int:
         parser.error(f"-o {out}: the output must be a .safetensors file")
     if args.base and args.base not in ("tiny", "sdxl") and not Path(args.base).is_dir():
         parser.error(f"--base {args.base}: give tiny, sdxl or a diffusers model folder (with unet/config.json)")
+    if args.alpha is not None and source.suffix not in (".pt", ".pth"):
+        parser.error(f"--alpha is for .pt files; {source} is not one (other formats store their alpha)")
     if out is not None and out.exists() and (out.is_dir() or not args.overwrite):
         what = "is a folder" if out.is_dir() else "already exists; add --overwrite to replace it"
         print(f"error: -o {out} {what}", file=sys.stderr)
@@ -105,6 +111,7 @@ def main(argv=None) -> int:
     # imported here, so that --help and argument errors answer at once (torch takes seconds to import)
     from common.runtime import DTYPES
     from sdxl.lora_files import read_lora, write_lora
+    from sdxl.lora_pt import PT_SUFFIXES, read_pt_lora
     from training.checkpoints import CheckpointError, checkpoint_lora, complete_checkpoints, load_checkpoint
 
     try:
@@ -123,7 +130,10 @@ def main(argv=None) -> int:
         else:
             if args.ema:
                 raise ValueError(f"--ema is for checkpoint folders; {source} is a LoRA file")
-            weights = read_lora(source, base=args.base)
+            if source.suffix in PT_SUFFIXES:
+                weights = read_pt_lora(source, base=args.base, alpha=args.alpha)
+            else:
+                weights = read_lora(source, base=args.base)
         if args.info:
             print(f"{source}\n{summary(weights)}")
         if out is not None:

@@ -79,8 +79,8 @@ def main(argv=None) -> int:
                 steps = checkpoint.state["step"]
                 again = shell(["python", script_path(Path(__file__).resolve()), "--auto", args.auto, "--execute", "--",
                                "--max_train_steps", str(2 * steps)])
-                print(f"note: the run already reached its max_train_steps {steps}, so resuming only rewrites "
-                      f"lora_final.safetensors; to train on, e.g. to {2 * steps} steps: {again}")
+                print(f"note: the run already reached its max_train_steps {steps}, so resuming says so and changes "
+                      f"nothing; to train on, e.g. to {2 * steps} steps: {again}")
             if args.execute:
                 sys.stdout.flush()
                 sys.stderr.flush()

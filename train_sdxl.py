@@ -25,6 +25,7 @@ def main(argv=None) -> int:
     args = parse_or_exit(argv)
     from common.files import WriteError
     from training.checkpoints import what_is_intact
+    from training.run_plan import AlreadyFinished
     from training.scan import DataError
     from training.signals import Stopped
     from training.train_loop import TrainingError, train
@@ -36,6 +37,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:  # before the loop (which saves a checkpoint first) or in a second stop
         print(f"interrupted; {what_is_intact(args.output_dir).split(';')[0]}", file=sys.stderr)
         return 130
+    except AlreadyFinished as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(e)
+        return 0
     except Stopped as e:
         print(f"{e}\ncontinue with: python train_sdxl.py --config {args.output_dir}/config.yaml --resume_from latest",
               file=sys.stderr)

@@ -42,7 +42,8 @@ def parse_args(argv=None):
                    help="folder of the test JPEGs, made on first use (default: one per size in the temp folder)")
     p.add_argument("--num_images", type=int, default=64, help="JPEGs in the folder")
     p.add_argument("--size", default="3000x2000", help="their width x height")
-    p.add_argument("--resolution", type=int, default=1024, help="training resolution (bucket area)")
+    p.add_argument("--image_size", "--resolution", dest="resolution", metavar="PX", type=int, default=1024,
+                   help="training resolution (bucket area)")
     p.add_argument("--batch_size", type=int, default=4, help="images per batch")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2, 4], help="num_workers values to try")
     p.add_argument("--prefetch", type=int, default=4, help="prefetch_factor of the deeper setting (torch's is 2)")

@@ -52,7 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--dtype", choices=list(DTYPES),
                    help="UNet and text-encoder dtype (default: fp32; fp16 with --full)")
-    p.add_argument("--resolution", type=int, help="image side in pixels (default: 256; 1024 with --full)")
+    p.add_argument("--image_size", "--resolution", dest="resolution", metavar="PX", type=int,
+                   help="image side in pixels (default: 256; 1024 with --full)")
     p.add_argument("--steps", type=int, help="sampler steps (default: 20; 30 with --full)")
     p.add_argument("--guidance-scale", type=float, default=5.0, help="CFG scale; > 1 runs the UNet on 2x the batch")
     p.add_argument("--batch-size", type=int, default=2, help="images per call (default: 2)")

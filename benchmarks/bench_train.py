@@ -47,7 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="base weights dtype and autocast dtype; LoRA params stay fp32")
-    p.add_argument("--resolution", type=int, default=128, help="image side in pixels (latent side = resolution/8)")
+    p.add_argument("--image_size", "--resolution", dest="resolution", metavar="PX", type=int, default=128,
+                   help="image side in pixels (latent side = resolution/8)")
     p.add_argument("--batch_size", type=int, default=4, help="images per optimizer step")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = rank)")
     p.add_argument("--target_mode", choices=["attention", "attention_out", "all"], default="attention_out",

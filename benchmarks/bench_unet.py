@@ -37,7 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--config", choices=["tiny", "sdxl"], default="tiny", help="UNet size: tiny test model or SDXL base")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="weights and inputs dtype")
-    p.add_argument("--resolution", type=int, default=256, help="image side in pixels (latent side = resolution/8)")
+    p.add_argument("--image_size", "--resolution", dest="resolution", metavar="PX", type=int, default=256,
+                   help="image side in pixels (latent side = resolution/8)")
     p.add_argument("--batch-size", type=int, default=2, help="images per step")
     p.add_argument("--iters", type=int, default=5, help="timed calls per model and round")
     p.add_argument("--rounds", type=int, default=3, help="timing rounds, alternating the models; best round counts")

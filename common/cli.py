@@ -51,11 +51,12 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
-def add_flag(group, name: str, help: str, **kwargs) -> argparse.Action:
+def add_flag(group, name: str, help: str, aliases: tuple[str, ...] = (), **kwargs) -> argparse.Action:
     """`--name` plus its other spelling (`--image_size` and `--image-size`); dest is always the underscore name.
-    The spelling given first is the one `--help` shows first."""
+    The spelling given first is the one `--help` shows first. `aliases`: other names accepted for the same flag
+    (e.g. `resolution`, as other trainers call the image size)."""
     other = name.replace("_", "-") if "_" in name else name.replace("-", "_")
-    names = [f"--{name}"] + ([f"--{other}"] if other != name else [])
+    names = [f"--{name}"] + ([f"--{other}"] if other != name else []) + [f"--{a}" for a in aliases]
     kwargs.setdefault("dest", name.replace("-", "_"))
     action = group.add_argument(*names, help=help, **kwargs)
     action.help = help  # BooleanOptionalAction on Python 3.10 appends its own "(default: ...)"; ours says it

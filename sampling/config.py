@@ -56,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
          action="store_true")
 
     g = p.add_argument_group("sampling")
-    add_flag(g, "image-size", f"WIDTHxHEIGHT or one number for a square, multiples of 8 (default: {DEFAULTS['width']})",
-         default=str(DEFAULTS["width"]), metavar="WxH")
+    add_flag(g, "image-size", "WIDTHxHEIGHT or one number for a square, multiples of 8; --resolution is the same "
+             f"flag (default: {DEFAULTS['width']})", default=str(DEFAULTS["width"]), metavar="WxH",
+             aliases=("resolution",))
     add_flag(g, "num-inference-steps", f"sampler steps, 1..1000 (default: {DEFAULTS['steps']})", type=int,
          default=DEFAULTS["steps"], metavar="N")
     add_flag(g, "guidance-scale", "classifier-free guidance; <= 1 turns it off (default: "
@@ -131,6 +132,9 @@ def _check_paths(args: argparse.Namespace) -> None:
         if not path.exists():
             fail("lora-checkpoint", path, "does not exist; give a LoRA .safetensors file or a training checkpoint "
                   "folder (OUTPUT_DIR/checkpoints/step_XXXXXX)")
+        if path.suffix in (".pt", ".pth") and path.is_file():  # the original scripts' LoRAs: pickles, never loaded
+            fail("lora-checkpoint", path, "is a .pt file, which is never loaded here (a pickle can run code); convert "
+                 f"it once with: python extract_lora_weights.py {path} -o {path.with_suffix('.safetensors')}")
     scales = args.lora_scale or [1.0]
     if not loras and args.lora_scale:
         fail("lora-scale", args.lora_scale[0], "needs a --lora-checkpoint to apply to; add one or drop the scale")

@@ -4,8 +4,8 @@ Loads the UNet, both text encoders and the VAE through our loaders, encodes a pr
 forward pass on seeded noise, compares it with diffusers' `UNet2DConditionModel` on the same weights
 and inputs, and decodes the result with the VAE into a PNG (random weights give a noise picture).
 
-    python -m sdxl.check --pretrained_model tiny
-    python -m sdxl.check --pretrained_model ./weights/sdxl-base-1.0 --resolution 512
+    python -m sdxl.check --pretrained_model tiny                     # writes outputs/check.png
+    python -m sdxl.check --pretrained_model ./weights/sdxl-base-1.0 --image_size 512
 """
 
 import argparse
@@ -24,12 +24,13 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pretrained_model", default="tiny", help="diffusers SDXL folder, .safetensors file, or tiny")
     p.add_argument("--prompt", default="a watercolor painting of a lighthouse at dawn", help="prompt to encode")
-    p.add_argument("--resolution", type=int, default=256, help="image side in pixels, a multiple of 8")
+    p.add_argument("--image_size", "--image-size", "--resolution", dest="image_size", type=int, default=256,
+                   help="image side in pixels, a multiple of 8 (--resolution is the same flag)")
     p.add_argument("--output", type=Path, default=Path("outputs/check.png"), help="where to write the decoded image")
     p.add_argument("--no-diffusers", action="store_true", help="skip the comparison with diffusers' UNet")
     args = p.parse_args(argv)
-    if args.resolution <= 0 or args.resolution % 8:
-        p.error(f"--resolution {args.resolution} must be a positive multiple of 8")
+    if args.image_size <= 0 or args.image_size % 8:
+        p.error(f"--image_size {args.image_size} must be a positive multiple of 8")
     return args
 
 
@@ -48,7 +49,7 @@ def main(argv=None) -> int:
     print(f"loaded {path} in {time.perf_counter() - t0:.1f}s: UNet {n_params / 1e6:.1f} M parameters")
 
     embeds, pooled = text_encoder.encode([args.prompt])  # (1, 77, ctx), (1, pooled)
-    s = args.resolution
+    s = args.image_size
     latents = torch.randn(1, 4, s // 8, s // 8, generator=torch.Generator().manual_seed(0))
     cond = {"text_embeds": pooled, "time_ids": torch.tensor([[s, s, 0, 0, s, s]], dtype=torch.float32)}
     with torch.no_grad():

@@ -8,7 +8,7 @@ from PIL import Image
 
 def test_check_tiny(tmp_path):
     out = tmp_path / "check.png"
-    run = subprocess.run([sys.executable, "-m", "sdxl.check", "--pretrained_model", "tiny", "--resolution", "64",
+    run = subprocess.run([sys.executable, "-m", "sdxl.check", "--pretrained_model", "tiny", "--image_size", "64",
                           "--output", str(out)], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert "(ok)" in run.stdout

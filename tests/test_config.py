@@ -81,7 +81,7 @@ def test_defaults(tmp, base):
         save_format="kohya", save_every_n_epochs=0, keep_last=0, resume_from=None, overwrite_output_dir=False,
         config=None, validation_prompts=[], validation_interval=100, num_validation_images=4,
         wandb_project=None, wandb_run_name=None, log_interval=1, eval_interval=0, eval_num_images=32,
-        eval_real_dir=None, inception_weights=None, clip_model=None, keep_best="none",
+        eval_real_dir=None, inception_weights=None, clip_model=None, keep_best="none", lr_schedule_total=None,
         timestep_sampling="uniform", logit_mean=0.0, logit_std=1.0, mode_scale=1.29, loss_weighting="none",
         multires_noise_iterations=0, multires_noise_discount=0.3, input_perturbation=0.0, prodigy_d_coef=1.0,
         prodigy_use_bias_correction=False, prodigy_safeguard_warmup=False,
@@ -223,6 +223,8 @@ BAD = [  # (extra flags; "{tmp}" is the fixture folder), flag the message must n
     (["--logit_std", "0"], "logit_std"), (["--multires_noise_iterations", "-1"], "multires_noise_iterations"),
     (["--multires_noise_discount", "0"], "multires_noise_discount"),
     (["--input_perturbation", "-0.1"], "input_perturbation"), (["--prodigy_d_coef", "0"], "prodigy_d_coef"),
+    (["--data_dir", "{tmp}/shards"], "data_dir"), (["--data_dir", "{tmp}/shards/train-000000.tar"], "data_dir"),
+    (["--data_dir", "https://example.com/train-{{000..009}}.tar"], "data_dir"),  # streamed: no --max_train_steps
 ]
 
 
@@ -238,8 +240,10 @@ def test_each_rule_rejects_a_bad_value(tmp, base, no_optional_packages, extra, f
 
 
 @pytest.mark.parametrize("extra", [
-    ["--data_dir", "{tmp}/shards/train-000000.tar"], ["--data_dir", "{tmp}/shards/train-{{000000..000009}}.tar"],
-    ["--data_dir", "https://example.com/train-{{000..009}}.tar"], ["--val_data_dir", "{tmp}/data"],
+    ["--data_dir", "{tmp}/shards/train-000000.tar", "--max_train_steps", "9"], ["--data_dir", "{tmp}/shards",
+    "--max_train_steps", "9"], ["--data_dir", "{tmp}/shards/train-{{000000..000009}}.tar", "--max_train_steps", "9"],
+    ["--data_dir", "https://example.com/train-{{000..009}}.tar", "--max_train_steps", "9"],
+    ["--val_data_dir", "{tmp}/data"],
     ["--pretrained_model", "{tmp}/sdxl"], ["--pretrained_model", "{tmp}/model.safetensors"],
     ["--vae_model", "{tmp}/vae"], ["--output_dir", "{tmp}/data"], ["--image_size", "128", "--no-bucketing"],
     ["--precision", "bf16", "--device", "cpu"], ["--precision", "fp32", "--device", "cpu"],

@@ -11,6 +11,7 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import load_file
 
+from sampling.grid_labels import label_grid
 from sdxl.diffusion import alphas_cumprod
 from sdxl.loading import load_unet
 from sdxl.lora import LoRAConfig, apply_lora, lora_modules
@@ -45,7 +46,10 @@ def test_demo_run_writes_everything_and_learns(tmp_path):
     assert val[-1]["val_loss"] < 0.8 * val[0]["val_loss"]  # the purple validation pictures; measured 0.274 -> 0.175
     assert (out / "config.yaml").is_file()
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_000000.png", "step_000030.png"]
-    assert Image.open(out / "samples/step_000030.png").size == (4 * 64, 2 * 64)  # 2 prompts x 4 images
+    labelled = label_grid(Image.new("RGB", (4 * 64, 2 * 64)), ["a", "b"], [0, 1, 2, 3]).size  # 2 prompts x 4 images
+    assert Image.open(out / "samples/step_000030.png").size == labelled
+    assert "step 30: validation loss 0." in run.stdout and "step 30: sampling 2 prompts x 4 images ..." in run.stdout
+    assert "30 steps of 16 images (batch_size 16 x accumulation 1 x 1 process)" in run.stdout
     for step in ("step_000015", "step_000030"):
         assert {"lora.safetensors", "training_state.pt", "config.yaml", "COMPLETE"} <= {
             p.name for p in (out / "checkpoints" / step).iterdir()}
@@ -171,6 +175,7 @@ def test_trains_on_webdataset_shards(tmp_path):
     run = run_train(tmp_path, *common, "--max_train_steps", "3")
     assert run.returncode == 0, run.stderr[-3000:]
     assert [m["step"] for m in read_metrics(tmp_path / "out") if "loss" in m] == [1, 2, 3]
+    assert "on 2 .tar shards (samples unknown until streamed), 3 steps of 16 images" in run.stdout
 
 
 def test_caches_hit_and_rebuild_bad_entries(tmp_path, caplog):

@@ -108,8 +108,9 @@ def parse_config(argv=None) -> argparse.Namespace:
     parser = build_parser()
     if config_path:
         actions, where = _actions(parser), f"--config {config_path}"
+        spellings = {o[2:].replace("-", "_"): dest for dest, a in actions.items() for o in a.option_strings}
         for key, value in load_yaml_config(config_path).items():
-            key = str(key)
+            key = spellings.get(str(key), str(key))  # `resolution:` is `image_size:`
             if key == "config":
                 raise ConfigError(f"{where}: key 'config' is not allowed; a config file cannot include another one")
             if key not in actions:
@@ -132,6 +133,8 @@ def _prompts_file(prompts) -> str | None:
 
 def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the derived defaults in place, so the saved config states what the run really used."""
+    if vars(args).pop("use_lora") and os.environ.get("RANK", "0") == "0":  # the original scripts' flag
+        print("note: --use_lora does nothing: this trainer always trains a LoRA", file=sys.stderr)
     for name in PATH_FLAGS:
         value = getattr(args, name)
         if value == "":  # an empty value switches an option off (e.g. a YAML's val_data_dir)
@@ -189,6 +192,7 @@ RULES = [
      f"a multiple of {SIZE_MULTIPLE}, at least {2 * SIZE_MULTIPLE}, e.g. 512 or 1024"),
     (("seed",), lambda v: 0 <= v < 2**32, "in [0, 2^32)"),
     (("max_train_steps",), lambda v: v is None or v >= 1, ">= 1, or left out to train --num_epochs epochs"),
+    (("lr_schedule_total",), lambda v: v is None or v >= 1, ">= 1, or left out to decay over the run's length"),
 ]
 
 
@@ -203,6 +207,16 @@ def _check_data(flag: str, value: str) -> None:
         fail(flag, value, f"is a file, not a folder or .tar shard; {DATA_HINT}")
     elif not path.exists():
         fail(flag, value, f"does not exist; {DATA_HINT}")
+
+
+def _check_streamed_length(args: argparse.Namespace) -> None:
+    """Streamed .tar shards have no length before they are read: the run's length must be given in steps."""
+    from training.scan import find_shards  # here: --help needs no PIL
+
+    value = args.data_dir  # a URL, a .tar or brace pattern of them, or a folder of .tar files
+    if args.max_train_steps is None and (_is_url(value) or value.endswith(".tar") or find_shards(value)):
+        fail("data_dir", args.data_dir, "is streamed from .tar shards, whose number of samples is unknown before "
+             "they are read, so --num_epochs cannot set the run's length: give --max_train_steps N")
 
 
 def _check_models(args: argparse.Namespace) -> None:
@@ -304,6 +318,7 @@ def validate(args: argparse.Namespace) -> None:
               "reshuffled); drop one of them")
     if args.data_dir is not None:
         _check_data("data_dir", args.data_dir)
+        _check_streamed_length(args)
     if args.val_data_dir is not None:
         _check_data("val_data_dir", args.val_data_dir)
     for name in ("output_dir", "cache_dir"):

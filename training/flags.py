@@ -40,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
              "second one fixes the tags after it; removed from the caption (default: none)", default="",
              metavar="SEP")
     add_flag(g, "val_data_dir", "held-out images for a validation loss, as --data_dir (default: none)", metavar="DIR")
-    add_flag(g, "image_size", "training size in pixels, a multiple of 64; buckets hold about image_size^2 pixels "
-         "(default: 1024)", type=int, default=1024, metavar="PX")
+    add_flag(g, "image_size", "training size in pixels, a multiple of 64; buckets hold about image_size^2 pixels; "
+         "--resolution is the same flag (default: 1024)", type=int, default=1024, metavar="PX",
+             aliases=("resolution",))
     add_flag(g, "bucketing", "aspect-ratio buckets instead of square crops (default: on)", action=flag, default=True)
     add_flag(g, "center_crop", "center crops instead of random crops; always on with --cache_latents (default: off)",
          action=flag, default=False)
@@ -74,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("LoRA")
     add_flag(g, "lora_rank", "rank of each LoRA (default: 16)", type=int, default=16, metavar="R")
     add_flag(g, "lora_alpha", "updates are scaled by alpha/rank (default: --lora_rank)", type=float, metavar="A")
+    add_flag(g, "use_lora", "accepted so that commands of the original scripts run; does nothing: LoRA is always "
+             "on", action="store_true")
     add_flag(g, "lora_dropout", "dropout on the LoRA input (default: 0.0)", type=float, default=0.0, metavar="P")
     add_flag(g, "lora_target_mode", "attention = to_q/k/v; attention_out = + to_out.0; all = every Linear of the "
          "transformer blocks, as kohya (default: attention_out)", choices=["attention", "attention_out", "all"],
@@ -109,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(g, "adam_epsilon", "Adam epsilon (default: 1e-8)", type=float, default=1e-8, metavar="EPS")
     add_flag(g, "lr_scheduler", "learning-rate schedule after the warmup (default: constant)",
          choices=["constant", "linear", "cosine"], default="constant")
+    add_flag(g, "lr_schedule_total", "steps the LR schedule decays over; give the longest run you may extend to, so "
+             "that a later, larger --max_train_steps continues the same curve (default: the run's length)", type=int,
+             metavar="N")
     add_flag(g, "warmup_steps", "optimizer steps of linear warmup (default: 0)", type=int, default=0, metavar="N")
     add_flag(g, "max_grad_norm", "clip the gradient norm; 0 = off (default: 1.0)", type=float, default=1.0, metavar="N")
     add_flag(g, "min_timestep", "lowest timestep trained, 0..999 (default: 0)", type=int, default=0, metavar="T")

@@ -2,10 +2,10 @@
 
 A run's output folder (`train_sdxl.py --output_dir`) holds `config.yaml` (written first) and
 `checkpoints/step_XXXXXX/` folders (see training/checkpoints.py). Paths given here may be a checkpoint
-folder, an output folder (-> its newest complete checkpoint that loads) or the `checkpoints/` folder
-itself. Anything else is a `CheckpointError` with a one-line message; an output folder that has no
-usable checkpoint (yet) is the subclass `NoCheckpoint`, so a caller can tell "nothing saved yet" from
-"not a run folder".
+folder, an output folder (-> its newest complete checkpoint that loads), the `checkpoints/` folder itself or
+`checkpoints/latest` (a name, not a folder: the same newest complete checkpoint). Anything else is a
+`CheckpointError` with a one-line message; an output folder that has no usable checkpoint (yet) is the
+subclass `NoCheckpoint`, so a caller can tell "nothing saved yet" from "not a run folder".
 """
 
 import os
@@ -41,6 +41,8 @@ def _is_checkpoint_folder(path: Path) -> bool:
 def output_dir_of(path) -> Path:
     """The run folder that `path` (the run folder or its checkpoints/ folder) names."""
     path = Path(path)
+    if path.name == "latest" and path.parent.name == "checkpoints" and not path.exists():
+        path = path.parent  # RUN/checkpoints/latest: the run's newest complete checkpoint (as --resume_from latest)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist; give a training output folder (train_sdxl.py --output_dir) "
                               "or one of its checkpoints/step_XXXXXX folders")
@@ -91,6 +93,14 @@ def human_size(n: int) -> str:
     raise AssertionError("unreachable")
 
 
+def effective_batch(batch: int | None, accumulation: int, processes: int | None) -> str:
+    """`B x A accumulation x P processes = N images per step`; P is unknown in checkpoints before it was saved."""
+    if batch is None or processes is None:
+        return f"{batch or '?'} x {accumulation} accumulation x ? processes (not recorded in this checkpoint)"
+    return (f"{batch} x {accumulation} accumulation x {processes} process{'es' * (processes != 1)} = "
+            f"{batch * accumulation * processes} images per step")
+
+
 def describe(checkpoint: Checkpoint) -> str:
     """Where the run stands and what it trains: step, epoch, loss, the settings that define it, its files."""
     st, cfg, lora = checkpoint.state, checkpoint.config, checkpoint.lora_config
@@ -116,7 +126,7 @@ def describe(checkpoint: Checkpoint) -> str:
         ("EMA weights", ema),
         ("optimizer", f"{cfg.get('optimizer')}, lr {cfg.get('learning_rate')} ({schedule}); lr now "
                       + ("?" if lr_now[0] is None else f"{lr_now[0]:.4g}")),
-        ("batch", f"{batch} x {accum} accumulation = {batch * accum if batch else '?'} images per step"),
+        ("batch", effective_batch(batch, accum, st.get("world_size"))),
         ("precision", str(cfg.get("precision"))),
         ("max steps", str(max_steps) if max_steps else f"none ({cfg.get('num_epochs')} epochs)"),
         ("seed", str(cfg.get("seed"))),

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from common.files import atomic_write
 from common.runtime import DTYPES, close_world, init_world
+from sampling.grid_labels import label_grid
 from sampling.inference import sample_grid
 from sdxl.compile import compile_blocks
 from sdxl.diffusion import alphas_cumprod
@@ -58,6 +59,7 @@ from training.masks import MaskSource, latent_mask
 from training.metrics import MetricsLog
 from training.optim import eval_weights, lr_schedule, make_optimizer
 from training.run_metadata import dataset_metadata, run_metadata
+from training.run_plan import check_not_finished, schedule_note, schedule_total
 from training.scoring import TrainingScores
 from training.signals import Stopped, StopRequest
 from training.timesteps import NoiseRecipe
@@ -166,21 +168,23 @@ def train(args) -> dict:
     world = init_world(args.device)  # one process, or one rank of torchrun
     device, output_dir = world.device, Path(args.output_dir)
     resume = start_or_resume(args, clear=world.main)  # before anything is written: never clobbers a previous run
-    if world.main:
-        save_resolved_config(args, output_dir)
     data, val_data = load_data(args, world)
     fingerprint = data.summary().get("fingerprint", "")
+    total_steps, batches_per_epoch = run_length(args, data)
     if resume is not None:
         check_resumable(resume, args, fingerprint)
+        check_not_finished(resume, total_steps)  # a finished run: say so, write nothing
+    if world.main:
+        save_resolved_config(args, output_dir)
     models = build_models(args, device)
     models.fill_caches(data, device)
     unet, params = models.unet, lora_parameters(models.unet)
     if args.compile:
         compile_blocks(unet)
     trained = data_parallel(unet, world)  # what the step runs; validation and saving use `unet` itself
-    total_steps, batches_per_epoch = run_length(args, data)
     optimizer = make_optimizer(params, args)
-    schedule = lr_schedule(args, total_steps)
+    lr_total = schedule_total(args, total_steps)
+    schedule = lr_schedule(args, lr_total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     ema = EMA({n: p for n, p in unet.named_parameters() if p.requires_grad}, args.ema_decay) if args.use_ema else None
@@ -190,13 +194,16 @@ def train(args) -> dict:
         if world.main:
             rewind_metrics(output_dir, loop.step)
             print(f"resuming from {resume.path} at step {loop.step} (epoch {loop.epoch}, batch {loop.position})")
+            if note := schedule_note(resume, args, lr_total, batches_per_epoch):
+                print(note)
     log = MetricsLog(output_dir, args.wandb_project, args.wandb_run_name, config=vars(args)) if world.main else None
     loss_kwargs = dict(alphas_cumprod=alphas_cumprod().to(device), prediction_type=args.prediction_type,
                        loss_weighting=args.loss_weighting, min_snr_gamma=args.min_snr_gamma,
                        autocast_dtype=DTYPES[args.precision])
     started_at = float(resume.metadata.get("ss_training_started_at", t_start)) if resume else t_start
     side = SideTasks(args, world, models, val_data, log, ema, loss_kwargs,
-                     state_of=lambda loop: training_state(loop, optimizer, scheduler, scaler, fingerprint),
+                     state_of=lambda loop: {**training_state(loop, optimizer, scheduler, scaler, fingerprint),
+                                            "world_size": world.size},  # for the effective batch in --inspect
                      run_info=(dataset_metadata(data, args.data_dir), started_at))
     if world.main:
         print(banner(args, world, data, params, total_steps))
@@ -297,9 +304,19 @@ def train(args) -> dict:
 
 
 def banner(args, world, data, params, total_steps: int) -> str:
+    summary = data.summary()
+    source = (f"{summary['num_images']} images" if summary.get("num_images") is not None
+              else f"{summary['shards']} .tar shards (samples unknown until streamed)")
     return (f"training {sum(p.numel() for p in params):,} LoRA parameters ({args.lora_target_mode}, rank "
-            f"{args.lora_rank}) on {data.summary()['num_images']} images, {total_steps} steps, device "
-            f"{world.device}, {args.precision}" + (f", {world.size} processes" if world.size > 1 else ""))
+            f"{args.lora_rank}) on {source}, {total_steps} steps of {effective_batch(args, world.size)}, device "
+            f"{world.device}, {args.precision}")
+
+
+def effective_batch(args, processes: int) -> str:
+    """`N images (batch_size B x accumulation A x P processes)`: the images of one optimizer step."""
+    b, a = args.batch_size, args.gradient_accumulation_steps
+    plural = "es" * (processes != 1)
+    return f"{b * a * processes} images (batch_size {b} x accumulation {a} x {processes} process{plural})"
 
 
 def data_problems(data) -> dict:
@@ -342,27 +359,35 @@ class SideTasks:
         models.unet.eval()
         with self.ema.applied() if self.ema else nullcontext():
             if validating and self.val_data is not None:
+                tqdm.write(f"step {step}: validation loss ...")
                 loss = validation_loss(lambda b: models.encode(b, self.world.device), models.unet, self.val_data,
                                        seed=args.seed, min_timestep=args.min_timestep, max_timestep=args.max_timestep,
                                        **self.loss_kwargs)
                 self.log.log({"step": step, "val_loss": loss})
+                tqdm.write(f"step {step}: validation loss {loss:.6g}")
                 self.keep_if_best(loop, "val_loss", loss)
             if validating and args.validation_prompts:
                 self.sample_grid(step)
             if evaluating:
+                tqdm.write(f"step {step}: scoring {args.eval_num_images} generated images ...")
                 scores = self.scores(models.unet, models.vae, models.texts, models.text_encoder)
                 self.log.log({"step": step, **scores})
                 self.keep_if_best(loop, "kid", scores.get("kid_mean", math.inf))
         models.unet.train()
 
     def sample_grid(self, step: int) -> None:
+        """samples/step_XXXXXX.png: a row per validation prompt, its images seeded 0, 1, ..., labelled."""
         args, models, device = self.args, self.models, self.world.device
-        embeds, pooled = models.texts.get(args.validation_prompts, models.text_encoder)
+        prompts, seeds = args.validation_prompts, list(range(args.num_validation_images))
+        tqdm.write(f"step {step}: sampling {len(prompts)} prompts x {len(seeds)} images ...")
+        embeds, pooled = models.texts.get(prompts, models.text_encoder)
         grid = sample_grid(models.unet, models.vae, embeds.to(device), pooled.to(device),
-                           images_per_prompt=args.num_validation_images, height=args.image_size, width=args.image_size)
+                           images_per_prompt=len(seeds), height=args.image_size, width=args.image_size)
+        grid = label_grid(grid, prompts, seeds)
         path = self.output_dir / "samples" / f"step_{step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
+        tqdm.write(f"step {step}: sample grid {path}")
         self.log.log_image(step, "samples", path)
 
     def keep_if_best(self, loop: LoopState, metric: str, score: float) -> None:
