@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness import add_speed_flags, compile_peer, compile_unet, device_name, seconds, set_threads  # noqa: E402,I001
+from harness import add_speed_flags, compile_peer, compile_unet, device_name, seconds, set_up  # noqa: E402,I001
 
 from sampling.inference import SDXLGenerator  # noqa: E402
 from sdxl.configs import unet_config_from_diffusers, unet_config_to_diffusers  # noqa: E402
@@ -201,10 +201,10 @@ def bench(calls: dict, args, device) -> tuple[dict, dict]:
 
 def main(argv=None):
     args = parse_args(argv)
-    set_threads(args.threads)
     from diffusers import StableDiffusionXLPipeline
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    set_up(args.threads, device)
     if args.full:
         pipe = full_pipeline(device, dtype)
     else:

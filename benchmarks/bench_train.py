@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harness import (  # noqa: E402,I001
-    SavedBytes, add_speed_flags, alternate, compile_peer, compile_unet, device_name, seconds, set_threads, sync)
+    SavedBytes, add_speed_flags, alternate, compile_peer, compile_unet, device_name, seconds, set_up, sync)
 
 from common.runtime import DTYPES  # noqa: E402
 from sdxl.configs import unet_config_to_diffusers  # noqa: E402
@@ -214,8 +214,8 @@ def bench(sides, device, args) -> tuple[list[dict], dict]:
 
 def main(argv=None):
     args = parse_args(argv)
-    set_threads(args.threads)
     device, dtype = torch.device(args.device), DTYPES[args.precision]
+    set_up(args.threads, device)
     cfg = SDXL_CONFIG if args.full else TINY_UNET_CONFIG
     models = build(cfg, args, device, dtype)
     x = make_batch(cfg, args, device)

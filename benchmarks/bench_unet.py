@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harness import (  # noqa: E402,I001
-    SavedBytes, add_speed_flags, alternate, compile_peer, compile_unet, device_name, seconds, set_threads, sync)
+    SavedBytes, add_speed_flags, alternate, compile_peer, compile_unet, device_name, seconds, set_up, sync)
 
 from sdxl.configs import unet_config_to_diffusers  # noqa: E402
 from sdxl.tiny import TINY_UNET_CONFIG  # noqa: E402
@@ -153,8 +153,8 @@ def bench(sides: list[Side], device, args) -> tuple[list[dict], dict]:
 
 def main(argv=None):
     args = parse_args(argv)
-    set_threads(args.threads)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    set_up(args.threads, device)
     cfg = SDXL_CONFIG if args.config == "sdxl" else TINY_UNET_CONFIG
     models = build(cfg, args, device, dtype)
     x = make_inputs(cfg, args, device, dtype)

@@ -1,7 +1,6 @@
-"""What the benchmarks share: --threads and --compile (ours and the peer compiled alike), the device's name,
-synchronising, the memory of the activations autograd saves (CPU), and timing rounds that alternate the
-compared sides.
-
+"""What the benchmarks share: --threads, TF32 on CUDA as the trainer, --compile (ours and the peer alike),
+the device's name, synchronising, the memory of the activations autograd saves (CPU), and timing rounds that
+alternate the compared sides.
 
 Alternating: each round times every side once, one after the other, and each side's best (or median) round
 counts, so a change of load on a shared machine hits all sides alike and the ratios hold.
@@ -23,9 +22,13 @@ def add_speed_flags(p) -> None:
                         "(torch.compile); the compile time is reported separately")
 
 
-def set_threads(threads: int) -> None:
+def set_up(threads: int, device: torch.device) -> None:
+    """--threads, and on CUDA TF32 for fp32 matmuls and convolutions, as the trainer and generator set it
+    (common/runtime.py `init_world`): both sides run under the same settings."""
     if threads:
         torch.set_num_threads(threads)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
 
 def sync(device: torch.device) -> None:
@@ -40,25 +43,18 @@ def device_name(device: torch.device) -> str:
 
 
 def compile_unet(unet: nn.Module) -> nn.Module:
-    """Regional compilation of our UNet in place: `sdxl.compile.compile_blocks` (what `--compile` of
-    train_sdxl.py / generate_images.py runs) where the project has it, else the same done here."""
-    try:
-        from sdxl.compile import compile_blocks
-    except ImportError:
-        from sdxl.unet import BasicTransformerBlock, ResnetBlock2D
+    """Our UNet with each ResNet and transformer block compiled in place, as `--compile` of train_sdxl.py and
+    generate_images.py does (sdxl/compile.py)."""
+    from sdxl.compile import compile_blocks
 
-        for block in unet.modules():
-            if isinstance(block, (ResnetBlock2D, BasicTransformerBlock)):
-                block.compile(dynamic=False)
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    else:
-        compile_blocks(unet)
+    compile_blocks(unet)
     return unet
 
 
 def compile_peer(unet: nn.Module) -> nn.Module:
-    """diffusers' UNet compiled as ours is (`compile_unet`): each ResNet and transformer block, with what peft put
-    inside them (diffusers' own `compile_repeated_blocks` compiles its transformer blocks only)."""
+    """diffusers' UNet compiled as ours is (`compile_unet`, with compile_blocks' options): each ResNet and
+    transformer block, with what peft put inside them (diffusers' own `compile_repeated_blocks` compiles its
+    transformer blocks only)."""
     for block in unet.modules():
         if type(block).__name__ in ("ResnetBlock2D", "BasicTransformerBlock"):
             block.compile(dynamic=False)
