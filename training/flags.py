@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(g, "lora_rank", "rank of each LoRA (default: 16)", type=int, default=16, metavar="R")
     add_flag(g, "lora_alpha", "updates are scaled by alpha/rank (default: --lora_rank)", type=float, metavar="A")
     add_flag(g, "use_lora", "accepted so that commands of the original scripts run; does nothing: LoRA is always "
-             "on", action="store_true")
+             "on (default: off)", action="store_true")
     add_flag(g, "lora_dropout", "dropout on the LoRA input (default: 0.0)", type=float, default=0.0, metavar="P")
     add_flag(g, "lora_target_mode", "attention = to_q/k/v; attention_out = + to_out.0; all = every Linear of the "
          "transformer blocks, as kohya (default: attention_out)", choices=["attention", "attention_out", "all"],
