@@ -201,10 +201,10 @@ def train(args) -> dict:
                         x0, embeds, pooled = models.encode(batch, device)
                         t, noise, input_noise = draw_timesteps_and_noise(args.seed, loop.micro_step, x0.shape,
                                                                          world, recipe)
+                        mask = latent_mask(batch["masks"]).to(device) if "masks" in batch else None  # (B, 1, h, w)
                         loss = diffusion_loss(unet, x0, embeds, pooled, time_ids_of(batch).to(device), t.to(device),
-                                              noise.to(device), input_noise=input_noise.to(device),
-                                              mask=latent_mask(batch["masks"]).to(device) if "masks" in batch
-                                              else None, **loss_kwargs).mean()
+                                              noise.to(device), input_noise=input_noise.to(device), mask=mask,
+                                              **loss_kwargs).mean()
                         scaler.scale(loss / len(micro_batches)).backward()  # the mean over this step's batches
                         step_loss += loss.detach() / len(micro_batches)
                         loop.micro_step, samples = loop.micro_step + 1, samples + x0.shape[0]
