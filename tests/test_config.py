@@ -366,3 +366,17 @@ def test_missing_recipe_package_names_the_extra(tmp, base, no_optional_packages)
         check([*base, "--optimizer", "prodigy"])
     assert str(e.value) == ("--optimizer prodigy: needs prodigyopt, which is not installed; run `pip install -e "
                             ".[recipes]` or use --optimizer adamw")
+
+
+def test_checkpoint_from_before_the_recipe_flags_resumes_with_their_defaults(tmp, base):
+    """An older config.yaml lacks the newer keys: its run used their defaults (Min-SNR when min_snr_gamma > 0)."""
+    from training.checkpoints import MUST_MATCH, settings_differences, with_later_settings
+
+    for old_extra in ([], ["--min_snr_gamma", "5"]):
+        current = vars(check(base + old_extra))
+        old = {k: v for k, v in current.items() if k in MUST_MATCH and k not in with_later_settings({})}
+        assert settings_differences(with_later_settings(old), current) == []
+    current = vars(check(base + ["--loss_weighting", "debiased"]))
+    old = {k: v for k, v in current.items() if k in MUST_MATCH and k not in with_later_settings({})}
+    assert settings_differences(with_later_settings(old), current) == ["loss_weighting: checkpoint 'none', now "
+                                                                        "'debiased'"]

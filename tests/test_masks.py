@@ -52,6 +52,16 @@ def test_mask_gets_its_images_resize_crop_and_flip(masked_folder):
     assert flips == {True, False}
 
 
+def test_masks_come_with_cached_latents_too(masked_folder):
+    """Once the latents are cached nothing is decoded, but each sample still gets its mask, the same as decoded."""
+    data = build_dataset(masked_folder, 128, 1, random_flip=True, center_crop=True, seed=3, masks=MaskSource())
+    decoded = [b["masks"] for b in data.iter_epoch(1)]
+    data.decode = False
+    cached = list(data.iter_epoch(1))
+    assert "pixel_values" not in cached[0]
+    assert all(torch.equal(a, b["masks"]) for a, b in zip(decoded, cached, strict=True))
+
+
 def test_alpha_and_mask_dir_give_the_same_mask_as_a_file_beside_the_image(tmp_path):
     pixels = noise_image(150, 96, 4)
     alpha = np.random.default_rng(5).integers(0, 256, (96, 150), dtype=np.uint8)
@@ -105,7 +115,7 @@ def test_training_with_masks_runs_and_says_what_is_wrong(masked_folder, tmp_path
     Image.fromarray(noise_image(10, 10, 1)[..., 0]).save(masked_folder / "plain_mask.png")  # the wrong size
     cmd = [sys.executable, str(ROOT / "train_sdxl.py"), "--config", str(ROOT / "configs/tiny_demo.yaml"),
            "--data_dir", str(masked_folder), "--output_dir", str(tmp_path / "out"), "--max_train_steps", "2",
-           "--batch_size", "2", "--validation_prompts", "--val_data_dir", "", "--cache_latents", "none",
+           "--batch_size", "2", "--validation_prompts", "--val_data_dir", "", "--cache_latents", "memory",
            "--masked_loss", "--random_flip", "--image_size", "128"]
     run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 2 and "plain_mask.png is 10x10 but its image" in run.stderr.strip().splitlines()[-1]

@@ -54,19 +54,6 @@ MUST_MATCH = (
     "prodigy_safeguard_warmup", "dataset_config", "caption_extension", "caption_prefix", "caption_suffix",
     "keep_tokens_separator", "masked_loss", "mask_dir", "alpha_mask",
 )
-
-
-def with_later_settings(config: dict) -> dict:
-    """A checkpoint's config.yaml from before a setting existed: the run used its default (and Min-SNR was on
-    when min_snr_gamma > 0)."""
-    later = {"timestep_sampling": "uniform", "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29,
-             "loss_weighting": "min_snr" if config.get("min_snr_gamma") else "none", "multires_noise_iterations": 0,
-             "multires_noise_discount": 0.3, "input_perturbation": 0.0, "prodigy_d_coef": 1.0,
-             "prodigy_use_bias_correction": False, "prodigy_safeguard_warmup": False, "dataset_config": None,
-             "caption_extension": ".txt", "caption_prefix": "", "caption_suffix": "", "keep_tokens_separator": "",
-             "masked_loss": False, "mask_dir": None, "alpha_mask": False, "conv_rank": 0, "conv_alpha": 0.0,
-             "use_dora": False}
-    return {**later, **config}
 RUN_OUTPUTS = ("checkpoints", "samples", "metrics.jsonl", "lora_final.safetensors", "lora_best.safetensors")
 
 
@@ -348,6 +335,19 @@ def start_or_resume(args, clear: bool = True) -> Checkpoint | None:
         elif path.exists():
             path.unlink()
     return None
+
+
+def with_later_settings(config: dict) -> dict:
+    """A checkpoint's config.yaml from before a setting existed: the run used its default (and Min-SNR was on
+    when min_snr_gamma > 0)."""
+    later = {"timestep_sampling": "uniform", "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29,
+             "loss_weighting": "min_snr" if config.get("min_snr_gamma") else "none", "multires_noise_iterations": 0,
+             "multires_noise_discount": 0.3, "input_perturbation": 0.0, "prodigy_d_coef": 1.0,
+             "prodigy_use_bias_correction": False, "prodigy_safeguard_warmup": False, "dataset_config": None,
+             "caption_extension": ".txt", "caption_prefix": "", "caption_suffix": "", "keep_tokens_separator": "",
+             "masked_loss": False, "mask_dir": None, "alpha_mask": False, "conv_rank": 0, "conv_alpha": 0.0,
+             "use_dora": False}
+    return {**later, **config}
 
 
 def check_resumable(checkpoint: Checkpoint, args, data_fingerprint: str) -> None:

@@ -275,9 +275,6 @@ def _check_captions(args: argparse.Namespace) -> None:
         fail("alpha_mask", None, "cannot be combined with --mask_dir; the mask comes from one of them")
     if args.mask_dir and not Path(args.mask_dir).is_dir():
         fail("mask_dir", args.mask_dir, "is not a folder; give the folder of IMAGE_STEM.png masks")
-    if args.masked_loss and args.cache_latents != "none":
-        fail("masked_loss", None, "cannot be combined with --cache_latents yet (each crop's mask is made with its "
-             "image); use --cache_latents none")
 
 
 def _check_optimizer(args: argparse.Namespace) -> None:

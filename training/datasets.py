@@ -133,8 +133,9 @@ class FolderDataset(torch.utils.data.Dataset):
         bucket = self.buckets[self.bucket_of[index]]
         if not self.decode:
             record = self.records[index]
-            return make_example(None, (record.height, record.width), bucket, record.caption, record.key, self.aug,
-                                epoch, index)
+            example = make_example(None, (record.height, record.width), bucket, record.caption, record.key, self.aug,
+                                   epoch, index)
+            return self.with_mask(example, record.path)
         same = self._same_bucket[self.bucket_of[index]]
         start = self._position[index]
         others = (i for i, b in enumerate(self.bucket_of) if b != self.bucket_of[index])
@@ -149,11 +150,16 @@ class FolderDataset(torch.utils.data.Dataset):
                 logger.warning("cannot load %s any more, replacing it in its batch: %s", record.path, error)
                 continue
             example = make_example(image, original_size, bucket, record.caption, record.key, self.aug, epoch, index)
-            if self.masks is not None:
-                example.mask = mask_crop(read_mask(record.path, self.masks), original_size, bucket,
-                                         example.crop_top_left)
-            return example
+            return self.with_mask(example, record.path)
         raise DataError(f"none of the images under {self.scan.root} can be loaded any more; see the warnings above")
+
+    def with_mask(self, example: Example, image_path: str) -> Example:
+        """--masked_loss: the example with its image's mask, cropped as the image (read even when the latents are
+        cached and the image is not decoded)."""
+        if self.masks is not None:
+            example.mask = mask_crop(read_mask(image_path, self.masks), example.original_size, example.target_size,
+                                     example.crop_top_left)
+        return example
 
     def __getitem__(self, item: tuple[int, int]) -> dict:
         epoch, index = item

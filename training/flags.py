@@ -55,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
          "--cache_text_embeddings (default: off)", action=flag, default=False)
     add_flag(g, "keep_tokens", "--shuffle_tags keeps the first N tags (default: 0)", type=int, default=0, metavar="N")
     add_flag(g, "masked_loss", "weight the loss by a mask per image: IMAGE_STEM_mask.png beside it, --mask_dir, or "
-             "--alpha_mask; white = learn, black = ignore; images without one learn everywhere; not with "
-             "--cache_latents (default: off)", action=flag, default=False)
+             "--alpha_mask; white = learn, black = ignore; images without one learn everywhere (default: off)",
+             action=flag, default=False)
     add_flag(g, "mask_dir", "--masked_loss: the masks are MASK_DIR/IMAGE_STEM.png (default: beside the images)",
              metavar="DIR")
     add_flag(g, "alpha_mask", "--masked_loss: the mask is each image's alpha channel (default: off)", action=flag,

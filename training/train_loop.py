@@ -231,7 +231,7 @@ def train(args) -> dict:
                         x0, embeds, pooled = models.encode(batch, device)
                         t, noise, input_noise = draw_timesteps_and_noise(args.seed, loop.micro_step, x0.shape,
                                                                          world, recipe)
-                        mask = latent_mask(batch["masks"]).to(device) if "masks" in batch else None
+                        mask = latent_mask(batch["masks"]).to(device) if "masks" in batch else None  # (B, 1, h, w)
                         last = i == len(micro_batches) - 1  # DDP all-reduces the gradients in its backward
                         with nullcontext() if last or world.size == 1 else trained.no_sync():
                             loss = diffusion_loss(trained, x0, embeds, pooled, time_ids_of(batch).to(device),
