@@ -446,3 +446,16 @@ def test_latent_cache_on_a_full_disk(tmp_path, monkeypatch):
     with pytest.raises(WriteError, match=r"latents/b.safetensors: No space left on device$"):
         store.write("b", {"x": torch.ones(4)})
     assert sorted(p.name for p in (tmp_path / "latents").iterdir()) == ["a.safetensors"]
+
+
+def test_a_read_only_file_system_is_named(tmp_path):
+    """A real read-only mount (a user namespace: no root needed): the check names the reason."""
+    if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount here (unshare -rm: no user namespaces)")
+    code = (f"from common.files import check_writable\ntry:\n    check_writable('output_dir', '{tmp_path}/out')\n"
+            "except ValueError as e:\n    print(e)")
+    script = f"mount -t tmpfs -o ro tmpfs {tmp_path} && {sys.executable} -c \"{code}\""
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=120,
+                            cwd=ROOT, env=ENV)
+    assert result.stdout == (f"--output_dir {tmp_path}/out: cannot create or write this folder (Read-only file "
+                             "system); choose a folder you can write to, or fix its permissions\n"), result.stderr
