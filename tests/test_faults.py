@@ -140,6 +140,7 @@ def test_generation_on_a_full_disk_then_a_rerun_completes_the_set(tmp_path, caps
     assert list(got) == list(want) and all(np.array_equal(got[k], want[k]) for k in want)
 
 
+@pytest.mark.slow
 def test_training_on_a_real_full_file_system(tmp_path):
     """A 9 MB tmpfs (a user namespace: no root needed) holds two 3.7 MB checkpoints of the tiny run, not a third:
     the run stops with one line naming the checkpoint it could not write and the one that is intact."""
@@ -220,7 +221,7 @@ def test_broken_torchrun_environments_name_the_variable(monkeypatch, capsys, tmp
     assert err.startswith("error: environment variable") and message in err and err.count("\n") == 1, err
 
 
-@pytest.mark.parametrize("script", ["train", "generate"])
+@pytest.mark.parametrize("script", [pytest.param("train", marks=pytest.mark.slow), "generate"])
 def test_a_process_group_that_never_starts_times_out(tmp_path, script):
     """WORLD_SIZE=2 with only rank 0 started (or only rank 1): the start-up watchdog ends it in bounded time."""
     out = str(tmp_path / "o")
@@ -429,3 +430,32 @@ def test_ctrl_c_while_starting_is_one_line(tmp_path, script):
         status, err = run_until([sys.executable, *argv], lambda d=delay, s=start: time.time() - s > d, [signal.SIGINT])
         assert status == 130 and "Traceback" not in err and "interrupted" in err, err[-2000:]
         assert leftovers(tmp_path) == []
+
+
+def test_latent_cache_on_a_full_disk(tmp_path, monkeypatch):
+    import training.caching as caching
+
+    store = caching._Store("disk", tmp_path / "latents")
+    store.write("a", {"x": torch.ones(4)})
+
+    def full(tensors, path, *args, **kwargs):
+        Path(path).write_bytes(b"\0" * 10)  # part of the file
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(caching, "save_file", full)
+    with pytest.raises(WriteError, match=r"latents/b.safetensors: No space left on device$"):
+        store.write("b", {"x": torch.ones(4)})
+    assert sorted(p.name for p in (tmp_path / "latents").iterdir()) == ["a.safetensors"]
+
+
+def test_a_read_only_file_system_is_named(tmp_path):
+    """A real read-only mount (a user namespace: no root needed): the check names the reason."""
+    if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount here (unshare -rm: no user namespaces)")
+    code = (f"from common.files import check_writable\ntry:\n    check_writable('output_dir', '{tmp_path}/out')\n"
+            "except ValueError as e:\n    print(e)")
+    script = f"mount -t tmpfs -o ro tmpfs {tmp_path} && {sys.executable} -c \"{code}\""
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=120,
+                            cwd=ROOT, env=ENV)
+    assert result.stdout == (f"--output_dir {tmp_path}/out: cannot create or write this folder (Read-only file "
+                             "system); choose a folder you can write to, or fix its permissions\n"), result.stderr
