@@ -159,11 +159,12 @@ class SDXLGenerator:
         reads). The UNet and text encoders run in `dtype`, the VAE in fp32."""
         path = resolve_model_path(model)
         # Merged in fp32 (on the CPU, so the device never holds an fp32 UNet), then cast once: one rounding.
-        unet = load_unet(path, dtype=torch.float32 if loras else dtype, device="cpu" if loras else device)
+        # A LoRA file's text-encoder part goes into the encoders the same way.
+        where = dict(dtype=torch.float32, device="cpu") if loras else dict(dtype=dtype, device=device)
+        unet, text_encoder = load_unet(path, **where), load_text_encoder(path, **where)
         for lora_path, scale in loras:
-            load_lora(unet, lora_path, scale=scale)
-        unet = unet.to(device=device, dtype=dtype)
-        text_encoder = load_text_encoder(path, dtype=dtype, device=device)
+            load_lora(unet, lora_path, scale=scale, text_encoder=text_encoder)
+        unet, text_encoder = unet.to(device=device, dtype=dtype), text_encoder.to(device=device, dtype=dtype)
         vae = load_vae(resolve_model_path(vae_model) if vae_model else path, device=device)
         return cls(unet, text_encoder, vae, read_scheduler_config(path) if path.is_dir() else None)
 

@@ -44,6 +44,7 @@ from sdxl.tiny import TINY_UNET_CONFIG
 from sdxl.unet import SDXL_CONFIG, SDXLUNet, UNetConfig
 
 TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "text_encoder.", "text_encoder_2.")
+KOHYA_TEXT_ENCODERS = {"lora_te_": "text_encoder.", "lora_te1_": "text_encoder.", "lora_te2_": "text_encoder_2."}
 KOHYA_SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha", "dora_scale": "magnitude"}
 PEFT_SUFFIXES = {".lora_A.weight": "down", ".lora_B.weight": "up", ".lora_magnitude_vector": "magnitude"}
 FORMAT_VERSION = "1"  # of the `sdxl_lora.*` metadata we write
@@ -328,19 +329,43 @@ def _kohya_names(unet_config: dict) -> dict[str, str]:
     return names
 
 
-def _peft_alpha(metadata: dict[str, str], path) -> tuple:
-    """(lora_alpha or None, alpha_pattern, use_rslora) from diffusers' `lora_adapter_metadata`, UNet part."""
+def _text_encoder_names(text_encoder: nn.Module) -> tuple[dict[str, str], dict[str, str]]:
+    """(kohya name, peft module path) -> module path in an SDXLTextEncoder, for every Linear of both encoders:
+    `lora_te1_text_model_encoder_layers_0_self_attn_q_proj` (lora_te2_..., old lora_te_...) and
+    `text_encoder.text_model.encoder.layers.0.self_attn.q_proj`. Both spellings, with and without `text_model.`,
+    are accepted: transformers 5's CLIPTextModel has no `text_model` level, the files (kohya, diffusers) do."""
+    kohya, peft = {}, {}
+    for path, module in text_encoder.named_modules():
+        if isinstance(module, (nn.Linear, LoRALayer)):
+            component = _component(path)
+            rest = path.removeprefix(component).removeprefix("text_model.")
+            for spelling in (f"text_model.{rest}", rest):
+                peft[component + spelling] = path
+                for prefix, of in KOHYA_TEXT_ENCODERS.items():
+                    if of == component:
+                        kohya[prefix + spelling.replace(".", "_")] = path
+    return kohya, peft
+
+
+def _component(module: str) -> str:
+    """Which model a module path belongs to: the UNet (`unet.`) or one of the text encoders."""
+    return next((c for c in ("text_encoder_2.", "text_encoder.") if module.startswith(c)), "unet.")
+
+
+def _peft_alpha(metadata: dict[str, str], path, component: str = "unet.") -> tuple:
+    """(lora_alpha or None, alpha_pattern, use_rslora) from diffusers' `lora_adapter_metadata`, one model's part."""
     try:
         config = json.loads(metadata.get("lora_adapter_metadata") or "{}")
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: lora_adapter_metadata is not valid JSON ({e})") from e
-    if any(k.startswith("unet.") for k in config):
-        config = {k.removeprefix("unet."): v for k, v in config.items() if k.startswith("unet.")}
+    if any(k.startswith(("unet.", "text_encoder.", "text_encoder_2.")) for k in config):
+        config = {k.removeprefix(component): v for k, v in config.items() if k.startswith(component)}
     return config.get("lora_alpha"), config.get("alpha_pattern") or {}, bool(config.get("use_rslora"))
 
 
-def _parse(path, unet_config: dict) -> tuple[dict[str, dict], dict[str, str]]:
-    """Module path -> {"down", "up", "alpha", "key"} and the file's metadata; see read_lora_file."""
+def _parse(path, unet_config: dict, text_encoder: nn.Module | None = None) -> tuple[dict[str, dict], dict[str, str]]:
+    """Module path -> {"down", "up", "alpha", "key"} and the file's metadata; see read_lora_file. With an
+    SDXLTextEncoder, text-encoder keys are read too, as `text_encoder.<path>` / `text_encoder_2.<path>`."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path} is a folder, not a LoRA file; give a .safetensors LoRA file (for a training "
@@ -354,28 +379,30 @@ def _parse(path, unet_config: dict) -> tuple[dict[str, dict], dict[str, str]]:
     except Exception as e:  # safetensors raises its own error types for corrupt files
         raise ValueError(f"cannot read LoRA file {path}: {e}; it is not a complete .safetensors file "
                          "(pickled .pt/.ckpt LoRAs are not loaded; re-download or convert it)") from e
-    kohya = _kohya_names(unet_config)
+    te_kohya, te_peft = _text_encoder_names(text_encoder) if text_encoder is not None else ({}, {})
+    kohya = _kohya_names(unet_config) | te_kohya
     entries: dict[str, dict] = {}
     for key, tensor in tensors.items():
-        if key.startswith(TEXT_ENCODER_PREFIXES):
-            raise ValueError(f"{path}: key {key} is a text-encoder LoRA weight; only UNet LoRAs are supported "
-                             "(remove the lora_te*/text_encoder* keys to use its UNet part)")
-        if key.startswith("lora_unet_"):
+        if key.startswith(TEXT_ENCODER_PREFIXES) and text_encoder is None:
+            raise ValueError(f"{path}: key {key} is a text-encoder LoRA weight; here only the UNet takes a LoRA "
+                             "(generate_images.py applies both; remove the lora_te*/text_encoder* keys otherwise)")
+        if key.startswith(("lora_unet_", *KOHYA_TEXT_ENCODERS)):
             name, _, suffix = key.partition(".")
             if suffix not in KOHYA_SUFFIXES:
                 raise ValueError(f"{path}: key {key} is not a LoRA, LoCon or DoRA weight (LoHa/LoKr/IA3 are not "
                                  "supported)")
             if name not in kohya:
-                raise ValueError(f"{path}: key {key} names no module of this SDXL UNet; the LoRA was made for "
-                                 "another base model (e.g. SD 1.5) or another UNet config")
+                raise ValueError(f"{path}: key {key} names no module of this SDXL UNet or its text encoders; the "
+                                 "LoRA was made for another base model (e.g. SD 1.5) or another UNet config")
             module, part = kohya[name], KOHYA_SUFFIXES[suffix]
-        else:
+        else:  # peft: text-encoder module paths keep their text_encoder(_2). prefix
             stripped = key.removeprefix("unet.")
             suffix = next((s for s in PEFT_SUFFIXES if stripped.endswith(s)), None)
             if suffix is None:
                 raise ValueError(f"{path}: key {key} is neither a kohya (lora_unet_*) nor a diffusers/peft "
                                  "(unet.*.lora_A/lora_B.weight/lora_magnitude_vector) LoRA weight")
             module, part = stripped.removesuffix(suffix), PEFT_SUFFIXES[suffix]
+            module = te_peft.get(module, module)
         entry = entries.setdefault(module, {"key": key})
         if part in entry:
             raise ValueError(f"{path}: key {key} repeats the {part} weight of {entry['key']}")
@@ -387,7 +414,6 @@ def _parse(path, unet_config: dict) -> tuple[dict[str, dict], dict[str, str]]:
                                  "channel (LyCORIS wd_on_out=False) is not supported, only per output channel")
             tensor = tensor.flatten()
         entry[part] = tensor
-    lora_alpha, alpha_pattern, rslora = _peft_alpha(metadata, path)
     for module, entry in entries.items():
         if "down" not in entry or "up" not in entry:
             raise ValueError(f"{path}: key {entry['key']} has no matching {'up' if 'down' in entry else 'down'} "
@@ -395,8 +421,11 @@ def _parse(path, unet_config: dict) -> tuple[dict[str, dict], dict[str, str]]:
         rank = entry["down"].shape[0]
         if "alpha" in entry:  # kohya
             entry["alpha"] = float(entry["alpha"].float().item())
-        elif not entry["key"].startswith("lora_unet_"):  # peft: scale = lora_alpha / r (or / sqrt(r), rsLoRA)
-            pattern = next((p for p in alpha_pattern if re.match(rf"(.*\.)?({p})$", module)), None)
+        elif not entry["key"].startswith(("lora_unet_", *KOHYA_TEXT_ENCODERS)):  # peft: alpha / r (rsLoRA: sqrt r)
+            component = _component(module)
+            lora_alpha, alpha_pattern, rslora = _peft_alpha(metadata, path, component)
+            local = module.removeprefix(component) if component != "unet." else module
+            pattern = next((p for p in alpha_pattern if re.match(rf"(.*\.)?({p})$", local)), None)
             alpha = alpha_pattern[pattern] if pattern else lora_alpha
             entry["alpha"] = rank if alpha is None else float(alpha) * (math.sqrt(rank) if rslora else 1.0)
         else:  # kohya without .alpha means alpha = rank
@@ -419,15 +448,17 @@ def magnitudes_of(entries: dict[str, dict]) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def load_lora(unet: nn.Module, path, scale: float = 1.0) -> dict[str, str]:
+def load_lora(unet: nn.Module, path, scale: float = 1.0, text_encoder: nn.Module | None = None) -> dict[str, str]:
     """Merge a LoRA file into the UNet's Linear and Conv2d weights: W += scale * alpha / rank * up @ down, and
     for DoRA W <- m * (W + dW) / ||W + dW|| (per output channel; `scale` inside dW, as peft's adapter scale).
 
     Accepts kohya (SGM or diffusers-style names, LoCon, LyCORIS `dora_scale`) and diffusers/peft files. Wrapped
-    layers (LoRALayer) take the update in their frozen base. Every key is checked before any weight changes;
-    loading two files applies both, in order. Returns the file's metadata."""
-    entries, metadata = _parse(path, unet_config_to_diffusers(unet.config))
-    modules = dict(unet.named_modules())
+    layers (LoRALayer) take the update in their frozen base. With `text_encoder` (an SDXLTextEncoder), the
+    file's text-encoder part (kohya lora_te1_/lora_te2_, peft text_encoder./text_encoder_2.) goes into its two
+    CLIP models; without it, such keys are an error. Every key is checked before any weight changes; loading two
+    files applies both, in order. Returns the file's metadata."""
+    entries, metadata = _parse(path, unet_config_to_diffusers(unet.config), text_encoder)
+    modules = dict(unet.named_modules()) | (dict(text_encoder.named_modules()) if text_encoder is not None else {})
     plan = []
     for name, e in entries.items():
         key, module = e["key"], modules.get(name)
