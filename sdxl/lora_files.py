@@ -40,6 +40,7 @@ from sdxl.configs import unet_config_to_diffusers
 from sdxl.loading import read_unet_config, unet_folder
 from sdxl.lora import MODES, LoRAConfig, LoRALayer, lora_modules, lora_target_names
 from sdxl.sgm import unet_sgm_names
+from sdxl.text_encoder_lora import is_text_encoder_name, text_encoder_lora_modules
 from sdxl.tiny import TINY_UNET_CONFIG
 from sdxl.unet import SDXL_CONFIG, SDXLUNet, UNetConfig
 
@@ -61,7 +62,9 @@ FORMAT_KEYS = {"sdxl_lora.format_version", "sdxl_lora.rank", "sdxl_lora.alpha", 
 class LoRAWeights:
     """A UNet LoRA in memory, whatever it came from."""
 
-    modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # diffusers module path -> (down, up, alpha)
+    # diffusers module path -> (down, up, alpha); a trained text-encoder LoRA's modules are here too, as
+    # `text_encoder(_2).text_model.<path>` (sdxl/text_encoder_lora.py)
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
     metadata: dict[str, str]  # carried into a file written from it (format keys excluded)
     base: str  # "sdxl", "tiny" or a model path
     unet_config: UNetConfig
@@ -85,7 +88,8 @@ class LoRAWeights:
         """As recorded by our trainer; else the smallest mode covering every module (metadata only)."""
         if self.metadata.get("sdxl_lora.target_mode") in MODES:
             return self.metadata["sdxl_lora.target_mode"]
-        linear = {name for name, (down, _, _) in self.modules.items() if down.ndim == 2}
+        linear = {name for name, (down, _, _) in self.modules.items()
+                  if down.ndim == 2 and not is_text_encoder_name(name)}
         return next((m for m in MODES if linear <= target_names(self.unet_config, m)), "all")
 
     def lora_config(self) -> LoRAConfig:
@@ -97,9 +101,10 @@ class LoRAWeights:
                           self.target_mode, *conv, bool(self.magnitudes))
 
 
-def weights_of(unet: SDXLUNet, metadata: dict[str, str] | None = None) -> LoRAWeights:
-    """The LoRA layers of a UNet (detached, as trained) as LoRAWeights."""
-    layers = lora_modules(unet)
+def weights_of(unet: SDXLUNet, metadata: dict[str, str] | None = None, text_encoder: nn.Module | None = None
+               ) -> LoRAWeights:
+    """The LoRA layers of a UNet (and of its text encoders, when they trained one) (detached) as LoRAWeights."""
+    layers = lora_modules(unet) | text_encoder_lora_modules(text_encoder)
     modules = {name: (m.lora_down.weight.detach(), m.lora_up.weight.detach(), m.alpha) for name, m in layers.items()}
     if not modules:
         raise ValueError("this UNet has no LoRA layers to save; call apply_lora first")
@@ -149,6 +154,8 @@ def check_fits(weights: LoRAWeights) -> None:
     naming it."""
     layers = adaptable_layers(weights.unet_config)
     for name, (down, up, _) in weights.modules.items():
+        if is_text_encoder_name(name):  # trained by us on the encoders; load_lora checks them against the models
+            continue
         if name not in layers:
             raise ValueError(f"LoRA layer {name} ({weights.source}) is not a Linear or Conv2d layer of the "
                              f"{weights.base} UNet; the LoRA was made for another base model (e.g. SD 1.5) or "
@@ -187,7 +194,8 @@ def write_lora(weights: LoRAWeights, path, format: Literal["kohya", "diffusers"]
     if format == "kohya":
         sgm = unet_sgm_names(unet_config_to_diffusers(weights.unet_config))
         for name, (down, up, alpha) in weights.modules.items():
-            key = "lora_unet_" + sgm[name].replace(".", "_")
+            key = (kohya_text_encoder_key(name) if is_text_encoder_name(name)
+                   else "lora_unet_" + sgm[name].replace(".", "_"))
             tensors |= {f"{key}.lora_down.weight": down.to(dtype), f"{key}.lora_up.weight": up.to(dtype),
                         f"{key}.alpha": torch.tensor(float(alpha), dtype=dtype)}
             if name in weights.magnitudes:  # LyCORIS' layout: [out, 1] / [out, 1, 1, 1] (the output axis)
@@ -205,15 +213,19 @@ def write_lora(weights: LoRAWeights, path, format: Literal["kohya", "diffusers"]
         }
     elif format == "diffusers":
         for name, (down, up, alpha) in weights.modules.items():
-            tensors[f"unet.{name}.lora_A.weight"] = down.to(dtype)
-            tensors[f"unet.{name}.lora_B.weight"] = (up.float() * (alpha / down.shape[0])).to(dtype)  # folded
+            key = peft_module_key(name)
+            tensors[f"{key}.lora_A.weight"] = down.to(dtype)
+            tensors[f"{key}.lora_B.weight"] = (up.float() * (alpha / down.shape[0])).to(dtype)  # folded
             if name in weights.magnitudes:  # peft's shapes: [out] for Linear, [1, out, 1, 1] for Conv2d
                 m = weights.magnitudes[name].flatten()
-                tensors[f"unet.{name}.lora_magnitude_vector"] = (m.view(1, -1, 1, 1) if down.ndim == 4 else m).to(dtype)
+                tensors[f"{key}.lora_magnitude_vector"] = (m.view(1, -1, 1, 1) if down.ndim == 4 else m).to(dtype)
         # diffusers builds its peft LoraConfig from this (prefix "unet." stripped) instead of guessing it; alpha
-        # is folded, so lora_alpha = r for every layer
+        # is folded, so lora_alpha = r for every layer (the text encoders' parts: diffusers infers r from the
+        # shapes and lora_alpha = r)
+        unet_modules = [name for name in weights.modules if not is_text_encoder_name(name)]
         peft_config = {"unet.r": config.rank, "unet.lora_alpha": config.rank, "unet.use_dora": config.use_dora,
-                       "unet.target_modules": list(weights.modules)} | peft_patterns(weights, config.rank, fold=True)
+                       "unet.target_modules": unet_modules} | peft_patterns(weights, config.rank, fold=True)
+        peft_config |= text_encoder_peft_config(weights.modules, config.rank, config.rank)
         meta |= {"format": "pt", "lora_adapter_metadata": json.dumps(peft_config, sort_keys=True)}
     else:
         raise ValueError(f"unknown LoRA file format {format!r}; use 'kohya' or 'diffusers'")
@@ -225,6 +237,31 @@ def write_lora(weights: LoRAWeights, path, format: Literal["kohya", "diffusers"]
         meta.setdefault("modelspec.title", path.stem)
         meta |= kohya_hashes(tensors, meta)
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+def kohya_text_encoder_key(name: str) -> str:
+    """`text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj` -> `lora_te2_text_model_encoder_layers_0_...`."""
+    component, _, rest = name.partition(".")
+    return {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}[component] + rest.replace(".", "_")
+
+
+def peft_module_key(name: str) -> str:
+    """peft's key of a module: `unet.<path>` for the UNet; text-encoder names already start `text_encoder(_2).`."""
+    return name if is_text_encoder_name(name) else f"unet.{name}"
+
+
+def text_encoder_peft_config(names, rank: int, alpha: float) -> dict:
+    """diffusers' `lora_adapter_metadata` entries of a text-encoder LoRA (`text_encoder(_2).r`, `.lora_alpha`,
+    `.target_modules`: the layer names, e.g. q_proj), from module names or state-dict keys. diffusers builds each
+    encoder's peft LoraConfig from these whenever the file has this metadata at all."""
+    config = {}
+    for component in ("text_encoder", "text_encoder_2"):
+        layers = {n.removesuffix(".lora_down.weight").removesuffix(".lora_up.weight").rpartition(".")[2]
+                  for n in names if n.startswith(component + ".")}
+        if layers:
+            config |= {f"{component}.r": rank, f"{component}.lora_alpha": alpha,
+                       f"{component}.target_modules": sorted(layers)}
+    return config
 
 
 def kohya_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, str]:
@@ -259,6 +296,8 @@ def peft_patterns(weights: LoRAWeights, rank: int, fold: bool) -> dict:
     main_alpha = rank if fold else weights.lora_config().alpha
     ranks, alphas = {}, {}
     for name, (down, _, alpha) in weights.modules.items():
+        if is_text_encoder_name(name):
+            continue
         alpha = down.shape[0] if fold else alpha
         if down.shape[0] != rank:
             ranks[name] = down.shape[0]
@@ -268,10 +307,12 @@ def peft_patterns(weights: LoRAWeights, rank: int, fold: bool) -> dict:
 
 
 def save_lora(unet, path, config: LoRAConfig, format: Literal["kohya", "diffusers"] = "kohya",
-              metadata: dict[str, str] | None = None, dtype: torch.dtype = torch.float32) -> Path:
-    """Write the UNet's LoRA layers to a LoRA file (see `write_lora`); `metadata`: extra str -> str entries
-    stored in the file (e.g. the training settings)."""
-    weights = weights_of(unet, {**_check_metadata(metadata), "sdxl_lora.target_mode": config.target_mode})
+              metadata: dict[str, str] | None = None, dtype: torch.dtype = torch.float32,
+              text_encoder: nn.Module | None = None) -> Path:
+    """Write the UNet's LoRA layers (and the text encoders', if given and trained) to a LoRA file (see
+    `write_lora`); `metadata`: extra str -> str entries stored in the file (e.g. the training settings)."""
+    weights = weights_of(unet, {**_check_metadata(metadata), "sdxl_lora.target_mode": config.target_mode},
+                         text_encoder)
     return write_lora(weights, path, format=format, dtype=dtype)
 
 
@@ -287,16 +328,17 @@ def peft_tensors(sd: dict[str, torch.Tensor], config: LoRAConfig) -> tuple[dict[
             tensors[f"unet.{name}.lora_magnitude_vector"] = value.view(1, -1, 1, 1) if conv else value.contiguous()
             continue
         name, _, part = key.rpartition(".lora_")
-        tensors[f"unet.{name}.lora_{'A' if part == 'down.weight' else 'B'}.weight"] = value.contiguous()
+        tensors[f"{peft_module_key(name)}.lora_{'A' if part == 'down.weight' else 'B'}.weight"] = value.contiguous()
         if value.ndim == 4:
             convs.add(name)
-    modules = sorted({k.rpartition(".lora_")[0] for k in sd if ".lora_" in k})
+    modules = sorted({k.rpartition(".lora_")[0] for k in sd if ".lora_" in k and not is_text_encoder_name(k)})
     peft_config = {"unet.r": config.rank, "unet.lora_alpha": config.alpha, "unet.use_dora": config.use_dora,
                    "unet.target_modules": modules}
     if convs and config.conv_rank != config.rank:
         peft_config["unet.rank_pattern"] = {name: config.conv_rank for name in sorted(convs)}
     if convs and (config.conv_alpha or config.conv_rank) != config.alpha:
         peft_config["unet.alpha_pattern"] = {name: config.conv_alpha or config.conv_rank for name in sorted(convs)}
+    peft_config |= text_encoder_peft_config(sd, config.rank, config.alpha)  # a trained text-encoder LoRA: unfolded
     metadata = format_metadata(config) | {"sdxl_lora.dropout": str(float(config.dropout)), "format": "pt",
                                           "lora_adapter_metadata": json.dumps(peft_config, sort_keys=True)}
     return tensors, metadata
@@ -308,7 +350,7 @@ def state_dict_from_peft(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Te
     for key, value in tensors.items():
         stripped = key.removeprefix("unet.")
         suffix = next((s for s in PEFT_SUFFIXES if stripped.endswith(s)), None)
-        if suffix is None or stripped == key:
+        if suffix is None or (stripped == key and not is_text_encoder_name(key)):
             raise ValueError(f"key {key} is not a unet.*.lora_A/lora_B.weight/lora_magnitude_vector key of a "
                              "training checkpoint")
         part = {"down": "lora_down.weight", "up": "lora_up.weight", "magnitude": "magnitude"}[PEFT_SUFFIXES[suffix]]

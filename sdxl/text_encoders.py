@@ -28,11 +28,12 @@ class SDXLTextEncoder(torch.nn.Module):
         self.text_encoder = text_encoder  # CLIPTextModel
         self.text_encoder_2 = text_encoder_2  # CLIPTextModelWithProjection
         self.requires_grad_(False)
+        self.trains = False  # True once sdxl/text_encoder_lora.py has put a trainable LoRA on it
         self.eval()
 
     def train(self, mode: bool = True):
-        # Frozen: a parent module's .train() must not switch the encoders out of eval mode.
-        return super().train(False)
+        # Frozen: a parent module's .train() must not switch the encoders out of eval mode (unless a LoRA trains).
+        return super().train(mode and self.trains)
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
@@ -75,7 +76,11 @@ class SDXLTextEncoder(torch.nn.Module):
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompt embeddings (B, 77, C1 + C2) and pooled embeddings (B, projection_dim)."""
+        """Prompt embeddings (B, 77, C1 + C2) and pooled embeddings (B, projection_dim), without gradients."""
+        return self(prompts)
+
+    def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `encode`, with gradients (to a trained text-encoder LoRA)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         hidden = []

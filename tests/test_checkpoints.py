@@ -122,7 +122,8 @@ def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
 
 def test_settings_differences_and_metrics_rewind(tmp_path):
     saved = {"lora_rank": 16, "lora_alpha": 16.0, "seed": 0, "data_dir": "/d"}
-    now = {"lora_rank": 8, "lora_alpha": 16, "seed": 0, "data_dir": "/d", "max_train_steps": 99}
+    now = ck.with_later_settings({}) | {"lora_rank": 8, "lora_alpha": 16, "seed": 0, "data_dir": "/d",
+                                        "max_train_steps": 99}  # settings added later: at their defaults
     assert ck.settings_differences(saved, now) == ["lora_rank: checkpoint 16, now 8"]
     lines = [{"step": 0, "val_loss": 1.0}, {"step": 1, "loss": 2.0}, {"step": 2, "loss": 3.0}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 3, "lo')

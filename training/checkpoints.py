@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from common.files import WriteError, atomic_write, reason_of, remove_stale_temporaries, write_text
 from sdxl.lora import LoRAConfig, load_lora_state_dict
 from sdxl.lora_files import LoRAWeights, check_fits, peft_tensors, state_dict_from_peft, unet_config_of
+from sdxl.text_encoder_lora import is_text_encoder_name, load_text_encoder_lora_state_dict
 from training.run_metadata import is_run_key
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,8 @@ MUST_MATCH = (
     "timestep_sampling", "logit_mean", "logit_std", "mode_scale", "loss_weighting", "multires_noise_iterations",
     "multires_noise_discount", "input_perturbation", "prodigy_d_coef", "prodigy_use_bias_correction",
     "prodigy_safeguard_warmup", "dataset_config", "caption_extension", "caption_prefix", "caption_suffix",
-    "keep_tokens_separator", "masked_loss", "mask_dir", "alpha_mask",
+    "keep_tokens_separator", "masked_loss", "mask_dir", "alpha_mask", "train_text_encoder", "text_encoder_lr",
+    "text_encoder_target_mode",
 )
 RUN_OUTPUTS = ("checkpoints", "samples", "metrics.jsonl", "lora_final.safetensors", "lora_best.safetensors")
 
@@ -253,11 +255,15 @@ def training_state(loop: LoopState, optimizer, scheduler, scaler, data_fingerpri
 
 
 def restore(checkpoint: "Checkpoint", unet, optimizer, scheduler, scaler, ema, schedule,
-            batches_per_epoch: int | None) -> LoopState:
+            batches_per_epoch: int | None, text_encoder=None) -> LoopState:
     """Put a checkpoint's LoRA (and EMA) weights, optimizer, LR schedule, grad scaler and RNG states back;
-    return where its loop stood. `schedule(step)` is this run's LR multiplier (--max_train_steps may differ)."""
+    return where its loop stood. `schedule(step)` is this run's LR multiplier (--max_train_steps may differ).
+    `text_encoder`: the run's SDXLTextEncoder, whose LoRA (--train_text_encoder) is in the checkpoint too."""
     st = checkpoint.state
-    load_lora_state_dict(unet, checkpoint.lora)
+    load_lora_state_dict(unet, {k: v for k, v in checkpoint.lora.items() if not is_text_encoder_name(k)})
+    if text_encoder is not None and text_encoder.trains:
+        load_text_encoder_lora_state_dict(text_encoder,
+                                          {k: v for k, v in checkpoint.lora.items() if is_text_encoder_name(k)})
     if ema is not None:
         ema.load_state_dict(checkpoint.ema)
     optimizer.load_state_dict(st["optimizer"])
@@ -346,7 +352,8 @@ def with_later_settings(config: dict) -> dict:
              "prodigy_use_bias_correction": False, "prodigy_safeguard_warmup": False, "dataset_config": None,
              "caption_extension": ".txt", "caption_prefix": "", "caption_suffix": "", "keep_tokens_separator": "",
              "masked_loss": False, "mask_dir": None, "alpha_mask": False, "conv_rank": 0, "conv_alpha": 0.0,
-             "use_dora": False}
+             "use_dora": False, "train_text_encoder": False, "text_encoder_lr": None,
+             "text_encoder_target_mode": "attention"}
     return {**later, **config}
 
 

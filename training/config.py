@@ -310,6 +310,11 @@ def validate(args: argparse.Namespace) -> None:
               "or 'latest'")
     if args.resume_from is not None and args.overwrite_output_dir:
         fail("overwrite_output_dir", None, "cannot be combined with --resume_from (it would delete the checkpoints)")
+    if args.train_text_encoder and args.cache_text_embeddings:
+        fail("cache_text_embeddings", None, "cannot be combined with --train_text_encoder (the embeddings change as "
+             "the text encoders train); drop one of them")
+    if args.text_encoder_lr is not None and not (math.isfinite(args.text_encoder_lr) and args.text_encoder_lr > 0):
+        fail("text_encoder_lr", args.text_encoder_lr, "must be > 0")
     if args.shuffle_tags and args.cache_text_embeddings:
         fail("shuffle_tags", None, "cannot be combined with --cache_text_embeddings (a cached embedding cannot be "
               "reshuffled); drop one of them")

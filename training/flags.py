@@ -85,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
          "as kohya's conv_dim; 0 = none (default: 0)", type=int, default=0, metavar="R")
     add_flag(g, "conv_alpha", "LoCon updates are scaled by conv_alpha/conv_rank (default: --conv_rank)", type=float,
              metavar="A")
+    add_flag(g, "train_text_encoder", "also train a LoRA (--lora_rank/--lora_alpha/--lora_dropout, plain LoRA) on both "
+             "CLIP text encoders, saved as lora_te1_/lora_te2_ (kohya) and text_encoder./text_encoder_2. (diffusers); "
+             "not with --cache_text_embeddings (default: off)", action=flag, default=False)
+    add_flag(g, "text_encoder_target_mode", "--train_text_encoder: attention = self-attention q/k/v/out_proj, all = "
+             "those and the MLP's fc1/fc2 (default: attention)", choices=["attention", "all"], default="attention")
+    add_flag(g, "text_encoder_lr", "--train_text_encoder: the text encoders' peak learning rate (default: "
+             "--learning_rate)", type=float, metavar="LR")
     add_flag(g, "use_dora", "DoRA (arXiv:2402.09353): also train a magnitude per output channel of every adapted "
          "layer (default: off)", action=flag, default=False)
 

@@ -23,7 +23,8 @@ OPTIMIZERS = {"adamw": None, "adamw8bit": ("bitsandbytes", "pip install bitsandb
 
 
 def make_optimizer(params, args) -> torch.optim.Optimizer:
-    """The optimizer of `args.optimizer` over `params` (training/config.py has checked its package is there)."""
+    """The optimizer of `args.optimizer` over `params` (tensors, or torch param groups: the text encoders' LoRA has
+    its own lr) (training/config.py has checked its package is there)."""
     betas, lr = (args.adam_beta1, args.adam_beta2), args.learning_rate
     if args.optimizer == "adamw8bit":
         import bitsandbytes as bnb
@@ -47,7 +48,8 @@ def make_optimizer(params, args) -> torch.optim.Optimizer:
 
         return Adafactor(params, lr=lr, eps=(1e-30, 1e-3), weight_decay=args.weight_decay, scale_parameter=False,
                          relative_step=False, warmup_init=False)
-    fused = {"fused": True} if all(p.is_cuda for p in params) else {}  # a GPU: one kernel for every LoRA tensor
+    tensors = [p for group in params for p in group["params"]] if isinstance(params[0], dict) else params
+    fused = {"fused": True} if all(p.is_cuda for p in tensors) else {}  # a GPU: one kernel for every LoRA tensor
     return torch.optim.AdamW(params, lr=lr, betas=betas, eps=args.adam_epsilon, weight_decay=args.weight_decay,
                              **fused)
 

@@ -36,6 +36,11 @@ from sdxl.diffusion import alphas_cumprod
 from sdxl.loading import load_text_encoder, load_unet, load_vae
 from sdxl.lora import LoRAConfig, apply_lora, lora_parameters, lora_state_dict
 from sdxl.lora_files import save_lora, write_lora
+from sdxl.text_encoder_lora import (
+    apply_text_encoder_lora,
+    text_encoder_lora_parameters,
+    text_encoder_lora_state_dict,
+)
 from training.caching import LatentCache, TextEmbeddingCache
 from training.captions import CaptionStyle
 from training.checkpoints import (
@@ -71,7 +76,8 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class Models:
-    """What one training step runs: the UNet with its LoRA, the frozen encoders, and their caches."""
+    """What one training step runs: the UNet with its LoRA, the text encoders (frozen, or with a LoRA of their own
+    with --train_text_encoder), the frozen VAE, and their caches."""
 
     unet: torch.nn.Module
     text_encoder: torch.nn.Module
@@ -89,7 +95,10 @@ class Models:
     def encode(self, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A data batch -> (x0 latents fp32, prompt embeds, pooled) on `device`."""
         x0 = self.latents.get(batch, self.vae, device)  # (B, 4, H/8, W/8)
-        embeds, pooled = self.texts.get(batch["captions"], self.text_encoder)
+        if self.text_encoder.trains:  # never cached (training/config.py): its LoRA gets gradients
+            embeds, pooled = self.text_encoder(batch["captions"])
+        else:
+            embeds, pooled = self.texts.get(batch["captions"], self.text_encoder)
         return x0, embeds.to(device), pooled.to(device)
 
 
@@ -105,10 +114,14 @@ def build_models(args, device: torch.device) -> Models:
     unet.set_gradient_checkpointing(args.gradient_checkpointing)
     unet.train()
     text_dtype = DTYPES[args.precision] if device.type == "cuda" else torch.float32
+    text_encoder = load_text_encoder(args.pretrained_model, dtype=text_dtype, device=device)
+    if args.train_text_encoder:  # after the UNet's LoRA: its init is the same with and without
+        apply_text_encoder_lora(text_encoder, args.lora_rank, args.lora_alpha, args.lora_dropout,
+                                args.text_encoder_target_mode, args.gradient_checkpointing)
     model_id = f"{Path(str(args.pretrained_model)).name}:{args.vae_model or ''}"
     return Models(
         unet=unet,
-        text_encoder=load_text_encoder(args.pretrained_model, dtype=text_dtype, device=device),
+        text_encoder=text_encoder,
         vae=load_vae(args.vae_model or args.pretrained_model, device=device),
         latents=LatentCache(args.cache_latents, Path(args.cache_dir), model_id),
         texts=TextEmbeddingCache("disk" if args.cache_text_embeddings else "none", Path(args.cache_dir), model_id),
@@ -178,19 +191,25 @@ def train(args) -> dict:
         save_resolved_config(args, output_dir)
     models = build_models(args, device)
     models.fill_caches(data, device)
-    unet, params = models.unet, lora_parameters(models.unet)
+    unet, text_params = models.unet, list(text_encoder_lora_parameters(models.text_encoder).values())
+    params = lora_parameters(unet) + text_params
     if args.compile:
         compile_blocks(unet)
     trained = data_parallel(unet, world)  # what the step runs; validation and saving use `unet` itself
-    optimizer = make_optimizer(params, args)
+    groups = [{"params": lora_parameters(unet)}]
+    if text_params:  # a second group: the text encoders' LoRA, at its own learning rate
+        groups.append({"params": text_params, "lr": args.text_encoder_lr or args.learning_rate})
+    optimizer = make_optimizer(groups, args)
     lr_total = schedule_total(args, total_steps)
     schedule = lr_schedule(args, lr_total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    ema = EMA({n: p for n, p in unet.named_parameters() if p.requires_grad}, args.ema_decay) if args.use_ema else None
+    ema = EMA({n: p for n, p in unet.named_parameters() if p.requires_grad}
+              | text_encoder_lora_parameters(models.text_encoder), args.ema_decay) if args.use_ema else None
     loop = LoopState()
     if resume is not None:
-        loop = restore(resume, unet, optimizer, scheduler, scaler, ema, schedule, batches_per_epoch)
+        loop = restore(resume, unet, optimizer, scheduler, scaler, ema, schedule, batches_per_epoch,
+                       models.text_encoder)
         if world.main:
             rewind_metrics(output_dir, loop.step)
             print(f"resuming from {resume.path} at step {loop.step} (epoch {loop.epoch}, batch {loop.position})")
@@ -240,6 +259,8 @@ def train(args) -> dict:
                             scaler.scale(loss / len(micro_batches)).backward()  # the mean over this step's batches
                         step_loss[0] += loss.detach() / len(micro_batches)
                         loop.micro_step, samples = loop.micro_step + 1, samples + x0.shape[0]
+                    # the text encoders' LoRA is not in DDP's buckets (CLIP-L's last layer gets no gradient: unused)
+                    world.mean([p.grad for p in text_params if p.grad is not None])
                     step_loss[1] = float(stop.signum is not None)
                     world.mean([step_loss])  # the loss over processes; any rank's stop request stops all
                     scaler.unscale_(optimizer)
@@ -357,6 +378,7 @@ class SideTasks:
         validating = last or step == 0 or (args.validation_interval and step % args.validation_interval == 0)
         evaluating = self.scores is not None and (last or step % args.eval_interval == 0)
         models.unet.eval()
+        models.text_encoder.eval()
         with self.ema.applied() if self.ema else nullcontext():
             if validating and self.val_data is not None:
                 tqdm.write(f"step {step}: validation loss ...")
@@ -374,6 +396,7 @@ class SideTasks:
                 self.log.log({"step": step, **scores})
                 self.keep_if_best(loop, "kid", scores.get("kid_mean", math.inf))
         models.unet.train()
+        models.text_encoder.train()  # a no-op unless its LoRA trains
 
     def sample_grid(self, step: int) -> None:
         """samples/step_XXXXXX.png: a row per validation prompt, its images seeded 0, 1, ..., labelled."""
@@ -404,7 +427,8 @@ class SideTasks:
 
     def _write(self, loop: LoopState, metadata: dict | None = None, **kwargs) -> Path:
         try:
-            return save_checkpoint(self.output_dir, loop.step, lora_state_dict(self.models.unet), self.state_of(loop),
+            lora = lora_state_dict(self.models.unet) | text_encoder_lora_state_dict(self.models.text_encoder)
+            return save_checkpoint(self.output_dir, loop.step, lora, self.state_of(loop),
                                    resolved_config_yaml(self.args), self.models.lora_config,
                                    ema=self.ema.state_dict() if self.ema else None,
                                    metadata=self.run_info(loop.step) | (metadata or {}), **kwargs)
@@ -427,7 +451,8 @@ class SideTasks:
         metadata = {"sdxl_lora.training": resolved_config_yaml(args), **self.run_info(loop.step)}
         if self.world.main:
             with self.ema.applied() if self.ema else nullcontext():
-                save_lora(self.models.unet, final, self.models.lora_config, format=args.save_format, metadata=metadata)
+                save_lora(self.models.unet, final, self.models.lora_config, format=args.save_format, metadata=metadata,
+                          text_encoder=self.models.text_encoder)
             best = self.output_dir / "checkpoints" / "best"
             if args.keep_best != "none" and (best / "COMPLETE").is_file():
                 checkpoint = load_checkpoint(best)
