@@ -86,7 +86,8 @@ def test_defaults(tmp, base):
         multires_noise_iterations=0, multires_noise_discount=0.3, input_perturbation=0.0, prodigy_d_coef=1.0,
         prodigy_use_bias_correction=False, prodigy_safeguard_warmup=False,
         masked_loss=False, mask_dir=None, alpha_mask=False, dataset_config=None, caption_extension=".txt",
-        caption_prefix="", caption_suffix="", keep_tokens_separator="",
+        caption_prefix="", caption_suffix="", keep_tokens_separator="", conv_rank=0, conv_alpha=0.0,
+        use_dora=False, train_text_encoder=False, text_encoder_lr=None, text_encoder_target_mode="attention",
         data_dir=str(tmp / "data"), output_dir=str(tmp / "out"), cache_dir=str(tmp / "out" / "cache"),
     )
     got = vars(args)
