@@ -156,3 +156,28 @@ def test_cached_text_embeddings_with_text_encoder_training_is_a_one_line_error(t
     args = parse_config([*base, "--no-cache_text_embeddings"])
     validate(args)
     assert args.text_encoder_target_mode == "attention" and args.text_encoder_lr is None  # = --learning_rate
+
+
+def test_two_processes_equal_one_process_with_text_encoder_training(tmp_path):
+    """tests/test_distributed.py's check with --train_text_encoder: the text encoders' LoRA gradients are averaged
+    over the ranks too (fp32; only the order of sums differs, as there)."""
+    from tests.test_distributed import FLAGS as DDP_FLAGS
+    from tests.test_distributed import free_port, losses
+
+    flags = [*DDP_FLAGS, "--train_text_encoder", "--no-cache_text_embeddings", "--text_encoder_lr", "2e-3"]
+    one = subprocess.run([sys.executable, "train_sdxl.py", *flags, "--batch_size", "4", "--output_dir",
+                          str(tmp_path / "one")], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                          "127.0.0.1", "--master_port", str(free_port()), "train_sdxl.py", *flags, "--batch_size", "2",
+                          "--output_dir", str(tmp_path / "two")], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(a) == len(b) == 3 and all(abs(x - y) <= 1e-5 * abs(x) for x, y in zip(a, b, strict=True))
+    wa, wb = load_file(tmp_path / "one/lora_final.safetensors"), load_file(tmp_path / "two/lora_final.safetensors")
+    assert wa.keys() == wb.keys()
+    for prefix in ("lora_unet_", "lora_te1_", "lora_te2_"):
+        ups = [k for k in wa if k.startswith(prefix) and "lora_up" in k]
+        assert ups and any(wa[k].abs().sum() > 0 for k in ups)  # each part learned
+        err = max(((wa[k] - wb[k]).norm() / wa[k].norm()).item() for k in wa if k.startswith(prefix) and wa[k].norm())
+        assert err < 1e-3, (prefix, err)  # Adam divides by sqrt(v): as tests/test_distributed.py
