@@ -1,4 +1,5 @@
-"""The training loop: a LoRA on the SDXL UNet, by denoising score matching (training/loss.py).
+"""The training loop: a LoRA on the SDXL UNet (and, with --train_text_encoder, on its two CLIP text encoders), by
+denoising score matching (training/loss.py).
 
 One optimizer step, written out in `train`:
   1. its micro-batches (`gradient_accumulation_steps` of them; an epoch's last step may have fewer):
@@ -6,7 +7,8 @@ One optimizer step, written out in `train`:
   2. noise and timesteps from a generator seeded by (seed, micro-step), so a resumed run draws the same;
   3. the UNet's loss under autocast over the frozen bf16/fp16 base weights, LoRA weights in fp32, divided by
      the number of micro-batches in the step, backward;
-  4. gradients averaged over the processes (torch DDP, during the last micro-batch's backward), unscaled (fp16),
+  4. gradients averaged over the processes (torch DDP, during the last micro-batch's backward; the text encoders'
+     LoRA by one all-reduce after it), unscaled (fp16),
      clipped; a non-finite loss or gradient skips the step (weights and optimizer state unchanged); else optimizer step,
      LR schedule, EMA;
   5. log, validate, sample, checkpoint, stop on SIGTERM/SIGINT.
