@@ -40,7 +40,7 @@ from sdxl.configs import unet_config_to_diffusers
 from sdxl.loading import read_unet_config, unet_folder
 from sdxl.lora import MODES, LoRAConfig, LoRALayer, lora_modules, lora_target_names
 from sdxl.sgm import unet_sgm_names
-from sdxl.text_encoder_lora import is_text_encoder_name, text_encoder_lora_modules
+from sdxl.text_encoder_lora import file_name, is_text_encoder_name, text_encoder_lora_modules
 from sdxl.tiny import TINY_UNET_CONFIG
 from sdxl.unet import SDXL_CONFIG, SDXLUNet, UNetConfig
 
@@ -389,6 +389,16 @@ def _text_encoder_names(text_encoder: nn.Module) -> tuple[dict[str, str], dict[s
     return kohya, peft
 
 
+def _kohya_clip_name(name: str) -> str | None:
+    """`lora_te2_text_model_encoder_layers_0_self_attn_q_proj` -> `text_encoder_2.text_model.encoder.layers.0.
+    self_attn.q_proj` (self-attention and MLP Linear layers of CLIP; None for anything else)."""
+    match = re.fullmatch(r"(lora_te[12]?_)text_model_encoder_layers_(\d+)_(self_attn|mlp)_(\w+_proj|fc[12])", name)
+    if match is None:
+        return None
+    prefix, layer, block, linear = match.groups()
+    return f"{KOHYA_TEXT_ENCODERS[prefix]}text_model.encoder.layers.{layer}.{block}.{linear}"
+
+
 def _component(module: str) -> str:
     """Which model a module path belongs to: the UNet (`unet.`) or one of the text encoders."""
     return next((c for c in ("text_encoder_2.", "text_encoder.") if module.startswith(c)), "unet.")
@@ -405,9 +415,12 @@ def _peft_alpha(metadata: dict[str, str], path, component: str = "unet.") -> tup
     return config.get("lora_alpha"), config.get("alpha_pattern") or {}, bool(config.get("use_rslora"))
 
 
-def _parse(path, unet_config: dict, text_encoder: nn.Module | None = None) -> tuple[dict[str, dict], dict[str, str]]:
+def _parse(path, unet_config: dict, text_encoder: nn.Module | None = None, text_encoder_names: bool = False
+           ) -> tuple[dict[str, dict], dict[str, str]]:
     """Module path -> {"down", "up", "alpha", "key"} and the file's metadata; see read_lora_file. With an
-    SDXLTextEncoder, text-encoder keys are read too, as `text_encoder.<path>` / `text_encoder_2.<path>`."""
+    SDXLTextEncoder, text-encoder keys are read too, as `text_encoder.<path>` / `text_encoder_2.<path>`; with
+    `text_encoder_names` (no encoders at hand), those of CLIP's self-attention and MLP layers in the file spelling
+    `text_encoder(_2).text_model.encoder.layers.N...` (what a text-encoder LoRA we train writes)."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path} is a folder, not a LoRA file; give a .safetensors LoRA file (for a training "
@@ -425,7 +438,7 @@ def _parse(path, unet_config: dict, text_encoder: nn.Module | None = None) -> tu
     kohya = _kohya_names(unet_config) | te_kohya
     entries: dict[str, dict] = {}
     for key, tensor in tensors.items():
-        if key.startswith(TEXT_ENCODER_PREFIXES) and text_encoder is None:
+        if key.startswith(TEXT_ENCODER_PREFIXES) and text_encoder is None and not text_encoder_names:
             raise ValueError(f"{path}: key {key} is a text-encoder LoRA weight; here only the UNet takes a LoRA "
                              "(generate_images.py applies both; remove the lora_te*/text_encoder* keys otherwise)")
         if key.startswith(("lora_unet_", *KOHYA_TEXT_ENCODERS)):
@@ -433,6 +446,8 @@ def _parse(path, unet_config: dict, text_encoder: nn.Module | None = None) -> tu
             if suffix not in KOHYA_SUFFIXES:
                 raise ValueError(f"{path}: key {key} is not a LoRA, LoCon or DoRA weight (LoHa/LoKr/IA3 are not "
                                  "supported)")
+            if name not in kohya and text_encoder_names and (module := _kohya_clip_name(name)):
+                kohya[name] = module
             if name not in kohya:
                 raise ValueError(f"{path}: key {key} names no module of this SDXL UNet or its text encoders; the "
                                  "LoRA was made for another base model (e.g. SD 1.5) or another UNet config")
@@ -445,6 +460,8 @@ def _parse(path, unet_config: dict, text_encoder: nn.Module | None = None) -> tu
                                  "(unet.*.lora_A/lora_B.weight/lora_magnitude_vector) LoRA weight")
             module, part = stripped.removesuffix(suffix), PEFT_SUFFIXES[suffix]
             module = te_peft.get(module, module)
+            if text_encoder_names and is_text_encoder_name(module):
+                module = file_name(module)  # with or without transformers 4's `text_model.` level
         entry = entries.setdefault(module, {"key": key})
         if part in entry:
             raise ValueError(f"{path}: key {key} repeats the {part} weight of {entry['key']}")
@@ -558,7 +575,7 @@ def read_lora(path, base: str | None = None) -> LoRAWeights:
     errors = {}
     for name, config in candidates:
         try:
-            entries, metadata = _parse(path, unet_config_to_diffusers(config))  # key names (kohya) checked here
+            entries, metadata = _parse(path, unet_config_to_diffusers(config), text_encoder_names=True)  # key names
             if not entries:
                 raise ValueError(f"{path} holds no LoRA weights (no lora_unet_* or *.lora_A/B.weight keys)")
             modules = {m: (e["down"], e["up"], e["alpha"]) for m, e in entries.items()}

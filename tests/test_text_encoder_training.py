@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from common.cli import ConfigError
 from sdxl.loading import load_text_encoder, load_unet
-from sdxl.lora_files import load_lora, write_lora
+from sdxl.lora_files import load_lora, read_lora, write_lora
 from sdxl.text_encoder_lora import (
     TARGETS,
     apply_text_encoder_lora,
@@ -91,6 +91,8 @@ def test_run_files_load_in_diffusers(tmp_path, tiny_dir, pipe):
     train(out, "--max_train_steps", "4", "--save_format", "kohya")
     checkpoint = load_checkpoint(out / "checkpoints" / "step_000004")
     write_lora(checkpoint_lora(checkpoint, ema=True), tmp_path / "diffusers.safetensors", format="diffusers")
+    # extract_lora_weights.py's conversion: the kohya file read and written in diffusers format
+    write_lora(read_lora(out / "lora_final.safetensors"), tmp_path / "converted.safetensors", format="diffusers")
     kohya = load_file(out / "lora_final.safetensors")
     assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.alpha" in kohya
     assert "lora_te2_text_model_encoder_layers_1_self_attn_out_proj.lora_up.weight" in kohya
@@ -106,7 +108,7 @@ def test_run_files_load_in_diffusers(tmp_path, tiny_dir, pipe):
     expected = trained.encode(PROMPTS)
     plain = load_text_encoder(tiny_dir).encode(PROMPTS)
     assert rel_err(plain[0], expected[0]) > 1e-4  # the run did train the text encoders
-    for name in ("lora_final.safetensors", "diffusers.safetensors"):
+    for name in ("lora_final.safetensors", "diffusers.safetensors", "converted.safetensors"):
         path = (out if name.startswith("lora_final") else tmp_path) / name
         te = load_text_encoder(tiny_dir)
         load_lora(load_unet(tiny_dir), path, text_encoder=te)
