@@ -130,7 +130,8 @@ def run_gpu_check(tmp_path, budget_s: int) -> str:
     return (tmp_path / "RESULTS.md").read_text()
 
 
-STEPS = 14  # gpu_check.sh: GPU tests, 4 eager benches, random model, 3 presets, 2 compiled, data, 2 more benches
+PRESETS = len(list((ROOT / "configs").glob("sdxl_*.yaml")))
+STEPS = 11 + PRESETS  # gpu_check.sh: GPU tests, 4 eager benches, random model, the presets, 2 compiled, data, 2 more
 
 
 @pytest.mark.slow

@@ -15,9 +15,10 @@ import torch
 from PIL import Image
 
 from training.buckets import closest_bucket, cover_size, make_buckets, plan_global_batches
-from training.datasets import FolderDataset, ShardDataset, build_dataset
+from training.datasets import FolderDataset, build_dataset
 from training.images import sample_rng, to_tensor, transform_caption
 from training.scan import DataError, scan_folder
+from training.shards import ShardDataset
 
 
 def gradient(width: int, height: int) -> Image.Image:

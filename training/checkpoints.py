@@ -224,7 +224,8 @@ def settings_differences(saved: dict, current: dict, keys=MUST_MATCH) -> list[st
     def plain(v):
         return str(v) if isinstance(v, Path) else v
 
-    saved = with_later_settings(saved)  # a checkpoint from before a setting existed ran with its default
+    # a checkpoint from before a setting existed ran with its default
+    saved, current = with_later_settings(saved), with_later_settings(current)
     return [f"{k}: checkpoint {plain(saved.get(k))!r}, now {plain(current.get(k))!r}" for k in keys
             if plain(saved.get(k)) != plain(current.get(k))]
 

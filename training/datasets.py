@@ -1,6 +1,6 @@
 """The training datasets: a scanned folder (`FolderDataset`, map-style, a reproducible batch plan) or streamed
-WebDataset shards (`ShardDataset`), both yielding aspect-bucketed batches (training/images.py), and
-`build_dataset`, which picks one for a `data_dir`.
+WebDataset shards (`ShardDataset`, training/shards.py), both yielding aspect-bucketed batches
+(training/images.py), and `build_dataset`, which picks one for a `data_dir`.
 
 Determinism and exact resume (folder sources): the batches of epoch e are a pure function of
 (seed, epoch, the scanned file list, batch_size, world_size), and each sample's augmentation a pure
@@ -13,24 +13,21 @@ so their order is reproducible only for the same num_workers, and their epochs h
 """
 
 import hashlib
-import io
 import logging
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
-from itertools import chain, islice
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
 import torch
-from webdataset.tariterators import tarfile_samples
 
 from common.images import open_rgb
 from training.buckets import (
     SIZE_MULTIPLE,
     closest_bucket,
     cover_size,
-    group_by_bucket,
     make_buckets,
     merge_small_buckets,
     plan_global_batches,
@@ -39,21 +36,13 @@ from training.buckets import (
 from training.captions import CaptionStyle, finish_caption
 from training.data_checks import warn_about_images
 from training.dataset_config import read_dataset_config, scan_subsets
-from training.images import Augmentation, Example, collate, make_example
+from training.images import ORDER_STREAM, Augmentation, Example, collate, make_example, own_generator
 from training.masks import MaskSource, check_masks, is_mask_file, mask_crop, read_mask
 from training.scan import DataError, ScanResult, find_shards, scan_folder
+from training.shards import ShardDataset
 from training.signals import ignore_stop_signals
 
 logger = logging.getLogger(__name__)
-
-ORDER_STREAM, SHARD_STREAM = 0x0D3D, 0x5D4D  # random streams of the epoch order and of a shard reader
-
-
-def own_generator(seed: int, epoch: int) -> torch.Generator:
-    """For a DataLoader's base seed, which it would otherwise draw from torch's global RNG each time an
-    epoch starts (shifting LoRA dropout's random numbers, so a resumed run would differ)."""
-    return torch.Generator().manual_seed(seed * 100_003 + epoch)
-
 
 class EpochBatches:
     """The batch sampler of a FolderDataset's DataLoader: the (epoch, index) pairs of batches start, start + 1, ...
@@ -211,140 +200,6 @@ class FolderDataset(torch.utils.data.Dataset):
             "batches_per_epoch": len(self),
             "fingerprint": self.fingerprint(),
         }
-
-
-# ----------------------------------------------------------------------------------------------------
-# WebDataset shards: a streamed, shuffled, bucketing iterable dataset
-
-
-def stable_index(key: str) -> int:
-    """A sample's index for the per-sample random streams, from its key (same on every machine and run)."""
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
-
-
-def buffered_shuffle(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
-    """Approximate streaming shuffle: keep `size` items, emit a random one for each new item read."""
-    buffer = []
-    for item in items:
-        buffer.append(item)
-        if len(buffer) >= size:
-            pick = int(rng.integers(len(buffer)))
-            buffer[pick], buffer[-1] = buffer[-1], buffer[pick]
-            yield buffer.pop()
-    for pick in rng.permutation(len(buffer)):
-        yield buffer[pick]
-
-
-def split_for_slot(shards: list[str], slot: int, num_slots: int) -> tuple[list[str], int, int]:
-    """This reader's shards and sample filter (keep sample n when n % stride == offset).
-
-    A reader is one DataLoader worker of one rank. With at least as many shards as readers, shards are
-    dealt out; otherwise every reader streams every shard and keeps every num_slots-th sample.
-    """
-    if len(shards) >= num_slots:
-        return shards[slot::num_slots], 1, 0
-    return shards, num_slots, slot
-
-
-class ShardDataset(torch.utils.data.IterableDataset):
-    """WebDataset shards streamed as collated single-bucket batches; `iter_epoch(epoch)` runs one epoch.
-
-    Per epoch, the shard list is shuffled with (seed, epoch) and dealt out to (rank, worker) readers
-    (disjoint across ranks); each reader shuffles its samples with a buffer of `shuffle_buffer` samples,
-    decodes them, puts each into its bucket's pending list, and yields a batch whenever a bucket holds
-    batch_size images; at the end of the epoch the incomplete batches are yielded too (smaller).
-    Undecodable samples are skipped with a warning. Order is reproducible for the same seed, epoch,
-    world_size and num_workers; ranks may get different numbers of batches (fix steps per epoch for DDP).
-    """
-
-    def __init__(
-        self,
-        shards: list[str],
-        buckets: list[tuple[int, int]],
-        batch_size: int,
-        aug: Augmentation,
-        rank: int = 0,
-        world_size: int = 1,
-        shuffle_buffer: int = 1000,
-    ):
-        self.shards, self.buckets, self.batch_size, self.aug = shards, buckets, batch_size, aug
-        self.rank, self.world_size, self.shuffle_buffer = rank, world_size, shuffle_buffer
-        self.epoch = 0
-        if len(shards) < world_size:
-            logger.warning("%d shards for %d ranks: each rank reads all shards; write more", len(shards), world_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        """The epoch the next iteration streams (shard order, shuffle buffer and augmentation depend on it)."""
-        self.epoch = epoch
-
-    def _samples(self) -> Iterator[dict]:
-        """Raw samples (dicts of member bytes) of this reader, shuffled, for self.epoch."""
-        worker = torch.utils.data.get_worker_info()
-        num_workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
-        order = np.random.default_rng([self.aug.seed % 2**64, self.epoch, ORDER_STREAM]).permutation(len(self.shards))
-        slot, num_slots = self.rank * num_workers + worker_id, self.world_size * num_workers
-        shards, stride, offset = split_for_slot([self.shards[i] for i in order], slot, num_slots)
-        samples = tarfile_samples([{"url": s} for s in shards], handler=_warn_and_continue)
-        mine = (s for n, s in enumerate(samples) if n % stride == offset)
-        rng = np.random.default_rng([self.aug.seed % 2**64, self.epoch, slot, SHARD_STREAM])
-        return buffered_shuffle(mine, self.shuffle_buffer, rng)
-
-    def _example(self, sample: dict) -> Example | None:
-        """Decode one raw sample into its bucket; None (with a warning) if it has no readable image."""
-        key = f"{Path(sample['__url__']).name}/{sample['__key__']}"
-        member = next((ext for ext in ("jpg", "jpeg", "png", "webp") if ext in sample), None)
-        if member is None:
-            logger.warning("skipping %s: no jpg/jpeg/png/webp member (has %s)", key, sorted(sample))
-            return None
-        text = self.aug.captions.extension.lstrip(".")
-        if text not in sample:
-            logger.warning("no caption: %s (training it with an empty caption)", key)
-        caption = finish_caption(sample.get(text, b"").decode("utf-8", errors="replace").strip(), self.aug.captions,
-                                 self.aug.shuffle_tags)
-
-        def resize_to(h: int, w: int) -> tuple[int, int]:
-            return cover_size(h, w, self.buckets[closest_bucket(h, w, self.buckets)])
-
-        try:
-            image, original_size = open_rgb(io.BytesIO(sample[member]), resize_to)
-        except Exception as error:
-            logger.warning("skipping %s: cannot decode its %s (%s)", key, member, error)
-            return None
-        bucket = self.buckets[closest_bucket(*original_size, self.buckets)]
-        return make_example(image, original_size, bucket, caption, key, self.aug, self.epoch, stable_index(key))
-
-    def __iter__(self) -> Iterator[dict]:
-        examples = (e for e in map(self._example, self._samples()) if e is not None)
-        samples = (e.to_sample() for e in examples)
-        for batch in group_by_bucket(samples, lambda s: s["target_size"], self.batch_size):
-            yield collate(batch)
-
-    def epochs(self, num_workers: int = 0, **kwargs):
-        """`iter_epoch` for a whole run (a streamed dataset's workers start again each epoch: set_epoch)."""
-        return lambda epoch, start=0: self.iter_epoch(epoch, start, num_workers, **kwargs)
-
-    def iter_epoch(self, epoch: int, start: int = 0, num_workers: int = 0, **kwargs) -> Iterator[dict]:
-        """Collated batches of the epoch, skipping the first `start` (decoded again; same num_workers needed)."""
-        self.set_epoch(epoch)
-        loader = torch.utils.data.DataLoader(self, batch_size=None, num_workers=num_workers,
-                                             worker_init_fn=ignore_stop_signals,
-                                             generator=own_generator(self.aug.seed, epoch), **kwargs)
-        return islice(iter(loader), start, None)
-
-    def summary(self) -> dict:
-        return {
-            "source": "webdataset",
-            "shards": len(self.shards),
-            "num_images": None,  # unknown until streamed
-            "bad_files": [],
-            "missing_captions": [],
-            "buckets": {f"{h}x{w}": None for h, w in self.buckets},
-        }
-
-
-def _warn_and_continue(error: Exception) -> bool:
-    logger.warning("skipping unreadable shard data: %s", error)
-    return True
 
 
 # ----------------------------------------------------------------------------------------------------

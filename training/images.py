@@ -155,3 +155,12 @@ def collate(samples: list[dict]) -> dict:
         "flipped": torch.tensor([s["flipped"] for s in samples], dtype=torch.bool),  # (B,)
         **({"masks": torch.stack([s["mask"] for s in samples])} if "mask" in samples[0] else {}),  # uint8 (B, 1, H, W)
     }
+
+
+ORDER_STREAM = 0x0D3D  # the random stream of an epoch's order (folder batch plan, shard order)
+
+
+def own_generator(seed: int, epoch: int) -> torch.Generator:
+    """For a DataLoader's base seed, which it would otherwise draw from torch's global RNG each time an
+    epoch starts (shifting LoRA dropout's random numbers, so a resumed run would differ)."""
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
