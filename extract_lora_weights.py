@@ -110,8 +110,9 @@ def main(argv=None) -> int:
 
     # imported here, so that --help and argument errors answer at once (torch takes seconds to import)
     from common.runtime import DTYPES
-    from sdxl.lora_files import read_lora, write_lora
+    from sdxl.lora_files import write_lora
     from sdxl.lora_pt import PT_SUFFIXES, read_pt_lora
+    from sdxl.lora_reading import read_lora
     from training.checkpoints import CheckpointError, checkpoint_lora, complete_checkpoints, load_checkpoint
 
     try:

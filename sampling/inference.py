@@ -26,7 +26,7 @@ from PIL import Image
 from sampling.samplers import get_sampler, init_noise_sigma, schedule_from_config
 from sdxl.diffusion import SDXL_SCHEDULER_CONFIG
 from sdxl.loading import load_text_encoder, load_unet, load_vae, resolve_model_path
-from sdxl.lora_files import load_lora
+from sdxl.lora_reading import load_lora
 
 # Defaults of `generate`/`generate_unique_batch` and of generate_images.py (SDXL base's usual settings).
 DEFAULTS = {"width": 1024, "height": 1024, "steps": 30, "guidance_scale": 5.0, "sampler": "euler"}
@@ -155,7 +155,7 @@ class SDXLGenerator:
     @classmethod
     def from_pretrained(cls, model, vae_model=None, loras=(), device="cpu", dtype=torch.float32) -> "SDXLGenerator":
         """Load SDXL base (a diffusers folder, a single-file .safetensors, or "tiny"), the VAE of `vae_model`
-        (default: the model's), and merge each `(path, scale)` of `loras` (any LoRA file `sdxl.lora_files.load_lora`
+        (default: the model's), and merge each `(path, scale)` of `loras` (any LoRA file `sdxl.lora_reading.load_lora`
         reads). The UNet and text encoders run in `dtype`, the VAE in fp32."""
         path = resolve_model_path(model)
         # Merged in fp32 (on the CPU, so the device never holds an fp32 UNet), then cast once: one rounding.

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from sdxl.lora_files import LoRAWeights, read_lora
+from sdxl.lora_files import LoRAWeights
+from sdxl.lora_reading import read_lora
 
 PT_SUFFIXES = (".pt", ".pth")
 OLD_PROCESSOR = re.compile(r"(.*)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight")

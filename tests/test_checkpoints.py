@@ -13,7 +13,7 @@ import training.checkpoints as ck
 from common.files import WriteError
 from sdxl.loading import load_unet
 from sdxl.lora import LoRAConfig, apply_lora, lora_state_dict
-from sdxl.lora_files import load_lora
+from sdxl.lora_reading import load_lora
 
 CONFIG = LoRAConfig(rank=4, alpha=2.0, dropout=0.0, target_mode="attention")
 

@@ -23,7 +23,8 @@ from sdxl.lora import (
     lora_state_dict,
     lora_target_names,
 )
-from sdxl.lora_files import LoRAWeights, load_lora, meta_unet, read_lora_file, write_lora
+from sdxl.lora_files import LoRAWeights, meta_unet, write_lora
+from sdxl.lora_reading import load_lora, read_lora_file
 from sdxl.tiny import TINY_UNET_CONFIG
 from sdxl.unet import SDXL_CONFIG, SDXLUNet
 from training.checkpoints import lora_file_of, save_checkpoint

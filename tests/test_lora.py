@@ -35,7 +35,8 @@ from sdxl.lora import (
     lora_state_dict,
     lora_target_names,
 )
-from sdxl.lora_files import load_lora, read_lora_file, save_lora
+from sdxl.lora_files import save_lora
+from sdxl.lora_reading import load_lora, read_lora_file
 from sdxl.tiny import TINY_UNET_CONFIG
 from sdxl.unet import SDXLUNet, UNetConfig
 

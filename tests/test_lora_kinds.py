@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 from sdxl.configs import unet_config_to_diffusers
 from sdxl.loading import load_unet
 from sdxl.lora import LoRAConfig, apply_lora, conv_target_names, lora_modules, lora_parameters, lora_state_dict
-from sdxl.lora_files import load_lora, peft_tensors, read_lora, save_lora, state_dict_from_peft, write_lora
+from sdxl.lora_files import peft_tensors, save_lora, state_dict_from_peft, write_lora
+from sdxl.lora_reading import load_lora, read_lora
 from sdxl.tiny import TINY_UNET_CONFIG
 from sdxl.unet import SDXLUNet
 from tests.test_lora import inputs, output, rel_err, tiny_unet

@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 from sampling.inference import SDXLGenerator
 from sdxl.loading import load_text_encoder, load_unet
 from sdxl.lora import LoRAConfig, apply_lora
-from sdxl.lora_files import load_lora, save_lora
+from sdxl.lora_files import save_lora
+from sdxl.lora_reading import load_lora
 from tests.test_lora import rel_err
 from tests.test_lora_kinds import randomize
 

@@ -15,7 +15,7 @@ import torch
 import extract_lora_weights
 from common.cli import ConfigError
 from sampling.config import parse_args as parse_generate_args
-from sdxl.lora_files import read_lora
+from sdxl.lora_reading import read_lora
 from training.config import parse_config, resolved_config_yaml
 from training.run_folder import output_dir_of
 

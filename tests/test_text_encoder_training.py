@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from common.cli import ConfigError
 from sdxl.loading import load_text_encoder, load_unet
-from sdxl.lora_files import load_lora, read_lora, write_lora
+from sdxl.lora_files import write_lora
+from sdxl.lora_reading import load_lora, read_lora
 from sdxl.text_encoder_lora import (
     TARGETS,
     apply_text_encoder_lora,

@@ -15,7 +15,7 @@ from sampling.grid_labels import label_grid
 from sdxl.diffusion import alphas_cumprod
 from sdxl.loading import load_unet
 from sdxl.lora import LoRAConfig, apply_lora, lora_modules
-from sdxl.lora_files import load_lora
+from sdxl.lora_reading import load_lora
 from training.loss import diffusion_loss
 from training.optim import lr_multiplier
 
@@ -325,7 +325,7 @@ def test_scores_during_training_and_the_best_checkpoint(tmp_path, feature_net):
     assert meta["sdxl_lora.best_metric"] == "kid" and float(meta["sdxl_lora.best_score"]) == scores[best_step]
     assert meta["sdxl_lora.best_step"] == str(best_step) and meta["sdxl_lora.weights"] == "ema"
     from sdxl.configs import unet_config_to_diffusers
-    from sdxl.lora_files import read_lora_file
+    from sdxl.lora_reading import read_lora_file
     from sdxl.tiny import TINY_UNET_CONFIG
 
     entries, _ = read_lora_file(out / "lora_best.safetensors", unet_config_to_diffusers(TINY_UNET_CONFIG))

@@ -31,7 +31,8 @@ from safetensors.torch import save_file
 
 from common.files import WriteError, atomic_write, reason_of, remove_stale_temporaries, write_text
 from sdxl.lora import LoRAConfig, load_lora_state_dict
-from sdxl.lora_files import LoRAWeights, check_fits, peft_tensors, state_dict_from_peft, unet_config_of
+from sdxl.lora_files import LoRAWeights, check_fits, peft_tensors, state_dict_from_peft
+from sdxl.lora_reading import unet_config_of
 from sdxl.text_encoder_lora import is_text_encoder_name, load_text_encoder_lora_state_dict
 from training.run_metadata import is_run_key
 
