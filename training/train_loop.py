@@ -29,51 +29,28 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from common.files import atomic_write
 from common.runtime import DTYPES, close_world, init_world
-from sampling.grid_labels import label_grid
-from sampling.inference import sample_grid
 from sdxl.compile import compile_blocks
 from sdxl.diffusion import alphas_cumprod
 from sdxl.loading import load_text_encoder, load_unet, load_vae
-from sdxl.lora import LoRAConfig, apply_lora, lora_parameters, lora_state_dict
-from sdxl.lora_files import save_lora, write_lora
-from sdxl.text_encoder_lora import (
-    apply_text_encoder_lora,
-    text_encoder_lora_parameters,
-    text_encoder_lora_state_dict,
-)
+from sdxl.lora import LoRAConfig, apply_lora, lora_parameters
+from sdxl.text_encoder_lora import apply_text_encoder_lora, text_encoder_lora_parameters
 from training.caching import LatentCache, TextEmbeddingCache
 from training.captions import CaptionStyle
-from training.checkpoints import (
-    CheckpointError,
-    LoopState,
-    check_resumable,
-    checkpoint_lora,
-    checkpoint_name,
-    load_checkpoint,
-    restore,
-    rewind_metrics,
-    save_checkpoint,
-    start_or_resume,
-    training_state,
-)
-from training.config import resolved_config_yaml, save_resolved_config
+from training.checkpoints import check_resumable, rewind_metrics, start_or_resume
+from training.config import save_resolved_config
 from training.datasets import build_dataset
 from training.ema import EMA
-from training.loss import diffusion_loss, draw_timesteps_and_noise, time_ids_of, validation_loss
+from training.loop_state import LoopState, restore, training_state
+from training.loss import diffusion_loss, draw_timesteps_and_noise, time_ids_of
 from training.masks import MaskSource, latent_mask
 from training.metrics import MetricsLog
 from training.optim import eval_weights, lr_schedule, make_optimizer
-from training.run_metadata import dataset_metadata, run_metadata
+from training.run_metadata import dataset_metadata
 from training.run_plan import check_not_finished, schedule_note, schedule_total
-from training.scoring import TrainingScores
+from training.side_tasks import SideTasks, TrainingError
 from training.signals import Stopped, StopRequest
 from training.timesteps import NoiseRecipe
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (e.g. too many non-finite steps in a row); the message says why."""
 
 
 @dataclass
@@ -175,6 +152,55 @@ def optimizer_steps(batches, accumulation: int):
         yield group
 
 
+def trained_parameters(models: Models) -> tuple[list, list]:
+    """(every trained tensor, those of the text encoders' LoRA) of a run."""
+    text_params = list(text_encoder_lora_parameters(models.text_encoder).values())
+    return lora_parameters(models.unet) + text_params, text_params
+
+
+def optimization(args, models: Models, lr_total: int, device):
+    """(optimizer, LR multiplier, its scheduler, grad scaler, EMA or None) of a run. The optimizer has a group for
+    the UNet's LoRA and, with --train_text_encoder, one for the text encoders' at --text_encoder_lr."""
+    groups = [{"params": lora_parameters(models.unet)}]
+    text_params = text_encoder_lora_parameters(models.text_encoder)
+    if text_params:
+        groups.append({"params": list(text_params.values()), "lr": args.text_encoder_lr or args.learning_rate})
+    optimizer = make_optimizer(groups, args)
+    schedule = lr_schedule(args, lr_total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    ema = EMA({n: p for n, p in models.unet.named_parameters() if p.requires_grad} | text_params,
+              args.ema_decay) if args.use_ema else None
+    return optimizer, schedule, scheduler, scaler, ema
+
+
+def skip_step(loop: LoopState, optimizer, scaler, nonfinite_run: int, max_nonfinite_steps: int) -> int:
+    """A step with a non-finite loss or gradient: no update (weights and optimizer state unchanged), counted;
+    `max_nonfinite_steps` in a row stop the run. Returns the new count of skipped steps in a row."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.update()  # fp16: lowers the loss scale; otherwise a no-op
+    loop.nonfinite_steps += 1
+    tqdm.write(f"step {loop.step + 1}: non-finite loss or gradient, step skipped ({nonfinite_run} in a row)")
+    if nonfinite_run >= max_nonfinite_steps:
+        raise TrainingError(f"{nonfinite_run} non-finite steps in a row at step {loop.step + 1}: lower "
+                            "--learning_rate, use --precision bf16/fp32, or check the data")
+    return nonfinite_run
+
+
+def resumed_loop(resume, args, world, models: Models, parts, schedule, lr_total: int, batches_per_epoch) -> LoopState:
+    """A checkpoint put back into this run's models and optimizer `parts` (optimizer, scheduler, scaler, EMA):
+    where its loop stood. metrics.jsonl loses the records after the checkpoint's step."""
+    optimizer, scheduler, scaler, ema = parts
+    loop = restore(resume, models.unet, optimizer, scheduler, scaler, ema, schedule, batches_per_epoch,
+                   models.text_encoder)
+    if world.main:
+        rewind_metrics(Path(args.output_dir), loop.step)
+        print(f"resuming from {resume.path} at step {loop.step} (epoch {loop.epoch}, batch {loop.position})")
+        if note := schedule_note(resume, args, lr_total, batches_per_epoch):
+            print(note)
+    return loop
+
+
 def train(args) -> dict:
     """Run a whole training job from a validated config (see training/config.py). Returns a summary.
 
@@ -193,30 +219,14 @@ def train(args) -> dict:
         save_resolved_config(args, output_dir)
     models = build_models(args, device)
     models.fill_caches(data, device)
-    unet, text_params = models.unet, list(text_encoder_lora_parameters(models.text_encoder).values())
-    params = lora_parameters(unet) + text_params
+    unet, (params, text_params) = models.unet, trained_parameters(models)
     if args.compile:
         compile_blocks(unet)
     trained = data_parallel(unet, world)  # what the step runs; validation and saving use `unet` itself
-    groups = [{"params": lora_parameters(unet)}]
-    if text_params:  # a second group: the text encoders' LoRA, at its own learning rate
-        groups.append({"params": text_params, "lr": args.text_encoder_lr or args.learning_rate})
-    optimizer = make_optimizer(groups, args)
     lr_total = schedule_total(args, total_steps)
-    schedule = lr_schedule(args, lr_total)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    ema = EMA({n: p for n, p in unet.named_parameters() if p.requires_grad}
-              | text_encoder_lora_parameters(models.text_encoder), args.ema_decay) if args.use_ema else None
-    loop = LoopState()
-    if resume is not None:
-        loop = restore(resume, unet, optimizer, scheduler, scaler, ema, schedule, batches_per_epoch,
-                       models.text_encoder)
-        if world.main:
-            rewind_metrics(output_dir, loop.step)
-            print(f"resuming from {resume.path} at step {loop.step} (epoch {loop.epoch}, batch {loop.position})")
-            if note := schedule_note(resume, args, lr_total, batches_per_epoch):
-                print(note)
+    optimizer, schedule, scheduler, scaler, ema = optimization(args, models, lr_total, device)
+    loop = resumed_loop(resume, args, world, models, (optimizer, scheduler, scaler, ema), schedule, lr_total,
+                        batches_per_epoch) if resume is not None else LoopState()
     log = MetricsLog(output_dir, args.wandb_project, args.wandb_run_name, config=vars(args)) if world.main else None
     loss_kwargs = dict(alphas_cumprod=alphas_cumprod().to(device), prediction_type=args.prediction_type,
                        loss_weighting=args.loss_weighting, min_snr_gamma=args.min_snr_gamma,
@@ -270,14 +280,7 @@ def train(args) -> dict:
                     step_loss, stopping, grad_norm = torch.cat([step_loss, grad_norm.reshape(1)]).tolist()  # one sync
                     loop.position += len(micro_batches)
                     if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
-                        optimizer.zero_grad(set_to_none=True)
-                        scaler.update()  # fp16: lowers the loss scale; otherwise a no-op
-                        loop.nonfinite_steps, nonfinite_run = loop.nonfinite_steps + 1, nonfinite_run + 1
-                        tqdm.write(f"step {loop.step + 1}: non-finite loss or gradient, step skipped "
-                                   f"({nonfinite_run} in a row)")
-                        if nonfinite_run >= args.max_nonfinite_steps:
-                            raise TrainingError(f"{nonfinite_run} non-finite steps in a row at step {loop.step + 1}: "
-                                                "lower --learning_rate, use --precision bf16/fp32, or check the data")
+                        nonfinite_run = skip_step(loop, optimizer, scaler, nonfinite_run + 1, args.max_nonfinite_steps)
                         continue
                     scaler.step(optimizer)
                     scaler.update()
@@ -353,117 +356,3 @@ def peak_memory_mib(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-class SideTasks:
-    """What the loop does besides training, on rank 0 (other ranks wait at a barrier): the validation loss,
-    sample grids and scores (--eval_interval), checkpoints, the best checkpoint, the final LoRA files."""
-
-    def __init__(self, args, world, models: Models, val_data, log: MetricsLog | None, ema: EMA | None,
-                 loss_kwargs: dict, state_of, run_info: tuple[dict, float]):
-        self.args, self.world, self.models, self.val_data, self.log, self.ema = args, world, models, val_data, log, ema
-        self.loss_kwargs, self.state_of, self.output_dir = loss_kwargs, state_of, Path(args.output_dir)
-        self.dataset_info, self.started_at = run_info  # for the LoRA files' ss_* / modelspec.* metadata
-        self.scores = TrainingScores(args, world.device) if args.eval_interval and world.main else None
-
-    def due(self, step: int) -> bool:
-        """Whether an optimizer step is followed by a validation (loss, grid) or an evaluation (scores)."""
-        return any(interval and step % interval == 0
-                   for interval in (self.args.validation_interval, self.args.eval_interval))
-
-    def validate(self, loop: LoopState, last: bool = False) -> None:
-        """Validation loss (fixed timesteps and noise) and a sample grid of the validation prompts, at validation
-        steps; KID (+ CLIP score) at evaluation steps; the first and last step have both. EMA weights are used."""
-        args, models, step = self.args, self.models, loop.step
-        if not self.world.main:
-            return  # the other ranks wait in the next gradient all-reduce
-        validating = last or step == 0 or (args.validation_interval and step % args.validation_interval == 0)
-        evaluating = self.scores is not None and (last or step % args.eval_interval == 0)
-        models.unet.eval()
-        models.text_encoder.eval()
-        with self.ema.applied() if self.ema else nullcontext():
-            if validating and self.val_data is not None:
-                tqdm.write(f"step {step}: validation loss ...")
-                loss = validation_loss(lambda b: models.encode(b, self.world.device), models.unet, self.val_data,
-                                       seed=args.seed, min_timestep=args.min_timestep, max_timestep=args.max_timestep,
-                                       **self.loss_kwargs)
-                self.log.log({"step": step, "val_loss": loss})
-                tqdm.write(f"step {step}: validation loss {loss:.6g}")
-                self.keep_if_best(loop, "val_loss", loss)
-            if validating and args.validation_prompts:
-                self.sample_grid(step)
-            if evaluating:
-                tqdm.write(f"step {step}: scoring {args.eval_num_images} generated images ...")
-                scores = self.scores(models.unet, models.vae, models.texts, models.text_encoder)
-                self.log.log({"step": step, **scores})
-                self.keep_if_best(loop, "kid", scores.get("kid_mean", math.inf))
-        models.unet.train()
-        models.text_encoder.train()  # a no-op unless its LoRA trains
-
-    def sample_grid(self, step: int) -> None:
-        """samples/step_XXXXXX.png: a row per validation prompt, its images seeded 0, 1, ..., labelled."""
-        args, models, device = self.args, self.models, self.world.device
-        prompts, seeds = args.validation_prompts, list(range(args.num_validation_images))
-        tqdm.write(f"step {step}: sampling {len(prompts)} prompts x {len(seeds)} images ...")
-        embeds, pooled = models.texts.get(prompts, models.text_encoder)
-        grid = sample_grid(models.unet, models.vae, embeds.to(device), pooled.to(device),
-                           images_per_prompt=len(seeds), height=args.image_size, width=args.image_size)
-        grid = label_grid(grid, prompts, seeds)
-        path = self.output_dir / "samples" / f"step_{step:06d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
-        tqdm.write(f"step {step}: sample grid {path}")
-        self.log.log_image(step, "samples", path)
-
-    def keep_if_best(self, loop: LoopState, metric: str, score: float) -> None:
-        """--keep_best: a score lower than every earlier one replaces checkpoints/best/ (rank 0 only)."""
-        if self.args.keep_best != metric or not score < loop.best_score:
-            return
-        loop.best_score, loop.best_step = score, loop.step
-        self._write(loop, name="best", metadata={"sdxl_lora.best_metric": metric, "sdxl_lora.best_score": repr(score),
-                                                 "sdxl_lora.best_step": str(loop.step)})
-        tqdm.write(f"step {loop.step}: best {metric} so far ({score:.6g}), saved checkpoints/best")
-
-    def run_info(self, step: int) -> dict[str, str]:
-        return self.dataset_info | run_metadata(vars(self.args), step, self.started_at, time.time())
-
-    def _write(self, loop: LoopState, metadata: dict | None = None, **kwargs) -> Path:
-        try:
-            lora = lora_state_dict(self.models.unet) | text_encoder_lora_state_dict(self.models.text_encoder)
-            return save_checkpoint(self.output_dir, loop.step, lora, self.state_of(loop),
-                                   resolved_config_yaml(self.args), self.models.lora_config,
-                                   ema=self.ema.state_dict() if self.ema else None,
-                                   metadata=self.run_info(loop.step) | (metadata or {}), **kwargs)
-        except CheckpointError as e:  # non-finite weights; a disk error (WriteError) goes to the caller
-            raise TrainingError(str(e)) from e
-
-    def save(self, loop: LoopState) -> Path:
-        """checkpoints/step_XXXXXX (rank 0 writes, every rank waits for it)."""
-        path = self.output_dir / "checkpoints" / checkpoint_name(loop.step)
-        if self.world.main:
-            path = self._write(loop, keep_last=self.args.keep_last)
-            tqdm.write(f"saved checkpoint {path}")
-        self.world.barrier()
-        return path
-
-    def save_final(self, loop: LoopState) -> Path:
-        """lora_final.safetensors (the EMA weights with --use_ema) in --save_format, and lora_best.safetensors
-        from checkpoints/best with --keep_best."""
-        final, args = self.output_dir / "lora_final.safetensors", self.args
-        metadata = {"sdxl_lora.training": resolved_config_yaml(args), **self.run_info(loop.step)}
-        if self.world.main:
-            with self.ema.applied() if self.ema else nullcontext():
-                save_lora(self.models.unet, final, self.models.lora_config, format=args.save_format, metadata=metadata,
-                          text_encoder=self.models.text_encoder)
-            best = self.output_dir / "checkpoints" / "best"
-            if args.keep_best != "none" and (best / "COMPLETE").is_file():
-                checkpoint = load_checkpoint(best)
-                weights = checkpoint_lora(checkpoint, ema=checkpoint.ema is not None)
-                weights.metadata |= {k: v for k, v in checkpoint.metadata.items() if k.startswith("sdxl_lora.best_")}
-                write_lora(weights, self.output_dir / "lora_best.safetensors", format=args.save_format)
-        self.world.barrier()
-        return final
-
-    def close(self) -> None:
-        if self.log is not None:
-            self.log.close()
