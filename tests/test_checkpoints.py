@@ -14,6 +14,7 @@ from common.files import WriteError
 from sdxl.loading import load_unet
 from sdxl.lora import LoRAConfig, apply_lora, lora_state_dict
 from sdxl.lora_reading import load_lora
+from training.loop_state import capture_rng, restore_rng
 
 CONFIG = LoRAConfig(rank=4, alpha=2.0, dropout=0.0, target_mode="attention")
 
@@ -28,7 +29,7 @@ def lora():
 
 
 def save(out, step, lora, **kw):
-    state = {"step": step, "optimizer": {"state": {0: {"exp_avg": torch.ones(3)}}}, "rng": ck.capture_rng()}
+    state = {"step": step, "optimizer": {"state": {0: {"exp_avg": torch.ones(3)}}}, "rng": capture_rng()}
     return ck.save_checkpoint(out, step, lora, state, "seed: 0\n", CONFIG, **kw)
 
 
@@ -111,11 +112,11 @@ def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
     np.random.seed(2)
     torch.manual_seed(3)
     random.random(), np.random.randn(), torch.randn(1)  # mid-stream, with numpy's cached gaussian set
-    state = ck.capture_rng()
+    state = capture_rng()
     torch.save(state, tmp_path / "rng.pt")
     expected = (random.random(), np.random.randn(), np.random.randn(), torch.randn(3))
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
-    ck.restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True))
+    restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True))
     got = (random.random(), np.random.randn(), np.random.randn(), torch.randn(3))
     assert got[:3] == expected[:3] and torch.equal(got[3], expected[3])
 
@@ -146,6 +147,6 @@ def test_schema_1_checkpoints_are_upgraded_on_load(tmp_path, lora):
     got = ck.find_latest(tmp_path)
     assert got.state["schema_version"] == ck.SCHEMA_VERSION and got.lora_config == CONFIG
     assert all(torch.equal(got.lora[k], lora[k]) for k in lora)
-    ck.restore_rng(got.state["rng"])
+    restore_rng(got.state["rng"])
     with pytest.raises(ValueError, match="extract_lora_weights.py"):
         ck.lora_file_of(folder)
