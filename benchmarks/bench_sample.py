@@ -95,15 +95,15 @@ def full_pipeline(device, dtype):
 
 def ours_from(pipe) -> SDXLGenerator:
     """Our generator on the pipeline's UNet and text-encoder tensors (shared, not copied); a fp32 VAE copy."""
+    from diffusion.vae import LatentVAE
     from sdxl.text_encoders import SDXLTextEncoder
     from sdxl.unet import SDXLUNet
-    from sdxl.vae import SDXLVAE
 
     with torch.device("meta"):
         unet = SDXLUNet(unet_config_from_diffusers(dict(pipe.unet.config)))
     unet.load_state_dict(pipe.unet.state_dict(), strict=True, assign=True)
     text_encoder = SDXLTextEncoder(pipe.tokenizer, pipe.tokenizer_2, pipe.text_encoder, pipe.text_encoder_2)
-    vae = SDXLVAE(copy.deepcopy(pipe.vae))  # SDXLVAE makes its VAE fp32; the pipeline keeps its own dtype
+    vae = LatentVAE(copy.deepcopy(pipe.vae))  # LatentVAE makes its VAE fp32; the pipeline keeps its own dtype
     return SDXLGenerator(unet.eval(), text_encoder, vae, dict(pipe.scheduler.config))
 
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
+from diffusion.vae import LatentVAE
 from sdxl.tiny import TINY_VAE_CONFIG, tiny_model_path, write_tiny_vae
-from sdxl.vae import SDXLVAE
 
 SF = TINY_VAE_CONFIG["scaling_factor"]
 
@@ -51,7 +51,7 @@ def test_write_tiny_vae_is_deterministic(tmp_path):
 
 
 def test_encode_decode_match_diffusers(tiny_vae_root, ref):
-    vae = SDXLVAE.from_pretrained(tiny_vae_root)
+    vae = LatentVAE.from_pretrained(tiny_vae_root)
     x = images()  # non-square: 64 x 96 px
     with torch.no_grad():
         dist = ref.encode(x).latent_dist
@@ -72,7 +72,7 @@ def test_encode_decode_match_diffusers(tiny_vae_root, ref):
 
 
 def test_encode_casts_input_to_fp32(tiny_vae_root):
-    vae = SDXLVAE.from_pretrained(tiny_vae_root)
+    vae = LatentVAE.from_pretrained(tiny_vae_root)
     x = images(b=1)
     out = vae.encode(x.to(torch.bfloat16), sample=False)
     assert out.dtype == torch.float32
@@ -81,7 +81,7 @@ def test_encode_casts_input_to_fp32(tiny_vae_root):
 
 def test_shift_factor(tiny_vae_root, ref):
     # FLUX/SD3-style configs: latents = (z - shift) * scale, decoded as z / scale + shift.
-    vae = SDXLVAE.from_pretrained(tiny_vae_root)
+    vae = LatentVAE.from_pretrained(tiny_vae_root)
     vae.vae.register_to_config(shift_factor=0.25)
     x = images(b=1)
     with torch.no_grad():
@@ -100,7 +100,7 @@ def corr(a, b):
 
 def test_tiled_decode(tiny_dir):
     # tile_size 128 px = the tiny config's sample_size = diffusers' own default tile. The pretrained tiny VAE.
-    vae = SDXLVAE.from_pretrained(tiny_dir, tile_size=128)
+    vae = LatentVAE.from_pretrained(tiny_dir, tile_size=128)
     ref = AutoencoderKL.from_pretrained(tiny_dir / "vae").eval()
     z = latents(48, 40)  # 3 x 2.5 tiles of 16 latent px: overlaps, blends and partial tiles
     tiled = vae.decode(z)  # automatic: area above one tile
@@ -123,7 +123,7 @@ def test_tiled_decode(tiny_dir):
 
 
 def test_tile_size_argument_matches_diffusers_tiling(tiny_vae_root, ref):
-    vae = SDXLVAE.from_pretrained(tiny_vae_root, tile_size=64)
+    vae = LatentVAE.from_pretrained(tiny_vae_root, tile_size=64)
     z = latents(24, 24)  # 3x the 8-latent-px tile
     ref.tile_sample_min_size, ref.tile_latent_min_size = 64, 8
     try:
@@ -135,11 +135,11 @@ def test_tile_size_argument_matches_diffusers_tiling(tiny_vae_root, ref):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     torch.testing.assert_close(got, vae.decode(z, tile=True), rtol=0, atol=0)
     with pytest.raises(ValueError, match="multiple of 8"):
-        SDXLVAE.from_pretrained(tiny_vae_root, tile_size=100)
+        LatentVAE.from_pretrained(tiny_vae_root, tile_size=100)
 
 
 def test_default_tile_is_at_least_sdxl_native(tiny_vae_root):
-    vae = SDXLVAE.from_pretrained(tiny_vae_root)
+    vae = LatentVAE.from_pretrained(tiny_vae_root)
     assert vae.tile_size == 1024  # tiny sample_size 128 is raised to SDXL's 1024 px
     z = latents(16, 24)  # 128 x 192 px: one pass, equal to forcing no tiling
     torch.testing.assert_close(vae.decode(z), vae.decode(z, tile=False), rtol=0, atol=0)
@@ -150,7 +150,7 @@ def test_fp16_variant_loads_as_fp32(tiny_vae_root, ref, tmp_path):
     AutoencoderKL.from_pretrained(tiny_vae_root / "vae").half().save_pretrained(folder, variant="fp16")
     assert (folder / "diffusion_pytorch_model.fp16.safetensors").is_file()
     assert not (folder / "diffusion_pytorch_model.safetensors").exists()
-    vae = SDXLVAE.from_pretrained(folder)  # a VAE folder itself, like madebyollin/sdxl-vae-fp16-fix
+    vae = LatentVAE.from_pretrained(folder)  # a VAE folder itself, like madebyollin/sdxl-vae-fp16-fix
     params = dict(vae.vae.named_parameters())
     assert all(p.dtype == torch.float32 for p in params.values())
     for name, p in ref.named_parameters():
@@ -158,7 +158,7 @@ def test_fp16_variant_loads_as_fp32(tiny_vae_root, ref, tmp_path):
 
 
 def test_stays_fp32_when_cast(tiny_vae_root):
-    vae = SDXLVAE.from_pretrained(tiny_vae_root)
+    vae = LatentVAE.from_pretrained(tiny_vae_root)
     before = {k: v.clone() for k, v in vae.state_dict().items()}
     vae.to(torch.bfloat16)
     vae.half()
@@ -171,18 +171,18 @@ def test_tiny_word_uses_tiny_model_path(tiny_vae_root, monkeypatch):
     fake = types.ModuleType("sdxl.tiny")
     fake.tiny_model_path = lambda: tiny_vae_root
     monkeypatch.setitem(sys.modules, "sdxl.tiny", fake)
-    vae = SDXLVAE.from_pretrained(tiny_model_path())
+    vae = LatentVAE.from_pretrained(tiny_model_path())
     assert list(vae.config.block_out_channels) == TINY_VAE_CONFIG["block_out_channels"]
 
 
 def test_missing_path_error_names_path(tmp_path):
     missing = tmp_path / "no-such-model"
     with pytest.raises(FileNotFoundError, match="no-such-model"):
-        SDXLVAE.from_pretrained(missing)
+        LatentVAE.from_pretrained(missing)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ValueError, match=re.escape(str(empty))):
-        SDXLVAE.from_pretrained(empty)
+        LatentVAE.from_pretrained(empty)
 
 
 def test_folder_without_safetensors(tiny_vae_root, tmp_path):
@@ -190,18 +190,18 @@ def test_folder_without_safetensors(tiny_vae_root, tmp_path):
     folder.mkdir(parents=True)
     (folder / "config.json").write_bytes((tiny_vae_root / "vae" / "config.json").read_bytes())
     with pytest.raises(FileNotFoundError, match="safetensors"):
-        SDXLVAE.from_pretrained(folder.parent)
+        LatentVAE.from_pretrained(folder.parent)
 
 
 def test_not_a_vae_folder(tmp_path):
     (tmp_path / "unet").mkdir()
     (tmp_path / "unet" / "config.json").write_text('{"_class_name": "UNet2DConditionModel"}')
     with pytest.raises(ValueError, match="UNet2DConditionModel"):
-        SDXLVAE.from_pretrained(tmp_path / "unet")
+        LatentVAE.from_pretrained(tmp_path / "unet")
 
 
 def test_latents_mean_config_is_refused(tiny_vae_root):
     vae = AutoencoderKL.from_pretrained(tiny_vae_root / "vae")
     vae.register_to_config(latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
     with pytest.raises(ValueError, match="latents_mean"):
-        SDXLVAE(vae)
+        LatentVAE(vae)

@@ -49,13 +49,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from diffusion.vae import LatentVAE
 from sampling.inference import generate_latents, to_pil
 from sdxl import tiny_world
 from sdxl.diffusion import add_noise, alphas_cumprod, min_snr_weights
 from sdxl.text_encoders import SDXLTextEncoder
 from sdxl.tiny import TINY_UNET_CONFIG, TINY_VAE_CONFIG, write_json, write_tiny_text_encoders
 from sdxl.unet import SDXLUNet
-from sdxl.vae import SDXLVAE
 
 SIZE = 64  # pixels; latents are 8x8
 TIME_IDS = (SIZE, SIZE, 0, 0, SIZE, SIZE)  # original size, crop top-left, target size
@@ -155,7 +155,7 @@ def finetune_decoder(vae: AutoencoderKL, images: torch.Tensor, args) -> dict:
 
 
 @torch.no_grad()
-def encode_images(vae: SDXLVAE, images: torch.Tensor) -> torch.Tensor:
+def encode_images(vae: LatentVAE, images: torch.Tensor) -> torch.Tensor:
     """Scaled posterior means (n, 4, 8, 8) of all pictures."""
     return torch.cat([vae.encode(to_unit(images[i : i + 256]), sample=False)
                       for i in tqdm(range(0, len(images), 256), desc="encode", unit="batch")])  # fmt: skip
@@ -305,7 +305,7 @@ def main(argv=None) -> int:
     text_encoder_dir = Path(tempfile.mkdtemp(prefix="tiny-text-"))
     write_tiny_text_encoders(text_encoder_dir)  # random, frozen, TEXT_ENCODER_SEED
     text_encoder = SDXLTextEncoder.from_pretrained(text_encoder_dir)
-    sdxl_vae = SDXLVAE(vae)
+    sdxl_vae = LatentVAE(vae)
     latents = encode_images(sdxl_vae, images)  # (n, 4, 8, 8)
     report["latents"] = {"std": latents.std().item(), "mean": latents.mean().item()}
     caption_rows, embeds, pooled = encode_captions(text_encoder, captions)

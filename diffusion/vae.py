@@ -1,12 +1,14 @@
-"""SDXL's VAE: a thin fp32 wrapper around diffusers' `AutoencoderKL` (the 8x KL autoencoder of
-Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models").
+"""The VAE of every family: a thin fp32 wrapper around diffusers' `AutoencoderKL` (the 8x KL autoencoder of
+Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models"; SDXL's has 4 latent
+channels, SD 3.5's and FLUX.1's 16).
 
 The VAE is diffusers' own by design (docs/ARCHITECTURE.md); this file only fixes the conventions the rest
 of the project relies on:
 - always fp32: SDXL's original VAE overflows in fp16 (its config says `force_upcast`), and a dtype
   change asked of this module (`.to(torch.bfloat16)`, `.half()`) only moves the device;
 - `encode` returns latents already scaled for the UNet, `(z - shift_factor) * scaling_factor`
-  (SDXL: shift None, scale 0.13025), and `decode` inverts it, as diffusers' pipelines do;
+  (SDXL: shift None, scale 0.13025; SD 3.5: 0.0609, 1.5305; FLUX.1: 0.1159, 0.3611), and `decode` inverts
+  it, as diffusers' pipelines do;
 - large images decode in tiles with diffusers' `AutoencoderKL.tiled_decode`.
 """
 
@@ -25,7 +27,7 @@ WEIGHTS = "diffusion_pytorch_model.safetensors"
 WEIGHTS_FP16 = "diffusion_pytorch_model.fp16.safetensors"
 
 
-class SDXLVAE(torch.nn.Module):
+class LatentVAE(torch.nn.Module):
     """Frozen fp32 `AutoencoderKL`; images in [-1, 1] <-> UNet-scaled latents.
 
     `tile_size` (image pixels, a multiple of the 8x downsampling) is the tile edge of tiled
@@ -40,7 +42,7 @@ class SDXLVAE(torch.nn.Module):
         if cfg.latents_mean is not None or cfg.latents_std is not None:
             raise ValueError(
                 "this VAE's config has latents_mean/latents_std (a Playground-style latent "
-                "normalization); SDXL VAEs use scaling_factor only: use an SDXL VAE"
+                "normalization); SDXL, SD 3.5 and FLUX.1 VAEs use shift_factor and scaling_factor only"
             )
         self.vae = vae.float().eval().requires_grad_(False)
         self.vae.use_tiling = False  # our `decode` chooses; `encode` never tiles
@@ -53,8 +55,8 @@ class SDXLVAE(torch.nn.Module):
         self.vae.tile_latent_min_size = self.tile_size // self.downsample
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device="cpu", tile_size: int | None = None) -> "SDXLVAE":
-        """Load from a diffusers SDXL folder (its `vae/`) or a VAE folder; `sdxl.loading.load_vae` also takes
+    def from_pretrained(cls, path: str | Path, device="cpu", tile_size: int | None = None) -> "LatentVAE":
+        """Load from a diffusers model folder (its `vae/`) or a VAE folder; a family's `load_vae` also takes
         single files and the word "tiny"."""
         folder = find_vae_folder(path)
         if (folder / WEIGHTS).is_file():
@@ -85,17 +87,17 @@ class SDXLVAE(torch.nn.Module):
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, sample: bool = True, generator=None) -> torch.Tensor:
-        """images (B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, H/8, W/8), fp32."""
+        """images (B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/8, W/8), fp32."""
         images = images.to(device=self.vae.device, dtype=torch.float32)
         dist = self.vae.encode(images).latent_dist
-        z = dist.sample(generator) if sample else dist.mean  # (B, 4, H/8, W/8)
+        z = dist.sample(generator) if sample else dist.mean  # (B, C, H/8, W/8)
         if self.config.shift_factor is not None:
             z = z - self.config.shift_factor
         return z * self.config.scaling_factor
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, tile: bool | None = None) -> torch.Tensor:
-        """scaled latents (B, 4, h, w) -> images (B, 3, 8h, 8w), fp32, nominally in [-1, 1].
+        """scaled latents (B, C, h, w) -> images (B, 3, 8h, 8w), fp32, nominally in [-1, 1].
 
         Not clamped, so it equals diffusers' decode; clamp when converting to pixels.
         tile: None = automatic (latent area above one tile), True/False = force.
@@ -115,12 +117,12 @@ def find_vae_folder(path: str | Path) -> Path:
     root = Path(path).expanduser()
     if not root.exists():
         raise FileNotFoundError(
-            f"VAE path {root} does not exist: pass a diffusers SDXL folder (./download_weights.sh "
+            f"VAE path {root} does not exist: pass a diffusers model folder (./download_weights.sh "
             "fetches one), a VAE folder with config.json, or 'tiny'"
         )
     if not root.is_dir():
         raise ValueError(
-            f"VAE path {root} is a file: the VAE loads from a diffusers folder (an SDXL folder with "
+            f"VAE path {root} is a file: the VAE loads from a diffusers folder (a model folder with "
             "vae/, or a VAE folder with config.json and diffusion_pytorch_model.safetensors)"
         )
     for folder in (root / "vae", root):
@@ -130,6 +132,6 @@ def find_vae_folder(path: str | Path) -> Path:
                 raise ValueError(f"{folder}/config.json describes a {kind}, not an AutoencoderKL (VAE)")
             return folder
     raise ValueError(
-        f"no VAE in {root}: expected {root / 'vae' / 'config.json'} (diffusers SDXL folder) or "
-        f"{root / 'config.json'} (VAE folder); pass --vae_model or a complete SDXL folder"
+        f"no VAE in {root}: expected {root / 'vae' / 'config.json'} (diffusers model folder) or "
+        f"{root / 'config.json'} (VAE folder); pass --vae_model or a complete model folder"
     )
