@@ -76,8 +76,8 @@ def full_pipeline(device, dtype):
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    from diffusion.tokenizers import build_clip_tokenizer
     from sdxl.configs import CLIP_L_CONFIG, OPENCLIP_BIGG_CONFIG, SDXL_VAE_CONFIG
-    from sdxl.tiny import build_clip_tokenizer
     from sdxl.unet import SDXL_CONFIG
 
     torch.manual_seed(0)

@@ -19,16 +19,16 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from common.files import atomic_write
+from diffusion.tokenizers import build_clip_tokenizer, write_clip_vocab_files
 from sdxl.configs import unet_config_to_diffusers
 from sdxl.diffusion import SDXL_SCHEDULER_CONFIG
 from sdxl.unet import SDXLUNet, UNetConfig
@@ -79,61 +79,6 @@ MODEL_INDEX = {
 
 
 
-# ---------------------------------------------------------------------------------------------------
-# Locally built CLIP BPE tokenizers (no download)
-
-# A few merges so the BPE path is exercised; CLIP's real merges.txt has 48894.
-TINY_MERGES = (("t", "h"), ("th", "e</w>"), ("i", "n"), ("a", "n"), ("an", "d</w>"), ("o", "f</w>"))
-
-
-def _bytes_to_unicode() -> list[str]:
-    """CLIP/GPT-2's byte -> printable symbol table, in vocabulary order (printable bytes first)."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    others = [b for b in range(256) if b not in printable]
-    # Printable bytes map to themselves; the others to 256, 257, ... so no symbol is whitespace/control.
-    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
-
-
-def _write_vocab_files(folder: Path) -> None:
-    """Write CLIP-style vocab.json and merges.txt: bytes, bytes + "</w>", merges, then the special tokens."""
-    symbols = _bytes_to_unicode()
-    tokens = symbols + [s + "</w>" for s in symbols] + [a + b for a, b in TINY_MERGES]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = {token: i for i, token in enumerate(tokens)}
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    merges = "".join(f"{a} {b}\n" for a, b in TINY_MERGES)
-    (folder / "merges.txt").write_text("#version: 0.2\n" + merges, encoding="utf-8")
-
-
-def build_clip_tokenizer(pad_token: str) -> CLIPTokenizer:
-    """A CLIP BPE tokenizer with a byte-level vocabulary, built locally.
-
-    SDXL's tokenizer 1 pads with "<|endoftext|>", tokenizer 2 with "!".
-    """
-    with tempfile.TemporaryDirectory() as tmp:
-        _write_vocab_files(Path(tmp))
-        # vocab.json + merges.txt is the layout both transformers 4 (slow tokenizer) and 5 (converted
-        # to a `tokenizers` BPE on load) read; once loaded the tokenizer needs no files.
-        tokenizer = CLIPTokenizer.from_pretrained(
-            tmp,
-            local_files_only=True,
-            model_max_length=77,
-            bos_token="<|startoftext|>",
-            eos_token="<|endoftext|>",
-            unk_token="<|endoftext|>",
-            pad_token=pad_token,
-        )
-    # transformers 5 records how it was loaded and would write it into tokenizer_config.json.
-    for loader_key in ("is_local", "local_files_only", "vocab_file", "merges_file"):
-        tokenizer.init_kwargs.pop(loader_key, None)
-    return tokenizer
-
-
 TINY_TEXT_ENCODER_CONFIG = dict(  # CLIP ViT-L in SDXL: 768 wide, 3072 MLP, 12 heads, 12 layers
     hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=3,
     hidden_act="quick_gelu", projection_dim=32, max_position_embeddings=77,
@@ -176,7 +121,7 @@ def write_tiny_text_encoders(root: Path, seed: int = TEXT_ENCODER_SEED, weights:
         tok.save_pretrained(root / name)
         # transformers 5 saves only tokenizer.json; vocab.json + merges.txt (as in SDXL's own folders)
         # keep the folder loadable by transformers 4's slow CLIPTokenizer too.
-        _write_vocab_files(root / name)
+        write_clip_vocab_files(root / name)
 
 
 # ---------------------------------------------------------------------------------------------------

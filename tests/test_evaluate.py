@@ -116,7 +116,7 @@ def result(report: dict, metric: str, group: str = "all") -> dict:
 def tiny_clip_dir(tmp_path_factory) -> Path:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from sdxl.tiny import build_clip_tokenizer
+    from diffusion.tokenizers import build_clip_tokenizer
 
     tokenizer = build_clip_tokenizer("<|endoftext|>")
     text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_attention_heads=4,

@@ -14,9 +14,10 @@ import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 
+from diffusion.tokenizers import build_clip_tokenizer
 from sdxl.loading import load_text_encoder
 from sdxl.text_encoders import SDXLTextEncoder
-from sdxl.tiny import build_clip_tokenizer, write_tiny_text_encoders
+from sdxl.tiny import write_tiny_text_encoders
 
 SHORT = "a photo of a cat"
 LONG = " ".join(f"word{i}" for i in range(100))  # > 77 tokens: truncated, EOS kept at position 76
