@@ -16,11 +16,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from safetensors.torch import save_file  # noqa: E402
 
-from common.files import atomic_write  # noqa: E402
+from common.files import (
+    atomic_write,  # noqa: E402
+    write_json,  # noqa: E402
+)
 from diffusion.tokenizers import build_clip_tokenizer  # noqa: E402
 from sdxl.configs import CLIP_L_CONFIG, OPENCLIP_BIGG_CONFIG, SDXL_VAE_CONFIG, unet_config_to_diffusers  # noqa: E402
 from sdxl.diffusion import SDXL_SCHEDULER_CONFIG  # noqa: E402
-from sdxl.tiny import MODEL_INDEX, write_json  # noqa: E402
+from sdxl.tiny import MODEL_INDEX  # noqa: E402
 from sdxl.unet import SDXL_CONFIG, SDXLUNet  # noqa: E402
 
 

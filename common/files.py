@@ -13,6 +13,7 @@ naming the path: one line for the scripts to print before they exit with status 
 an output folder before any model is loaded.
 """
 
+import json
 import os
 import re
 import shutil
@@ -178,3 +179,17 @@ def check_writable(flag: str, folder) -> None:
                 p.rmdir()
             except OSError:  # never made (a file in the way), or another process is using it
                 pass
+
+
+def write_json(path: Path, obj: dict) -> None:
+    """`obj` as indented, key-sorted JSON (a config.json of a model folder), folders made as needed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def cache_dir() -> Path:
+    """Where the tiny models (and the Inception weights) are kept: $SDXL_LORA_CACHE, else
+    $XDG_CACHE_HOME/sdxl-lora, else ~/.cache/sdxl-lora."""
+    if os.environ.get("SDXL_LORA_CACHE"):
+        return Path(os.environ["SDXL_LORA_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sdxl-lora"

@@ -33,7 +33,7 @@ INCEPTION_SIZE = 299
 
 def default_inception_path() -> Path:
     """Where we look when --inception-weights is not given: the project's cache folder (see sdxl/tiny.py)."""
-    from sdxl.tiny import cache_dir
+    from common.files import cache_dir
 
     return cache_dir() / INCEPTION_FILE
 

@@ -16,8 +16,6 @@ byte-identical; `TINY_VERSION` names the cache folder and changes whenever what 
 """
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -27,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from common.files import atomic_write
+from common.files import atomic_write, cache_dir, write_json
 from diffusion.tokenizers import build_clip_tokenizer, write_clip_vocab_files
 from sdxl.configs import unet_config_to_diffusers
 from sdxl.diffusion import SDXL_SCHEDULER_CONFIG
@@ -159,10 +157,6 @@ def write_tiny_unet(root: Path, seed: int = 0, weights: Path | None = None) -> P
     return out
 
 
-def write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
 
 def build(out_dir: Path, weights: Path | None = WEIGHTS) -> Path:
     """Write the tiny SDXL into `out_dir` (created; must be empty or absent): the pretrained weights of the
@@ -176,12 +170,6 @@ def build(out_dir: Path, weights: Path | None = WEIGHTS) -> Path:
     write_json(out_dir / "model_index.json", MODEL_INDEX)
     return out_dir
 
-
-def cache_dir() -> Path:
-    """Where `tiny` is built: $SDXL_LORA_CACHE, else $XDG_CACHE_HOME/sdxl-lora, else ~/.cache/sdxl-lora."""
-    if os.environ.get("SDXL_LORA_CACHE"):
-        return Path(os.environ["SDXL_LORA_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sdxl-lora"
 
 
 def tiny_model_path() -> Path:

@@ -49,12 +49,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from common.files import write_json
 from diffusion.vae import LatentVAE
 from sampling.inference import generate_latents, to_pil
 from sdxl import tiny_world
 from sdxl.diffusion import add_noise, alphas_cumprod, min_snr_weights
 from sdxl.text_encoders import SDXLTextEncoder
-from sdxl.tiny import TINY_UNET_CONFIG, TINY_VAE_CONFIG, write_json, write_tiny_text_encoders
+from sdxl.tiny import TINY_UNET_CONFIG, TINY_VAE_CONFIG, write_tiny_text_encoders
 from sdxl.unet import SDXLUNet
 
 SIZE = 64  # pixels; latents are 8x8
