@@ -3,10 +3,10 @@
     python demo.py                     # = make demo; CPU, about two minutes
 
 1. trains a LoRA with configs/tiny_demo.yaml: 36 pictures of purple shapes (data/demo/train) on the tiny
-   model, which was pretrained on every other colour of the tiny world (sdxl/tiny_world.py);
+   model, which was pretrained on every other colour of the tiny world (tools/tiny_world.py);
 2. draws 32 new purple prompts (shapes, places and backgrounds the training pictures may not have) without
    and with the LoRA, same seeds, 20 euler steps, CFG 5;
-3. counts the pictures whose dominant colour is purple (`sdxl.tiny_world.dominant_colour`) and writes
+3. counts the pictures whose dominant colour is purple (`tools.tiny_world.dominant_colour`) and writes
    OUTPUT_DIR/before_after.png (top row without the LoRA, bottom row with it).
 """
 
@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 
 import train_sdxl
 from sampling.inference import SDXLGenerator
-from sdxl.tiny_world import HELD_BACK, caption, dominant_colour, sample_specs
+from tools.tiny_world import HELD_BACK, caption, dominant_colour, sample_specs
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "tiny_demo.yaml"
 PROMPTS_SEED = 500  # held-out prompts: not the specs of data/demo (seeds 7 and 8)

@@ -15,7 +15,7 @@ import logging
 import sys
 
 from common.cli import print_error
-from common.files import WriteError
+from common.errors import WriteError
 from evaluation.config import parse_args
 from evaluation.evaluate import evaluate_folders
 

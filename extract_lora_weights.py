@@ -9,8 +9,8 @@
 
 CHECKPOINT is a `checkpoints/step_XXXXXX` folder (its LoRA weights; `--ema` for its EMA weights, which is
 what lora_final.safetensors and `load_lora(folder)` use when the run kept them) or a LoRA file in any
-format `sdxl.lora.load_lora` reads (kohya with SGM or diffusers-style names, diffusers/peft), or a `.pt` LoRA
-of the original scripts (a dict of tensors, read with torch.load(weights_only=True) only: sdxl/lora_pt.py). Formats:
+format `lora.layer.load_lora` reads (kohya with SGM or diffusers-style names, diffusers/peft), or a `.pt` LoRA
+of the original scripts (a dict of tensors, read with torch.load(weights_only=True) only: lora/pt.py). Formats:
 `kohya` (ComfyUI, A1111/Forge, kohya, diffusers) and `diffusers` (peft names, alpha / rank folded into
 lora_B). The UNet a file belongs to (SDXL base or the tiny model) is found from its keys and shapes;
 `--base` names it (e.g. a diffusers folder of another SDXL-shaped model). Built on the meta device: an
@@ -109,11 +109,12 @@ def main(argv=None) -> int:
         return 2
 
     # imported here, so that --help and argument errors answer at once (torch takes seconds to import)
+    from common.errors import CheckpointError
     from common.runtime import DTYPES
-    from sdxl.lora_files import write_lora
-    from sdxl.lora_pt import PT_SUFFIXES, read_pt_lora
-    from sdxl.lora_reading import read_lora
-    from training.checkpoints import CheckpointError, checkpoint_lora, complete_checkpoints, load_checkpoint
+    from lora.files import write_lora
+    from lora.pt import PT_SUFFIXES, read_pt_lora
+    from lora.reading import read_lora
+    from training.run.checkpoints import checkpoint_lora, complete_checkpoints, load_checkpoint
 
     try:
         if not source.exists():

@@ -19,11 +19,11 @@ KEPT = ("the images in {out} with their .txt are complete and kept; free disk sp
 
 
 def main(argv=None) -> int:
-    from common.files import WriteError  # here, so that a Ctrl-C while torch imports is one line (run_script)
+    from common.errors import WriteError  # here, so that a Ctrl-C while torch imports is one line (run_script)
     from common.runtime import close_world, init_world
     from sampling.config import parse_args
     from sampling.generate import generate
-    from training.checkpoints import lora_file_of
+    from training.run.checkpoints import lora_file_of
 
     try:
         args = parse_args(argv)

@@ -26,9 +26,8 @@ import sys
 from pathlib import Path
 
 from common.cli import Parser
-from training.checkpoints import CheckpointError
-from training.run_folder import (
-    NoCheckpoint,
+from common.errors import CheckpointError, NoCheckpoint
+from training.run.folder import (
     check_extra,
     describe,
     finished,

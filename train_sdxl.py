@@ -23,12 +23,9 @@ def main(argv=None) -> int:
     from training.config import parse_or_exit  # here, so that a Ctrl-C while torch imports is one line (run_script)
 
     args = parse_or_exit(argv)
-    from common.files import WriteError
-    from training.checkpoints import what_is_intact
-    from training.run_plan import AlreadyFinished
-    from training.scan import DataError
-    from training.signals import Stopped
-    from training.train_loop import TrainingError, train
+    from common.errors import AlreadyFinished, DataError, Stopped, TrainingError, WriteError
+    from training.loop.train import train
+    from training.run.checkpoints import what_is_intact
 
     try:
         summary = train(args)

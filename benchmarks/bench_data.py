@@ -3,7 +3,7 @@ collate) at SDXL size, from a folder of full-size JPEGs, against what a GPU cons
 
 One H100 trains SDXL at 1024 px, batch 4, at roughly 2.5 optimizer steps/s with our loop, i.e. ~10 images/s;
 the loader must deliver more than that or the GPU waits. This times the loop's own data path
-(`training.datasets.build_dataset`: `open_rgb`, `make_example`, `collate`, uint8 pixels) for num_workers 0, 2, 4
+(`training.data.datasets.build_dataset`: `open_rgb`, `make_example`, `collate`, uint8 pixels) for num_workers 0, 2, 4
 and several DataLoader settings: torch's defaults with a new DataLoader each epoch; the loop's
 (`FolderDataset.epochs`: one DataLoader for the run, persistent workers, memory pinned where CUDA is present);
 the loop's with a deeper prefetch. Each runs two epochs: "start s" is the wait for the first batch, "images/s"
@@ -30,7 +30,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common.files import atomic_write  # noqa: E402
-from training.datasets import build_dataset  # noqa: E402
+from training.data.datasets import build_dataset  # noqa: E402
 
 GPU_IMAGES_PER_S = 10.0  # one H100 at 1024 px, batch 4 (see the docstring)
 SMOKE = ["--num_images", "6", "--size", "96x64", "--resolution", "64", "--batch_size", "2", "--workers", "0", "1"]

@@ -39,7 +39,7 @@ from harness import add_speed_flags, compile_peer, compile_unet, device_name, se
 
 from sampling.inference import SDXLGenerator  # noqa: E402
 from sdxl.configs import unet_config_from_diffusers, unet_config_to_diffusers  # noqa: E402
-from sdxl.diffusion import SDXL_SCHEDULER_CONFIG  # noqa: E402
+from sdxl.configs import SDXL_SCHEDULER_CONFIG  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SMOKE = ["--resolution", "64", "--steps", "2", "--batch-size", "1", "--iters", "1", "--warmup", "1"]

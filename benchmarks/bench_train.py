@@ -1,9 +1,9 @@
 """Benchmark: one optimizer step of our LoRA training vs the same step on diffusers' UNet + a peft LoRA.
 
-Our side: `SDXLUNet` with our `LoRALayer`s (sdxl/lora.py). Reference: diffusers' `UNet2DConditionModel`
+Our side: `SDXLUNet` with our `LoRALayer`s (lora/layer.py). Reference: diffusers' `UNet2DConditionModel`
 with `add_adapter(peft.LoraConfig(...))` on the same target modules, trainable params cast to fp32 as
 diffusers' train_text_to_image_lora_sdxl.py does. Both: the same base weights (shared tensors), the same
-LoRA A/B values, batch, noise and timesteps; the loss of training/loss.py `diffusion_loss` under
+LoRA A/B values, batch, noise and timesteps; the loss of training/loop/loss.py `diffusion_loss` under
 autocast over the --precision base weights; backward; clip; AdamW step. Prints a table with the ratio
 ours/diffusers (below 1 = we are faster / smaller) and the first step's loss of each (equal in fp32).
 Time: ms per optimizer step, the best of --rounds rounds of --steps steps; each round runs the models in turn,
@@ -32,11 +32,11 @@ from harness import (  # noqa: E402,I001
 
 from common.runtime import DTYPES  # noqa: E402
 from sdxl.configs import unet_config_to_diffusers  # noqa: E402
-from sdxl.diffusion import alphas_cumprod  # noqa: E402
-from sdxl.lora import LoRAConfig, apply_lora  # noqa: E402
+from diffusion.ddpm import alphas_cumprod  # noqa: E402
+from lora.layer import LoRAConfig, apply_lora  # noqa: E402
 from sdxl.tiny import TINY_UNET_CONFIG  # noqa: E402
 from sdxl.unet import SDXL_CONFIG, SDXLUNet, UNetConfig  # noqa: E402
-from training.loss import diffusion_loss  # noqa: E402
+from training.loop.loss import diffusion_loss  # noqa: E402
 
 SMOKE = ["--resolution", "64", "--batch_size", "1", "--steps", "1", "--rounds", "1", "--warmup", "1"]
 
@@ -158,7 +158,7 @@ def build(cfg: UNetConfig, args, device, dtype) -> dict[str, torch.nn.Module]:
 
 
 class Side:
-    """One model's training step: diffusion_loss, backward, clip, AdamW step (as training/train_loop.py)."""
+    """One model's training step: diffusion_loss, backward, clip, AdamW step (as training/loop/train.py)."""
 
     def __init__(self, name, unet, x, device, dtype):
         self.name, self.x, self.dtype = name, x, dtype

@@ -44,8 +44,8 @@ def device_name(device: torch.device) -> str:
 
 def compile_unet(unet: nn.Module) -> nn.Module:
     """Our UNet with each ResNet and transformer block compiled in place, as `--compile` of train_sdxl.py and
-    generate_images.py does (sdxl/compile.py)."""
-    from sdxl.compile import compile_blocks
+    generate_images.py does (diffusion/compile.py)."""
+    from diffusion.compile import compile_blocks
 
     compile_blocks(unet)
     return unet

@@ -21,8 +21,13 @@ from common.files import (
     write_json,  # noqa: E402
 )
 from diffusion.tokenizers import build_clip_tokenizer  # noqa: E402
-from sdxl.configs import CLIP_L_CONFIG, OPENCLIP_BIGG_CONFIG, SDXL_VAE_CONFIG, unet_config_to_diffusers  # noqa: E402
-from sdxl.diffusion import SDXL_SCHEDULER_CONFIG  # noqa: E402
+from sdxl.configs import (  # noqa: E402
+    CLIP_L_CONFIG,
+    OPENCLIP_BIGG_CONFIG,
+    SDXL_SCHEDULER_CONFIG,  # noqa: E402
+    SDXL_VAE_CONFIG,
+    unet_config_to_diffusers,
+)
 from sdxl.tiny import MODEL_INDEX  # noqa: E402
 from sdxl.unet import SDXL_CONFIG, SDXLUNet  # noqa: E402
 

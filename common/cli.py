@@ -8,9 +8,7 @@ import argparse
 import difflib
 import sys
 
-
-class ConfigError(ValueError):
-    """A bad flag, config file or value; its message is one line a user can act on."""
+from common.errors import ConfigError
 
 
 def fail(flag: str, value, what: str):

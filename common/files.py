@@ -23,16 +23,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from common.cli import fail
-
-
-class WriteError(OSError):
-    """A file or folder that could not be written (full disk, no permission); the message is one line naming
-    it, `reason` says why in a few words."""
-
-    def __init__(self, message: str, reason: str = ""):
-        super().__init__(message)
-        self.reason = reason or message
-
+from common.errors import WriteError
 
 WRITE_FAILURES = (OSError, RuntimeError, SafetensorError)  # torch.save and safetensors raise their own types
 

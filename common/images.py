@@ -12,14 +12,12 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image, ImageOps
 
+from common.errors import DataError
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 METADATA_FILE = "metadata.jsonl"
-
-
-class DataError(ValueError):
-    """Image data that cannot be used as given; the message says what is wrong and what to do."""
 
 
 def find_images(root: Path) -> list[Path]:

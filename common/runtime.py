@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from common.cli import ConfigError, fail
+from common.cli import fail
+from common.errors import ConfigError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 START_TIMEOUT_VARIABLE, START_TIMEOUT_S = "SDXL_LORA_START_TIMEOUT", 300.0

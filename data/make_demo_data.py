@@ -2,7 +2,7 @@
 
     python data/make_demo_data.py      # deterministic; the result is committed in the repository
 
-Purple shapes of the tiny world (sdxl/tiny_world.py) at 64x64 with their captions ("a small purple star on a
+Purple shapes of the tiny world (tools/tiny_world.py) at 64x64 with their captions ("a small purple star on a
 gray background, top left"): the embedded tiny SDXL was pretrained on every other colour, so it draws none
 of these purple until a LoRA teaches it (`make demo`).
 """
@@ -10,7 +10,7 @@ of these purple until a LoRA teaches it (`make demo`).
 import shutil
 from pathlib import Path
 
-from sdxl.tiny_world import HELD_BACK, write_folder
+from tools.tiny_world import HELD_BACK, write_folder
 
 ROOT = Path(__file__).resolve().parent / "demo"
 

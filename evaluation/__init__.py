@@ -11,11 +11,11 @@ computed by torchmetrics, per prompt or class folder. Modules, in reading order:
     config.py     evaluate_images.py's flags
 """
 
+from common.errors import EvalError, LpipsUnavailable
 from evaluation.clip import ClipScorer
 from evaluation.evaluate import Settings, reference_features, score_images
-from evaluation.folders import EvalError
 from evaluation.inception import InceptionFeatures, load_inception
-from evaluation.metrics import LpipsUnavailable, load_lpips
+from evaluation.metrics import load_lpips
 
 __all__ = ["ClipScorer", "EvalError", "InceptionFeatures", "LpipsUnavailable", "Settings", "load_inception",
            "load_lpips", "reference_features", "score_images"]

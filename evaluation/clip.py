@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from evaluation.folders import EvalError
+from common.errors import EvalError
 
 
 class ClipScorer:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from common.errors import EvalError
 from common.images import to_rgb
 from evaluation import metrics
 from evaluation.clip import ClipScorer, clip_score
@@ -28,7 +29,6 @@ from evaluation.extract import Extracted, extract
 from evaluation.folders import (
     ALL,
     TOP_LEVEL,
-    EvalError,
     Group,
     ImageFile,
     ImageFolder,

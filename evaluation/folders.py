@@ -26,6 +26,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from common.errors import EvalError
 from common.images import IMAGE_EXTENSIONS, find_images, open_rgb, read_caption, read_metadata
 
 logger = logging.getLogger(__name__)
@@ -33,10 +34,6 @@ logger = logging.getLogger(__name__)
 ALL = "all"
 TOP_LEVEL = "(top level)"
 NO_PROMPT = "(no prompt)"
-
-
-class EvalError(ValueError):
-    """Input the evaluation cannot use; the message is one line naming the value and what to do."""
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from evaluation.folders import EvalError
+from common.errors import EvalError
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = f"https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/{INCEPTION_FILE}"

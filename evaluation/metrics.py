@@ -33,6 +33,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from common.errors import LpipsUnavailable
 from evaluation.inception import PrecomputedFeatures
 
 MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, table 1 weights
@@ -164,10 +165,6 @@ def nearest(function: PairFunction, generated: torch.Tensor, real: torch.Tensor,
 
 # ---------------------------------------------------------------------------------------------------
 # LPIPS
-
-
-class LpipsUnavailable(RuntimeError):
-    """LPIPS cannot run here; the message is the one-line reason shown in the report."""
 
 
 class LpipsDistance:

@@ -12,9 +12,9 @@ from pathlib import Path
 from common.cli import Parser, add_flag, fail
 from common.files import check_writable
 from common.runtime import DTYPES, resolve_device
+from diffusion.samplers import sampler_names
 from sampling.inference import DEFAULTS, parse_size
 from sampling.prompts import MAX_SEED, PromptSpec, plan_images, read_prompt_file
-from sampling.samplers import sampler_names
 from sdxl.loading import model_path_problem, vae_path_problem
 
 

@@ -13,12 +13,13 @@ from concurrent.futures import ThreadPoolExecutor
 from tqdm import tqdm
 
 from common.cli import print_error
+from common.errors import SettingsMismatch
 from common.files import remove_stale_temporaries
 from common.runtime import DTYPES, World
+from diffusion.compile import compile_blocks
 from sampling.config import run_settings
 from sampling.inference import SDXLGenerator
-from sampling.writer import SettingsMismatch, metadata, missing_jobs, write_group
-from sdxl.compile import compile_blocks
+from sampling.writer import metadata, missing_jobs, write_group
 
 
 def generate(args: argparse.Namespace, world: World, lora_files: list[tuple[str, float]]) -> int:

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sampling.samplers import get_sampler, init_noise_sigma, schedule_from_config
-from sdxl.diffusion import SDXL_SCHEDULER_CONFIG
+from diffusion.samplers import get_sampler, init_noise_sigma, schedule_from_config
+from lora.reading import load_lora
+from sdxl.configs import SDXL_SCHEDULER_CONFIG
 from sdxl.loading import load_text_encoder, load_unet, load_vae, resolve_model_path
-from sdxl.lora_reading import load_lora
 
 # Defaults of `generate`/`generate_unique_batch` and of generate_images.py (SDXL base's usual settings).
 DEFAULTS = {"width": 1024, "height": 1024, "steps": 30, "guidance_scale": 5.0, "sampler": "euler"}
@@ -120,7 +120,7 @@ def sample_grid(unet, vae, embeds, pooled, *, images_per_prompt: int, height: in
 def sample_images(unet, vae, embeds, pooled, seeds: list[int], *, height: int, width: int, steps: int = 20,
                   guidance_scale: float = 5.0, batch_size: int = 8) -> list[Image.Image]:
     """One image per (embeds[i] (77, ctx), pooled[i], seeds[i]), `batch_size` at a time, as PIL images: what
-    a training run scores (training/scoring.py)."""
+    a training run scores (training/loop/scoring.py)."""
     images = []
     for start in range(0, len(seeds), batch_size):
         part = slice(start, start + batch_size)
@@ -155,7 +155,7 @@ class SDXLGenerator:
     @classmethod
     def from_pretrained(cls, model, vae_model=None, loras=(), device="cpu", dtype=torch.float32) -> "SDXLGenerator":
         """Load SDXL base (a diffusers folder, a single-file .safetensors, or "tiny"), the VAE of `vae_model`
-        (default: the model's), and merge each `(path, scale)` of `loras` (any LoRA file `sdxl.lora_reading.load_lora`
+        (default: the model's), and merge each `(path, scale)` of `loras` (any LoRA file `lora.reading.load_lora`
         reads). The UNet and text encoders run in `dtype`, the VAE in fp32."""
         path = resolve_model_path(model)
         # Merged in fp32 (on the CPU, so the device never holds an fp32 UNet), then cast once: one rounding.

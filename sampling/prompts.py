@@ -16,11 +16,9 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.errors import PromptError
+
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes any int64; ours must stay >= 0
-
-
-class PromptError(ValueError):
-    """A prompt file that cannot be used; the message names the file, the line and what to do."""
 
 
 @dataclass(frozen=True)

@@ -17,16 +17,13 @@ current run is an error (`SettingsMismatch`), so a folder never mixes two runs s
 import json
 from pathlib import Path
 
+from common.errors import SettingsMismatch
 from common.files import atomic_write
 from sampling.prompts import ImageJob
 
 FORMAT_VERSION = 1  # of the .json sidecar
 CHECKED = ("prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale", "sampler", "width",
            "height", "base_model", "vae_model", "loras", "precision")
-
-
-class SettingsMismatch(ValueError):
-    """An existing complete image group made with other settings; the message says which and what to do."""
 
 
 def stem(index: int) -> str:

@@ -28,7 +28,7 @@ class SDXLTextEncoder(torch.nn.Module):
         self.text_encoder = text_encoder  # CLIPTextModel
         self.text_encoder_2 = text_encoder_2  # CLIPTextModelWithProjection
         self.requires_grad_(False)
-        self.trains = False  # True once sdxl/text_encoder_lora.py has put a trainable LoRA on it
+        self.trains = False  # True once lora/text_encoders.py has put a trainable LoRA on it
         self.eval()
 
     def train(self, mode: bool = True):

@@ -3,8 +3,8 @@
 It has SDXL's block structure (3 levels, DownBlock2D first, cross-attention in levels 2-3, mid block,
 text_time embedding, 8x VAE with 4 latent channels) at small widths, and locally built byte-level CLIP
 tokenizers (every byte is a symbol, so any text, emoji included, tokenizes without unknown tokens). Its
-UNet and VAE were pretrained on a CPU on the captioned coloured shapes of sdxl/tiny_world.py, purple held
-back (`python -m training.pretrain_tiny`); its two CLIP encoders are random and frozen. The weights ship in
+UNet and VAE were pretrained on a CPU on the captioned coloured shapes of tools/tiny_world.py, purple held
+back (`python -m tools.pretrain_tiny`); its two CLIP encoders are random and frozen. The weights ship in
 sdxl/tiny_weights/ (17 MB: the UNet in fp16), so nothing is trained or downloaded.
 
 `python -m sdxl.tiny OUT_DIR` writes it in diffusers' folder layout (unet/, vae/, text_encoder/,
@@ -27,8 +27,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from common.files import atomic_write, cache_dir, write_json
 from diffusion.tokenizers import build_clip_tokenizer, write_clip_vocab_files
-from sdxl.configs import unet_config_to_diffusers
-from sdxl.diffusion import SDXL_SCHEDULER_CONFIG
+from sdxl.configs import SDXL_SCHEDULER_CONFIG, unet_config_to_diffusers
 from sdxl.unet import SDXLUNet, UNetConfig
 
 TINY_VERSION = 2  # 1: random weights
@@ -186,7 +185,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Write the tiny SDXL (diffusers folder layout) to OUT_DIR.")
     p.add_argument("out_dir", type=Path, help="folder to create, e.g. ./weights/tiny-sdxl")
     p.add_argument("--weights", type=Path, default=WEIGHTS, help="folder of pretrained weights, as "
-                   "`python -m training.pretrain_tiny` writes them (default: the shipped sdxl/tiny_weights)")
+                   "`python -m tools.pretrain_tiny` writes them (default: the shipped sdxl/tiny_weights)")
     p.add_argument("--random", action="store_true", help="random weights instead (what the pretraining starts from)")
     args = p.parse_args(argv)
     if args.out_dir.exists() and (not args.out_dir.is_dir() or any(args.out_dir.iterdir())):

@@ -1,14 +1,15 @@
-"""Captions as kohya users keep them (training/captions.py); --dataset_config subsets (training/dataset_config.py)."""
+"""Captions as kohya users keep them (training/data/captions.py); --dataset_config subsets
+(training/data/dataset_config.py)."""
 
 import numpy as np
 import pytest
 import yaml
 
-from common.cli import ConfigError
+from common.errors import ConfigError
 from tests.test_data_loader import mixed_folder, write
-from training.captions import CaptionStyle, finish_caption, shuffle_tags
 from training.config import parse_config, validate
-from training.datasets import build_dataset
+from training.data.captions import CaptionStyle, finish_caption, shuffle_tags
+from training.data.datasets import build_dataset
 
 
 def test_prefix_suffix_and_separator_without_shuffling():

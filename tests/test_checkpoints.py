@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors import SafetensorError
 
-import training.checkpoints as ck
-from common.files import WriteError
+import training.run.checkpoints as ck
+from common.errors import WriteError
+from lora.layer import LoRAConfig, apply_lora, lora_state_dict
+from lora.reading import load_lora
 from sdxl.loading import load_unet
-from sdxl.lora import LoRAConfig, apply_lora, lora_state_dict
-from sdxl.lora_reading import load_lora
-from training.loop_state import capture_rng, restore_rng
+from training.run.loop_state import capture_rng, restore_rng
 
 CONFIG = LoRAConfig(rank=4, alpha=2.0, dropout=0.0, target_mode="attention")
 

@@ -1,4 +1,4 @@
-"""--compile (sdxl/compile.py): the regionally compiled UNet computes what the eager one computes, output
+"""--compile (diffusion/compile.py): the regionally compiled UNet computes what the eager one computes, output
 and LoRA gradients, with gradient checkpointing on and off. Inductor on CPU reorders and fuses float ops,
 so equality is to rounding: measured output 1.2e-6 and LoRA gradients up to 1.2e-5 relative (the smallest
 gradients, through softmax and normalisations); asserted at 1e-5 and 1e-4."""
@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdxl.compile import compile_blocks
-from sdxl.lora import LoRAConfig, apply_lora, lora_parameters
+from diffusion.compile import compile_blocks
+from lora.layer import LoRAConfig, apply_lora, lora_parameters
 from sdxl.tiny import TINY_UNET_CONFIG
 from sdxl.unet import SDXLUNet
 from tests.test_unet import inputs, rel_err

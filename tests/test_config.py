@@ -371,7 +371,7 @@ def test_missing_recipe_package_names_the_extra(tmp, base, no_optional_packages)
 
 def test_checkpoint_from_before_the_recipe_flags_resumes_with_their_defaults(tmp, base):
     """An older config.yaml lacks the newer keys: its run used their defaults (Min-SNR when min_snr_gamma > 0)."""
-    from training.checkpoints import MUST_MATCH, settings_differences, with_later_settings
+    from training.run.checkpoints import MUST_MATCH, settings_differences, with_later_settings
 
     for old_extra in ([], ["--min_snr_gamma", "5"]):
         current = vars(check(base + old_extra))

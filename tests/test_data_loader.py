@@ -1,4 +1,4 @@
-"""Tests for training/data_loader.py and training/buckets.py: sources, bad files, image modes, bucket geometry
+"""Tests for training/data_loader.py and training/data/buckets.py: sources, bad files, image modes, bucket geometry
 (expected crops computed by hand), augmentation, determinism / exact resume, rank splits, WebDataset shards.
 
 Images are tiny (40-300 px) and written with PIL into tmp_path; everything runs on CPU in a few seconds.
@@ -14,11 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-from training.buckets import closest_bucket, cover_size, make_buckets, plan_global_batches
-from training.datasets import FolderDataset, build_dataset
-from training.images import sample_rng, to_tensor, transform_caption
-from training.scan import DataError, scan_folder
-from training.shards import ShardDataset
+from common.errors import DataError
+from training.data.buckets import closest_bucket, cover_size, make_buckets, plan_global_batches
+from training.data.datasets import FolderDataset, build_dataset
+from training.data.images import sample_rng, to_tensor, transform_caption
+from training.data.scan import scan_folder
+from training.data.shards import ShardDataset
 
 
 def gradient(width: int, height: int) -> Image.Image:

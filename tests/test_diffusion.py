@@ -4,8 +4,9 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from sdxl.diffusion import SDXL_SCHEDULER_CONFIG, add_noise, alphas_cumprod, min_snr_weights, v_target
-from training.ema import EMA
+from diffusion.ddpm import add_noise, alphas_cumprod, min_snr_weights, v_target
+from sdxl.configs import SDXL_SCHEDULER_CONFIG
+from training.loop.ema import EMA
 
 
 @pytest.fixture

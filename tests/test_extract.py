@@ -15,19 +15,19 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import extract_lora_weights
-from sdxl.configs import unet_config_to_diffusers
-from sdxl.lora import (
+from lora.files import LoRAWeights, meta_unet, write_lora
+from lora.layer import (
     LoRAConfig,
     apply_lora,
     lora_parameters,
     lora_state_dict,
     lora_target_names,
 )
-from sdxl.lora_files import LoRAWeights, meta_unet, write_lora
-from sdxl.lora_reading import load_lora, read_lora_file
+from lora.reading import load_lora, read_lora_file
+from sdxl.configs import unet_config_to_diffusers
 from sdxl.tiny import TINY_UNET_CONFIG
 from sdxl.unet import SDXL_CONFIG, SDXLUNet
-from training.checkpoints import lora_file_of, save_checkpoint
+from training.run.checkpoints import lora_file_of, save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CONFIG = LoRAConfig(rank=4, alpha=2.0, dropout=0.1, target_mode="attention_out")

@@ -23,11 +23,11 @@ from safetensors.torch import load_file, save_file
 import evaluate_images
 import generate_images
 import train_sdxl
-from common.cli import ConfigError
-from common.files import WriteError, atomic_write, umask
+from common.errors import ConfigError, WriteError
+from common.files import atomic_write, umask
 from common.runtime import init_world, torchrun_env
-from training.checkpoints import find_latest
-from training.metrics import MetricsLog
+from training.run.checkpoints import find_latest
+from training.run.metrics import MetricsLog
 
 ROOT = Path(__file__).resolve().parent.parent
 FAILURES = {  # what each writer raises on a full disk or a read-only folder
@@ -340,7 +340,8 @@ def test_resume_latest_when_every_checkpoint_is_damaged_says_so(tmp_path):
     """Not the usual advice (`--resume_from latest`, which is what failed): how to start over."""
     from argparse import Namespace
 
-    from training.checkpoints import CheckpointError, start_or_resume
+    from common.errors import CheckpointError
+    from training.run.checkpoints import start_or_resume
 
     folder = tmp_path / "checkpoints/step_000001"
     folder.mkdir(parents=True)
@@ -371,9 +372,10 @@ def test_a_mistyped_flag_is_named_with_the_closest_flag(capsys, script, argv, fl
 def test_resume_auto_refuses_extra_flags_that_change_the_result(tmp_path):
     import yaml
 
-    from training.checkpoints import Checkpoint, CheckpointError
+    from common.errors import CheckpointError
     from training.config import parse_config, resolved_config_yaml
-    from training.run_folder import check_extra, resume_command
+    from training.run.checkpoints import Checkpoint
+    from training.run.folder import check_extra, resume_command
 
     folder = tmp_path / "checkpoints/step_000004"
     folder.mkdir(parents=True)
@@ -389,7 +391,7 @@ def test_resume_auto_refuses_extra_flags_that_change_the_result(tmp_path):
 
 
 def test_data_folder_links_and_odd_images_are_named(tmp_path, caplog):
-    from training.datasets import build_dataset
+    from training.data.datasets import build_dataset
 
     outside, data = tmp_path / "outside.png", tmp_path / "data"
     (data / "sub").mkdir(parents=True)
@@ -433,7 +435,7 @@ def test_ctrl_c_while_starting_is_one_line(tmp_path, script):
 
 
 def test_latent_cache_on_a_full_disk(tmp_path, monkeypatch):
-    import training.caching as caching
+    import training.loop.caching as caching
 
     store = caching._Store("disk", tmp_path / "latents")
     store.write("a", {"x": torch.ones(4)})

@@ -18,9 +18,10 @@ import pytest
 from PIL import Image
 
 import generate_images
+from common.errors import PromptError
 from sampling.config import build_parser, parse_args
 from sampling.inference import SDXLGenerator
-from sampling.prompts import ImageJob, PromptError, PromptSpec, plan_images, read_prompt_file
+from sampling.prompts import ImageJob, PromptSpec, plan_images, read_prompt_file
 from sampling.writer import is_complete, missing_jobs, write_group
 
 ROOT = Path(__file__).resolve().parent.parent

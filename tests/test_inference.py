@@ -23,10 +23,10 @@ from diffusers import (
     StableDiffusionXLPipeline,
 )
 
+from lora.files import save_lora
+from lora.layer import LoRAConfig, apply_lora, lora_parameters
 from sampling.inference import SDXLGenerator, parse_size
 from sdxl.loading import load_unet
-from sdxl.lora import LoRAConfig, apply_lora, lora_parameters
-from sdxl.lora_files import save_lora
 
 SIZE = {"width": 96, "height": 64, "steps": 5, "guidance_scale": 6.0}
 PROMPT = "a red apple on a table"

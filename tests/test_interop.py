@@ -34,20 +34,20 @@ from diffusers.utils import convert_unet_state_dict_to_peft
 from safetensors.torch import load_file, save_file
 
 import extract_lora_weights
-from sdxl.configs import unet_config_to_diffusers
-from sdxl.loading import load_unet
-from sdxl.lora import (
+from lora.files import LoRAWeights, meta_unet, save_lora, write_lora
+from lora.layer import (
     LoRAConfig,
     apply_lora,
     lora_parameters,
     lora_state_dict,
     lora_target_names,
 )
-from sdxl.lora_files import LoRAWeights, meta_unet, save_lora, write_lora
-from sdxl.lora_reading import load_lora, read_lora_file
+from lora.reading import load_lora, read_lora_file
+from sdxl.configs import unet_config_to_diffusers
+from sdxl.loading import load_unet
 from sdxl.tiny import TINY_UNET_CONFIG
 from sdxl.unet import SDXL_CONFIG, SDXLUNet
-from training.checkpoints import load_checkpoint, lora_file_of, save_checkpoint
+from training.run.checkpoints import load_checkpoint, lora_file_of, save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CONFIG = LoRAConfig(rank=4, alpha=2.0, target_mode="all")  # alpha != rank: the scale must travel with the file

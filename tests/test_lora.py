@@ -23,9 +23,8 @@ from peft import LoraConfig
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from sdxl.configs import unet_config_to_diffusers
-from sdxl.loading import load_unet
-from sdxl.lora import (
+from lora.files import save_lora
+from lora.layer import (
     LoRAConfig,
     LoRALayer,
     apply_lora,
@@ -35,8 +34,9 @@ from sdxl.lora import (
     lora_state_dict,
     lora_target_names,
 )
-from sdxl.lora_files import save_lora
-from sdxl.lora_reading import load_lora, read_lora_file
+from lora.reading import load_lora, read_lora_file
+from sdxl.configs import unet_config_to_diffusers
+from sdxl.loading import load_unet
 from sdxl.tiny import TINY_UNET_CONFIG
 from sdxl.unet import SDXLUNet, UNetConfig
 

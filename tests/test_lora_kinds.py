@@ -19,11 +19,11 @@ from peft import LoraConfig
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from lora.files import peft_tensors, save_lora, state_dict_from_peft, write_lora
+from lora.layer import LoRAConfig, apply_lora, conv_target_names, lora_modules, lora_parameters, lora_state_dict
+from lora.reading import load_lora, read_lora
 from sdxl.configs import unet_config_to_diffusers
 from sdxl.loading import load_unet
-from sdxl.lora import LoRAConfig, apply_lora, conv_target_names, lora_modules, lora_parameters, lora_state_dict
-from sdxl.lora_files import peft_tensors, save_lora, state_dict_from_peft, write_lora
-from sdxl.lora_reading import load_lora, read_lora
 from sdxl.tiny import TINY_UNET_CONFIG
 from sdxl.unet import SDXLUNet
 from tests.test_lora import inputs, output, rel_err, tiny_unet
@@ -126,7 +126,7 @@ def test_matches_peft_under_bf16_autocast(dora):
     """The branch runs in the autocast dtype, as peft's: a bf16 Linear and Conv2d with fp32 LoRA weights."""
     from peft import inject_adapter_in_model
 
-    from sdxl.lora import LoRALayer
+    from lora.layer import LoRALayer
 
     torch.manual_seed(0)
     base = torch.nn.ModuleDict({"fc": torch.nn.Linear(64, 48), "conv": torch.nn.Conv2d(16, 24, 3, padding=1)})

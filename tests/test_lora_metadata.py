@@ -1,4 +1,4 @@
-"""The metadata of kohya files: the run's ss_* / modelspec.* entries (training/run_metadata.py) and the sshs_*
+"""The metadata of kohya files: the run's ss_* / modelspec.* entries (training/run/metadata.py) and the sshs_*
 hashes A1111 indexes LoRAs by, checked against A1111's own computation (modules/hashes.py) written out here."""
 
 import hashlib
@@ -11,8 +11,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 import extract_lora_weights
-from sdxl.lora import LoRAConfig, apply_lora
-from sdxl.lora_files import save_lora
+from lora.files import save_lora
+from lora.layer import LoRAConfig, apply_lora
 from tests.test_lora import tiny_unet
 from tests.test_lora_kinds import randomize
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from lora.files import save_lora
+from lora.layer import LoRAConfig, apply_lora
+from lora.reading import load_lora
 from sampling.inference import SDXLGenerator
 from sdxl.loading import load_text_encoder, load_unet
-from sdxl.lora import LoRAConfig, apply_lora
-from sdxl.lora_files import save_lora
-from sdxl.lora_reading import load_lora
 from tests.test_lora import rel_err
 from tests.test_lora_kinds import randomize
 

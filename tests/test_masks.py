@@ -1,4 +1,4 @@
-"""Masked loss (training/masks.py): the mask follows its image's resize, crop and flip; the loss ignores what it
+"""Masked loss (training/data/masks.py): the mask follows its image's resize, crop and flip; the loss ignores what it
 masks out and equals the plain loss under a mask of ones."""
 
 import subprocess
@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from sdxl.diffusion import alphas_cumprod
-from training.datasets import build_dataset
-from training.loss import diffusion_loss
-from training.masks import MaskSource, latent_mask
+from diffusion.ddpm import alphas_cumprod
+from training.data.datasets import build_dataset
+from training.data.masks import MaskSource, latent_mask
+from training.loop.loss import diffusion_loss
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from training.metrics import MetricsLog
+from training.run.metrics import MetricsLog
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""The optimizers of --optimizer (training/optim.py): each is its library's class with the flags' settings;
+"""The optimizers of --optimizer (training/loop/optim.py): each is its library's class with the flags' settings;
 schedule-free's eval weights are what is validated and saved, and switching modes never changes training."""
 
 import subprocess
@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lora.layer import LoRAConfig, apply_lora, lora_modules
 from sdxl.loading import load_unet
-from sdxl.lora import LoRAConfig, apply_lora, lora_modules
-from training.optim import OPTIMIZERS, eval_weights, lr_schedule, make_optimizer
+from training.loop.optim import OPTIMIZERS, eval_weights, lr_schedule, make_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent
 

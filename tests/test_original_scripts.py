@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import extract_lora_weights
-from common.cli import ConfigError
+from common.errors import ConfigError
+from lora.reading import read_lora
 from sampling.config import parse_args as parse_generate_args
-from sdxl.lora_reading import read_lora
 from training.config import parse_config, resolved_config_yaml
-from training.run_folder import output_dir_of
+from training.run.folder import output_dir_of
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = ["--data_dir", str(ROOT / "data/demo/train"), "--pretrained_model", "tiny"]

@@ -14,7 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from training.checkpoints import CheckpointError, find_latest, load_checkpoint
+from common.errors import CheckpointError
+from training.run.checkpoints import find_latest, load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 24  # 36 images, batch 2, accumulation 2: 9 optimizer steps per epoch, so the run crosses two epochs

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import resume_training
-from training.run_folder import human_size
+from training.run.folder import human_size
 
 ROOT = Path(__file__).resolve().parent.parent
 FLAGS = ["--config", str(ROOT / "configs/tiny_demo.yaml"), "--image_size", "64", "--batch_size", "2",

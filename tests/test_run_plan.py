@@ -1,4 +1,4 @@
-"""Resuming a finished run changes nothing; extending one follows --lr_schedule_total (training/run_plan.py).
+"""Resuming a finished run changes nothing; extending one follows --lr_schedule_total (training/run/plan.py).
 
 One tiny run (64 px, 36 images, batch 16: 3 steps an epoch) trained by epochs with a validation set and
 prompts is resumed as it is (by epochs, then by steps once extended): each time exit 0, "already finished",
@@ -17,8 +17,8 @@ from types import SimpleNamespace
 
 import yaml
 
-from training.optim import lr_multiplier
-from training.run_plan import schedule_note
+from training.loop.optim import lr_multiplier
+from training.run.plan import schedule_note
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -22,7 +22,7 @@ from diffusers import (
     EulerDiscreteScheduler,
 )
 
-from sampling.samplers import (
+from diffusion.samplers import (
     SAMPLERS,
     alphas_cumprod,
     get_sampler,
@@ -32,7 +32,7 @@ from sampling.samplers import (
     sigma_table,
     sigma_to_t,
 )
-from sdxl.diffusion import SDXL_SCHEDULER_CONFIG
+from sdxl.configs import SDXL_SCHEDULER_CONFIG
 
 TOL = 1e-4
 SCHEDULERS = {

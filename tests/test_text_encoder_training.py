@@ -13,21 +13,21 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from common.cli import ConfigError
-from sdxl.loading import load_text_encoder, load_unet
-from sdxl.lora_files import write_lora
-from sdxl.lora_reading import load_lora, read_lora
-from sdxl.text_encoder_lora import (
+from common.errors import ConfigError
+from lora.files import write_lora
+from lora.reading import load_lora, read_lora
+from lora.text_encoders import (
     TARGETS,
     apply_text_encoder_lora,
     load_text_encoder_lora_state_dict,
     text_encoder_lora_modules,
 )
+from sdxl.loading import load_text_encoder, load_unet
 from tests.test_lora import rel_err
 from tests.test_lora_kinds import randomize
 from tests.test_lora_text_encoders import PROMPTS
 from tests.test_train import DEMO, ROOT
-from training.checkpoints import checkpoint_lora, load_checkpoint
+from training.run.checkpoints import checkpoint_lora, load_checkpoint
 
 FLAGS = ["--config", str(ROOT / "configs/tiny_demo.yaml"), "--image_size", "64", "--batch_size", "2",
          "--gradient_accumulation_steps", "2", "--no-cache_text_embeddings", "--train_text_encoder",

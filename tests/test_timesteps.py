@@ -1,5 +1,5 @@
-"""Timestep sampling, noise variants and loss weights (training/timesteps.py), each against its formula or diffusers'
-implementation; the validation loss stays unweighted at fixed timesteps."""
+"""Timestep sampling, noise variants and loss weights (training/loop/timesteps.py), each against its formula or
+diffusers' implementation; the validation loss stays unweighted at fixed timesteps."""
 
 import math
 
@@ -9,9 +9,10 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling
 
 from common.runtime import World
-from sdxl.diffusion import SDXL_SCHEDULER_CONFIG, add_noise, alphas_cumprod, debiased_weights
-from training.loss import diffusion_loss, draw_timesteps_and_noise, validation_loss
-from training.timesteps import NoiseRecipe, draw_noise, multires_noise, sample_timesteps
+from diffusion.ddpm import add_noise, alphas_cumprod, debiased_weights
+from sdxl.configs import SDXL_SCHEDULER_CONFIG
+from training.loop.loss import diffusion_loss, draw_timesteps_and_noise, validation_loss
+from training.loop.timesteps import NoiseRecipe, draw_noise, multires_noise, sample_timesteps
 
 
 def gen(seed=0):

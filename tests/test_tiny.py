@@ -69,7 +69,7 @@ def test_it_draws_what_it_is_told(tiny_dir):
     colour is never drawn. Measured (16 pictures per colour): red, orange, yellow, green, blue, white, black
     100%; shapes 80% (circle 95, square 86, triangle 100, ring 67, star 25); purple 0%."""
     from sampling.inference import SDXLGenerator
-    from sdxl import tiny_world as tw
+    from tools import tiny_world as tw
 
     gen = SDXLGenerator.from_pretrained(tiny_dir)
     shapes, shown = 0, 0

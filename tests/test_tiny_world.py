@@ -1,4 +1,4 @@
-"""The tiny world (sdxl/tiny_world.py): deterministic specs and pictures, the held-back colour, the CLI,
+"""The tiny world (tools/tiny_world.py): deterministic specs and pictures, the held-back colour, the CLI,
 and the pixel classifiers' accuracy on rendered ground truth."""
 
 import subprocess
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdxl import tiny_world as tw
+from tools import tiny_world as tw
 
 
 def test_specs_are_deterministic_and_seeded():
@@ -109,7 +109,7 @@ def test_write_folder(tmp_path):
 
 
 def test_cli_held_back_only(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "sdxl.tiny_world", str(tmp_path), "--num-images", "6",
+    run = subprocess.run([sys.executable, "-m", "tools.tiny_world", str(tmp_path), "--num-images", "6",
                           "--size", "32", "--seed", "1", "--held-back-only"], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     captions = [p.read_text() for p in sorted(tmp_path.glob("*.txt"))]

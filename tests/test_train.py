@@ -11,13 +11,13 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import load_file
 
+from diffusion.ddpm import alphas_cumprod
+from lora.layer import LoRAConfig, apply_lora, lora_modules
+from lora.reading import load_lora
 from sampling.grid_labels import label_grid
-from sdxl.diffusion import alphas_cumprod
 from sdxl.loading import load_unet
-from sdxl.lora import LoRAConfig, apply_lora, lora_modules
-from sdxl.lora_reading import load_lora
-from training.loss import diffusion_loss
-from training.optim import lr_multiplier
+from training.loop.loss import diffusion_loss
+from training.loop.optim import lr_multiplier
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "data" / "demo"
@@ -179,7 +179,7 @@ def test_trains_on_webdataset_shards(tmp_path):
 
 
 def test_caches_hit_and_rebuild_bad_entries(tmp_path, caplog):
-    from training.caching import LatentCache, TextEmbeddingCache
+    from training.loop.caching import LatentCache, TextEmbeddingCache
 
     calls = []
 
@@ -228,9 +228,9 @@ def test_cached_latents_with_random_flips_cache_both_flips(tmp_path):
     """With center crops, an image has exactly two pixel variants (flipped or not): `fill` encodes both, in fixed
     batches, before the first step; then no epoch runs the VAE or decodes an image, and every batch's latents
     are the ones its images (mirrored where flipped) encode to."""
-    from training.caching import LatentCache
-    from training.datasets import build_dataset
-    from training.images import to_unit
+    from training.data.datasets import build_dataset
+    from training.data.images import to_unit
+    from training.loop.caching import LatentCache
 
     encoded = []
 
@@ -324,8 +324,8 @@ def test_scores_during_training_and_the_best_checkpoint(tmp_path, feature_net):
         meta = f.metadata()
     assert meta["sdxl_lora.best_metric"] == "kid" and float(meta["sdxl_lora.best_score"]) == scores[best_step]
     assert meta["sdxl_lora.best_step"] == str(best_step) and meta["sdxl_lora.weights"] == "ema"
+    from lora.reading import read_lora_file
     from sdxl.configs import unet_config_to_diffusers
-    from sdxl.lora_reading import read_lora_file
     from sdxl.tiny import TINY_UNET_CONFIG
 
     entries, _ = read_lora_file(out / "lora_best.safetensors", unet_config_to_diffusers(TINY_UNET_CONFIG))

@@ -28,13 +28,14 @@ from pathlib import Path
 
 import yaml
 
-from common.cli import ConfigError, fail, print_error
+from common.cli import fail, print_error
+from common.errors import ConfigError
 from common.files import check_writable, write_text
 from common.runtime import resolve_device
-from training.buckets import SIZE_MULTIPLE
-from training.captions import CaptionStyle
+from training.data.buckets import SIZE_MULTIPLE
+from training.data.captions import CaptionStyle
 from training.flags import DATA_HINT, build_parser
-from training.optim import OPTIMIZERS
+from training.loop.optim import OPTIMIZERS
 
 __all__ = ["ConfigError", "build_parser", "parse_config", "parse_or_exit", "resolved_config_yaml",
            "save_resolved_config", "validate"]
@@ -211,7 +212,7 @@ def _check_data(flag: str, value: str) -> None:
 
 def _check_streamed_length(args: argparse.Namespace) -> None:
     """Streamed .tar shards have no length before they are read: the run's length must be given in steps."""
-    from training.scan import find_shards  # here: --help needs no PIL
+    from training.data.scan import find_shards  # here: --help needs no PIL
 
     value = args.data_dir  # a URL, a .tar or brace pattern of them, or a folder of .tar files
     if args.max_train_steps is None and (_is_url(value) or value.endswith(".tar") or find_shards(value)):
@@ -263,7 +264,7 @@ def _check_captions(args: argparse.Namespace) -> None:
         fail("data_dir", args.data_dir, "is required (on the command line or in the --config file), or else "
              "--dataset_config FILE.yaml; give exactly one of the two")
     if args.dataset_config is not None:
-        from training.dataset_config import read_dataset_config  # its one-line errors, before any model loads
+        from training.data.dataset_config import read_dataset_config  # its one-line errors, before any model loads
 
         read_dataset_config(args.dataset_config, CaptionStyle(args.caption_extension))
     if not args.caption_extension.startswith(".") or len(args.caption_extension) < 2:

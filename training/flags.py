@@ -7,8 +7,8 @@ YAML file given with `--config` (training/config.py reads, resolves and checks t
 import argparse
 
 from common.cli import Parser, add_flag
-from training.optim import OPTIMIZERS
-from training.timesteps import LOSS_WEIGHTING, TIMESTEP_SAMPLING
+from training.loop.optim import OPTIMIZERS
+from training.loop.timesteps import LOSS_WEIGHTING, TIMESTEP_SAMPLING
 
 DATA_HINT = "give a folder of images with .txt captions, a .tar shard, or a pattern like shards/{000000..000099}.tar"
 
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
          "pattern shards/{000000..000099}.tar (required, here or in --config, unless --dataset_config)",
          metavar="DIR")
     add_flag(g, "dataset_config", "YAML listing several image folders (`subsets:`), each with its num_repeats and "
-             "caption settings, instead of --data_dir; see training/dataset_config.py (default: none)",
+             "caption settings, instead of --data_dir; see training/data/dataset_config.py (default: none)",
              metavar="FILE.yaml")
     add_flag(g, "caption_extension", "caption files beside the images: IMAGE_STEM + this, e.g. .caption; in shards "
              "the member of that name (default: .txt)", default=".txt", metavar="EXT")
@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(g, "use_ema", "keep and save an EMA of the LoRA weights (default: off)", action=flag, default=False)
     add_flag(g, "ema_decay", "EMA decay per optimizer step (default: 0.999)", type=float, default=0.999, metavar="D")
 
-    g = p.add_argument_group("timesteps, noise & loss weighting (training/timesteps.py)")
+    g = p.add_argument_group("timesteps, noise & loss weighting (training/loop/timesteps.py)")
     add_flag(g, "timestep_sampling", "density of the trained timesteps: uniform; logit_normal (SD3) favours the "
              "middle; mode (SD3) by --mode_scale (default: uniform)", choices=list(TIMESTEP_SAMPLING),
              default="uniform")

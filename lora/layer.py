@@ -1,0 +1,219 @@
+"""LoRA for the SDXL UNet: the trainable wrapper, where it goes, its state dict, and merging it.
+
+LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", arXiv:2106.09685)
+freezes a layer W and learns a low-rank update: y = W x + (alpha / rank) * up(down(x)), with `down`
+initialised like peft's lora_A (kaiming-uniform, a = sqrt(5)) and `up` zero, so training starts from the
+base model exactly. On a Linear layer down is [rank, in] and up [out, rank]; on a Conv2d (LoCon, as kohya's
+`conv_dim`) down is a conv with the base's kernel, stride and padding [rank, in, k, k] and up a 1x1 conv
+[out, rank, 1, 1], so up(down(x)) is the conv of x by the rank-`rank` kernel up @ down.
+
+DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation", arXiv:2402.09353) also trains a
+magnitude m (one number per output channel, initialised to the row norms of W):
+    W' = m * (W + s dW) / ||W + s dW||,   s = alpha / rank, norms per output row, detached (section 4.3),
+computed in the forward as peft's DoraLinearLayer does: y = (m/n - 1) W x + m/n (W x + s up(down(x))) + b.
+The files a LoRA is saved to and read from (kohya and diffusers/peft formats) are lora/files.py.
+"""
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sdxl.unet import Transformer2DModel
+
+TargetMode = Literal["attention", "attention_out", "all"]
+TARGETS = {  # Linear layers inside each Transformer2DModel, by name relative to it ("all" takes every one)
+    "attention": tuple(f"attn{i}.{p}" for i in (1, 2) for p in ("to_q", "to_k", "to_v")),
+    "attention_out": tuple(f"attn{i}.{p}" for i in (1, 2) for p in ("to_q", "to_k", "to_v", "to_out.0")),
+}
+MODES = ("attention", "attention_out", "all")
+CONV_TARGETS = re.compile(r".*\.(resnets\.\d+\.conv[12]|downsamplers\.0\.conv|upsamplers\.0\.conv)")  # kohya's 3x3 set
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    rank: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_mode: TargetMode = "attention"
+    conv_rank: int = 0  # LoCon on the ResNet and down/upsampler 3x3 convs; 0 = none
+    conv_alpha: float = 0.0  # 0 = conv_rank
+    use_dora: bool = False
+
+    def __post_init__(self):
+        if self.target_mode not in MODES:
+            raise ValueError(f"LoRA target_mode {self.target_mode!r} is not one of attention, attention_out, all")
+        if self.rank < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1 or self.conv_rank < 0 or self.conv_alpha < 0:
+            raise ValueError(f"LoRA needs rank >= 1, alpha > 0, 0 <= dropout < 1, conv_rank >= 0, conv_alpha >= 0; "
+                             f"got {self}")
+
+
+class LoRALayer(nn.Module):
+    """A frozen `nn.Linear` or `nn.Conv2d` (`base`) plus a trainable fp32 low-rank update (and DoRA magnitude)."""
+
+    def __init__(self, base: nn.Linear | nn.Conv2d, rank: int, alpha: float, dropout: float = 0.0,
+                 dora: bool = False):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        kw = dict(bias=False, dtype=torch.float32, device=base.weight.device)  # fp32 even for a bf16 base
+        if isinstance(base, nn.Conv2d):
+            self.lora_down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding,
+                                       base.dilation, **kw)  # (rank, in, k, k)
+            self.lora_up = nn.Conv2d(rank, base.out_channels, 1, **kw)  # (out, rank, 1, 1)
+        else:
+            self.lora_down = nn.Linear(base.in_features, rank, **kw)  # (rank, in)
+            self.lora_up = nn.Linear(rank, base.out_features, **kw)  # (out, rank)
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))  # as peft's lora_A
+        nn.init.zeros_(self.lora_up.weight)
+        # DoRA's magnitude: the row norms of W at the start (up = 0), so training starts from the base model
+        self.magnitude = nn.Parameter(self.row_norm(base.weight.float())) if dora else None  # (out,)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.rank, self.alpha = rank, float(alpha)
+        self.scale = 1.0  # inference strength, multiplies alpha / rank
+        self.merged = None  # while merged: (scale, DoRA norm or None) merged into base.weight
+
+    @staticmethod
+    def row_norm(w: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.vector_norm(w.flatten(1), dim=1)  # (out,)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scale * alpha / rank * up @ down, fp32, shaped like base.weight."""
+        up, down = self.lora_up.weight, self.lora_down.weight
+        return (self.scale * self.alpha / self.rank) * (up.flatten(1) @ down.flatten(1)).view(self.base.weight.shape)
+
+    def dora_gain(self) -> torch.Tensor:
+        """m / ||W + s dW|| per output channel (the norm detached), shaped to broadcast over the output."""
+        norm = self.row_norm(self.base.weight.float() + self.delta_weight().detach()).detach()
+        gain = self.magnitude / norm
+        return gain.view(-1, 1, 1) if isinstance(self.base, nn.Conv2d) else gain
+
+    def forward(self, x):
+        y = self.base(x)
+        if self.merged is not None:
+            return y
+        # Under autocast the branch runs in the autocast dtype (autocast casts the fp32 LoRA weights for the
+        # matmuls, gradients land in fp32); without it, in fp32.
+        h = self.dropout(x if torch.is_autocast_enabled(x.device.type) else x.float())
+        s = self.scale * self.alpha / self.rank
+        if self.magnitude is None:
+            return torch.add(y, self.lora_up(self.lora_down(h)), alpha=s).to(y.dtype)
+        # DoRA: y + (g - 1) W x + g s up(down(x)), W x without bias (recomputed on the dropped-out x in training)
+        g = self.dora_gain()
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            bias = self.base.bias
+            wx = y if bias is None else y - (bias.view(-1, 1, 1) if isinstance(self.base, nn.Conv2d) else bias)
+        else:
+            wx = self.base_without_bias(h)
+        return (y + (g - 1) * wx + g * (s * self.lora_up(self.lora_down(h)))).to(y.dtype)
+
+    def base_without_bias(self, x):
+        w = self.base.weight.to(x.dtype)
+        return self.base._conv_forward(x, w, None) if isinstance(self.base, nn.Conv2d) else F.linear(x, w)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Put the update into base.weight (in fp32, cast back); forward then skips the branch."""
+        if self.merged is None:
+            w = self.base.weight
+            merged = w.float() + self.delta_weight()
+            norm = self.row_norm(merged) if self.magnitude is not None else None
+            if norm is not None:
+                merged *= (self.magnitude / norm).view(-1, *[1] * (w.ndim - 1))
+            w.copy_(merged.to(w.dtype))
+            self.merged = (self.scale, norm)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo what `merge` did (exact up to one rounding of base.weight's dtype)."""
+        if self.merged is not None:
+            scale, (self.scale, norm) = self.scale, self.merged
+            w = self.base.weight
+            merged = w.float()
+            if norm is not None:
+                merged *= (norm / self.magnitude).view(-1, *[1] * (w.ndim - 1))
+            w.copy_((merged - self.delta_weight()).to(w.dtype))
+            self.scale, self.merged = scale, None
+
+    def extra_repr(self) -> str:
+        return (f"rank={self.rank}, alpha={self.alpha}, dora={self.magnitude is not None}, scale={self.scale}, "
+                f"merged={self.merged is not None}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Putting LoRA into a UNet, and its state dict (training checkpoints use these keys).
+
+
+def lora_target_names(unet: nn.Module, mode: TargetMode) -> list[str]:
+    """Module paths (diffusers names) of the Linear layers `mode` adapts, in module order."""
+    names = []
+    for prefix, block in unet.named_modules():
+        if isinstance(block, Transformer2DModel):
+            for name, module in block.named_modules():
+                if isinstance(module, nn.Linear) and (mode == "all" or name.endswith(TARGETS[mode])):
+                    names.append(f"{prefix}.{name}")
+    return names
+
+
+def conv_target_names(unet: nn.Module) -> list[str]:
+    """Module paths of the 3x3 convs LoCon adapts: every ResNet's conv1/conv2 and the down/upsampler convs."""
+    return [n for n, m in unet.named_modules() if isinstance(m, nn.Conv2d) and CONV_TARGETS.fullmatch(n)]
+
+
+def lora_modules(unet: nn.Module) -> dict[str, LoRALayer]:
+    return {name: m for name, m in unet.named_modules() if isinstance(m, LoRALayer)}
+
+
+def apply_lora(unet: nn.Module, config: LoRAConfig) -> dict[str, LoRALayer]:
+    """Freeze the UNet, wrap every targeted layer in a LoRALayer; only LoRA params train."""
+    if lora_modules(unet):
+        raise ValueError("this UNet already has LoRA layers; build a fresh UNet to apply another LoRA")
+    unet.requires_grad_(False)
+    targets = {name: (config.rank, config.alpha) for name in lora_target_names(unet, config.target_mode)}
+    if config.conv_rank:
+        targets |= {name: (config.conv_rank, config.conv_alpha or config.conv_rank) for name in conv_target_names(unet)}
+    wrapped = {}
+    for name, (rank, alpha) in targets.items():
+        parent_name, _, child = name.rpartition(".")
+        wrapped[name] = LoRALayer(unet.get_submodule(name), rank, alpha, config.dropout, config.use_dora)
+        setattr(unet.get_submodule(parent_name), child, wrapped[name])
+    return wrapped
+
+
+def lora_parameters(unet: nn.Module) -> list[nn.Parameter]:
+    return [p for m in lora_modules(unet).values() for p in (m.lora_down.weight, m.lora_up.weight, m.magnitude)
+            if p is not None]
+
+
+def lora_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
+    """`<diffusers module path>.lora_down.weight` / `.lora_up.weight` (/ `.magnitude`, DoRA) -> fp32 tensors
+    (detached)."""
+    sd = {}
+    for name, m in lora_modules(unet).items():
+        sd[f"{name}.lora_down.weight"] = m.lora_down.weight.detach()
+        sd[f"{name}.lora_up.weight"] = m.lora_up.weight.detach()
+        if m.magnitude is not None:
+            sd[f"{name}.magnitude"] = m.magnitude.detach()
+    return sd
+
+
+@torch.no_grad()
+def load_lora_state_dict(unet: nn.Module, sd: dict[str, torch.Tensor]) -> None:
+    """Copy a `lora_state_dict` into the UNet's LoRA layers; keys and shapes must match exactly."""
+    expected = {k: v.shape for k, v in lora_state_dict(unet).items()}
+    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
+    shapes = [k for k in expected if k in sd and sd[k].shape != expected[k]]
+    if missing or unexpected or shapes:
+        first = (missing + unexpected + shapes)[0]
+        raise ValueError(f"LoRA state dict does not match this UNet's LoRA layers: {len(missing)} missing, "
+                         f"{len(unexpected)} unexpected, {len(shapes)} mis-shaped keys (first: {first}); "
+                         "was it saved with another rank, conv_rank, use_dora or target_mode?")
+    merged = [name for name, m in lora_modules(unet).items() if m.merged is not None]
+    if merged:
+        raise ValueError(f"LoRA layer {merged[0]} is merged; call unmerge() before loading LoRA weights")
+    params = {k: v for k, v in zip(lora_state_dict(unet), lora_parameters(unet), strict=True)}
+    for key, p in params.items():
+        p.copy_(sd[key])

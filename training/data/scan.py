@@ -1,0 +1,162 @@
+"""The start-up scan of a data source: every image of a folder (or metadata.jsonl) found, checked and captioned,
+and the unusable ones named, before any model loads; and the shard list of a WebDataset source.
+
+Sources, detected from `data_dir` (see training/data/datasets.py, `build_dataset`):
+- a folder of .jpg/.jpeg/.png/.webp images (any letter case, recursive; hidden files and folders are
+  skipped) with same-stem .txt captions, or with a `metadata.jsonl` ({"file_name": "sub/a.png",
+  "text": "..."} per line) whose captions take precedence over .txt files;
+- WebDataset .tar shards (a folder holding *.tar, a single .tar, or a brace pattern "data-{000..099}.tar")
+  with jpg|jpeg|png|webp + txt members (streamed; their samples are checked as they are decoded).
+
+Folder sources are scanned once (`scan_folder`): every image header is read and every image checked for
+truncation, so broken files are reported, with their paths, before training starts; more than
+`max_bad_fraction` of them stops the run.
+"""
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import braceexpand
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from common.errors import DataError
+from common.images import IMAGE_EXTENSIONS, METADATA_FILE, exif_orientation, find_images, read_caption, read_metadata
+
+logger = logging.getLogger(__name__)
+
+MAX_CAPTION_WARNINGS = 50  # "no caption" warnings printed one by one; the rest are summed up in one line
+PROGRESS_MIN_FILES = 500  # show a progress bar for scans of at least this many files
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One usable image found by the scan."""
+
+    path: str  # absolute path
+    key: str  # path relative to data_dir, posix separators: the sample's stable id
+    caption: str
+    height: int  # as displayed, i.e. with the EXIF orientation applied
+    width: int
+
+
+@dataclass
+class ScanResult:
+    """What `scan_folder` found: the usable images (sorted by key) and what it left out or filled in."""
+
+    root: Path
+    records: list[ImageRecord]
+    bad_files: list[tuple[str, str]]  # (path, reason), excluded
+    missing_captions: list[str]  # paths of images kept with an empty caption
+
+    @property
+    def num_images(self) -> int:
+        return len(self.records)
+
+
+def probe_image(path: Path) -> tuple[int, int] | str:
+    """Displayed (h, w) of an image file, or the reason it is unusable.
+
+    Fast but thorough: a JPEG is decoded at 1/8 scale (every byte of the entropy-coded data is still
+    read, so truncation shows), a PNG is verified (all chunks read, CRCs checked), anything else decoded.
+    """
+    try:
+        if path.stat().st_size == 0:
+            return "empty file (0 bytes)"
+        with Image.open(path) as image:
+            width, height = image.size
+            if exif_orientation(image) in (5, 6, 7, 8):  # rotated by 90 degrees when displayed
+                height, width = width, height
+            if image.format == "PNG":
+                image.verify()
+            else:
+                image.draft(None, (64, 64))  # only JPEG has a draft mode; other formats ignore this
+                image.load()
+    except UnidentifiedImageError:
+        return "not an image (PIL cannot identify the file)"
+    except Exception as error:
+        return f"corrupt or truncated: {type(error).__name__}: {error}".replace("\n", " ")
+    return height, width
+
+
+def scan_folder(data_dir: str | Path, max_bad_fraction: float = 0.05, caption_extension: str = ".txt") -> ScanResult:
+    """Check every image under data_dir before training; raise DataError if too many are unusable. Captions come
+    from metadata.jsonl or same-stem `caption_extension` files."""
+    root = Path(data_dir).expanduser().resolve()
+    if not root.is_dir():
+        raise DataError(f"data_dir {root} does not exist or is not a folder; pass a folder of images or .tar shards")
+    paths = find_images(root)
+    metadata = read_metadata(root)
+    if not paths:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}; check the data_dir path")
+
+    def check(path: Path) -> tuple[tuple[int, int] | str, str | None]:
+        return probe_image(path), read_caption(path, metadata, path.relative_to(root).as_posix(), caption_extension)
+
+    records, bad_files, missing_captions = [], [], []
+    for path, (size, caption) in zip(paths, map_in_threads(check, paths, "scanning images"), strict=True):
+        if isinstance(size, str):
+            logger.warning("bad image, excluded from training: %s (%s)", path, size)
+            bad_files.append((str(path), size))
+            continue
+        if caption is None:
+            if len(missing_captions) < MAX_CAPTION_WARNINGS:
+                logger.warning("no caption: %s (training it with an empty caption)", path)
+            missing_captions.append(str(path))
+        records.append(ImageRecord(str(path), path.relative_to(root).as_posix(), caption or "", *size))
+    if len(missing_captions) > MAX_CAPTION_WARNINGS:
+        logger.warning("... and %d more images have no caption", len(missing_captions) - MAX_CAPTION_WARNINGS)
+    for key in sorted(set(metadata or {}) - {p.relative_to(root).as_posix() for p in paths}):
+        problem = "is not a .jpg/.jpeg/.png/.webp image" if (root / key).exists() else "does not exist"
+        reason = f"listed in {METADATA_FILE} but {problem}"
+        logger.warning("bad image, excluded from training: %s (%s)", root / key, reason)
+        bad_files.append((str(root / key), reason))
+    check_bad_fraction(root, bad_files, len(records) + len(bad_files), max_bad_fraction)
+    if not records:
+        raise DataError(f"none of the images under {root} can be read; see the warnings above")
+    return ScanResult(root, records, bad_files, missing_captions)
+
+
+def map_in_threads(function: Callable, items: list, description: str, chunk: int = 1024) -> Iterator:
+    """function(item) for every item, in order, on a thread pool (PIL decodes without the GIL), with a progress bar."""
+    workers = min(16, 2 * (os.cpu_count() or 1))
+    progress = tqdm(total=len(items), desc=description, unit="file", disable=len(items) < PROGRESS_MIN_FILES)
+    with ThreadPoolExecutor(max_workers=workers) as pool, progress:
+        for start in range(0, len(items), chunk):  # in chunks: a million pending futures would not fit in memory
+            for result in pool.map(function, items[start : start + chunk]):
+                progress.update()
+                yield result
+
+
+def check_bad_fraction(root: Path, bad_files: list[tuple[str, str]], total: int, max_bad_fraction: float) -> None:
+    """Raise a one-line DataError naming the bad files when more than max_bad_fraction of them are bad."""
+    if len(bad_files) <= max_bad_fraction * total:
+        return
+    shown = "; ".join(f"{path} ({reason})" for path, reason in bad_files[:5])
+    more = f"; and {len(bad_files) - 5} more" if len(bad_files) > 5 else ""
+    raise DataError(
+        f"{len(bad_files)} of {total} image files under {root} are unusable, more than "
+        f"max_bad_fraction={max_bad_fraction}: {shown}{more}. Fix or delete these files, "
+        f"or raise max_bad_fraction to train without them"
+    )
+
+
+def find_shards(data_dir: str | Path) -> list[str] | None:
+    """The .tar shards named by data_dir (brace pattern, one .tar, or a folder of *.tar); None if it names none."""
+    text = str(data_dir)
+    if "{" in text and text.endswith(".tar"):
+        shards = list(braceexpand.braceexpand(text))
+        missing = [s for s in shards if not Path(s).is_file()]
+        if missing:
+            raise DataError(f"{len(missing)} of the {len(shards)} shards of {text} are missing, e.g. {missing[0]}")
+        return shards
+    path = Path(text).expanduser()
+    if path.is_file() and path.suffix == ".tar":
+        return [str(path)]
+    if path.is_dir() and not (path / METADATA_FILE).is_file():
+        return sorted(str(p) for p in path.glob("*.tar")) or None
+    return None
