@@ -9,7 +9,7 @@
 
 CHECKPOINT is a `checkpoints/step_XXXXXX` folder (its LoRA weights; `--ema` for its EMA weights, which is
 what lora_final.safetensors and `load_lora(folder)` use when the run kept them) or a LoRA file in any
-format `lora.layer.load_lora` reads (kohya with SGM or diffusers-style names, diffusers/peft), or a `.pt` LoRA
+format lora/reading.py reads (kohya with the vendor's or diffusers-style names, diffusers/peft), or a `.pt` LoRA
 of the original scripts (a dict of tensors, read with torch.load(weights_only=True) only: lora/pt.py). Formats:
 `kohya` (ComfyUI, A1111/Forge, kohya, diffusers) and `diffusers` (peft names, alpha / rank folded into
 lora_B). The UNet a file belongs to (SDXL base or the tiny model) is found from its keys and shapes;
@@ -41,9 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "fp32 keeps the trained weights exactly, fp16/bf16 halve the file (default: fp32)")
     p.add_argument("--ema", action="store_true", help="from a checkpoint folder: its EMA weights instead of the "
                    "trained LoRA weights (an error if the run had no --use_ema)")
-    p.add_argument("--base", metavar="tiny|sdxl|PATH", help="the UNet the LoRA is for: tiny, sdxl (SDXL base) or a "
-                   "diffusers model folder (default: a checkpoint's pretrained_model; for a file, found from its "
-                   "shapes)")
+    p.add_argument("--base", metavar="NAME|PATH", help="the model the LoRA is for: sdxl (SDXL base), tiny, another "
+                   "family's base name, or a diffusers model folder (default: a checkpoint's pretrained_model; for a "
+                   "file, found from its names and shapes)")
     p.add_argument("--alpha", type=float, metavar="A", help="for a .pt file: the alpha of its layers that store "
                    "none (default: their rank, i.e. the update up @ down at scale 1)")
     p.add_argument("--info", action="store_true", help="print rank, alpha, targets, module count, base and "
@@ -99,8 +99,6 @@ def main(argv=None) -> int:
         parser.error("give -o OUT.safetensors (or --info to only describe CHECKPOINT)")
     if out is not None and out.suffix != ".safetensors":
         parser.error(f"-o {out}: the output must be a .safetensors file")
-    if args.base and args.base not in ("tiny", "sdxl") and not Path(args.base).is_dir():
-        parser.error(f"--base {args.base}: give tiny, sdxl or a diffusers model folder (with unet/config.json)")
     if args.alpha is not None and source.suffix not in (".pt", ".pth"):
         parser.error(f"--alpha is for .pt files; {source} is not one (other formats store their alpha)")
     if out is not None and out.exists() and (out.is_dir() or not args.overwrite):
@@ -109,6 +107,7 @@ def main(argv=None) -> int:
         return 2
 
     # imported here, so that --help and argument errors answer at once (torch takes seconds to import)
+    import families
     from common.errors import CheckpointError
     from common.runtime import DTYPES
     from lora.files import write_lora
@@ -121,6 +120,7 @@ def main(argv=None) -> int:
             raise FileNotFoundError(f"{source} does not exist; give a checkpoints/step_XXXXXX folder or a "
                                     ".safetensors LoRA file")
         checkpoint = None
+        candidates = families.lora_names(args.base) if args.base or not source.is_dir() else None
         if source.is_dir():
             if (source / "checkpoints").is_dir():
                 latest = complete_checkpoints(source)
@@ -133,9 +133,9 @@ def main(argv=None) -> int:
             if args.ema:
                 raise ValueError(f"--ema is for checkpoint folders; {source} is a LoRA file")
             if source.suffix in PT_SUFFIXES:
-                weights = read_pt_lora(source, base=args.base, alpha=args.alpha)
+                weights = read_pt_lora(source, candidates, alpha=args.alpha)
             else:
-                weights = read_lora(source, base=args.base)
+                weights = read_lora(source, candidates)
         if args.info:
             print(f"{source}\n{summary(weights)}")
         if out is not None:

@@ -13,44 +13,13 @@ SIGTERM / Ctrl-C save a checkpoint and exit 143 / 130; continue exactly with
     python train_sdxl.py --config outputs/my_lora/config.yaml --resume_from latest
 """
 
-import os
-import sys
-
-from common.cli import print_error, run_script
+from common.cli import run_script
 
 
 def main(argv=None) -> int:
-    from training.config import parse_or_exit  # here, so that a Ctrl-C while torch imports is one line (run_script)
+    from training.cli import main as train_main  # here, so that a Ctrl-C while torch imports is one line
 
-    args = parse_or_exit(argv)
-    from common.errors import AlreadyFinished, DataError, Stopped, TrainingError, WriteError
-    from training.loop.train import train
-    from training.run.checkpoints import what_is_intact
-
-    try:
-        summary = train(args)
-    except WriteError as e:  # a full disk, no permission: what failed, what is intact
-        return print_error(f"{e}; {what_is_intact(args.output_dir)}")
-    except KeyboardInterrupt:  # before the loop (which saves a checkpoint first) or in a second stop
-        print(f"interrupted; {what_is_intact(args.output_dir).split(';')[0]}", file=sys.stderr)
-        return 130
-    except AlreadyFinished as e:
-        if os.environ.get("RANK", "0") == "0":
-            print(e)
-        return 0
-    except Stopped as e:
-        print(f"{e}\ncontinue with: python train_sdxl.py --config {args.output_dir}/config.yaml --resume_from latest",
-              file=sys.stderr)
-        return e.exit_code
-    except (DataError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
-        print("done: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
-    return 0
+    return train_main(argv, "sdxl")
 
 
 if __name__ == "__main__":

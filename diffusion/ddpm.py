@@ -5,9 +5,14 @@ space from 0.00085 to 0.012), as diffusers' `DDPMScheduler` / `EulerDiscreteSche
 (its scheduler config: sdxl/configs.py).
 References: Ho et al. 2020 (DDPM); Salimans & Ho 2022 (v-prediction); Hang et al. 2023 (Min-SNR);
 Yu et al. 2024 (debiased estimation).
+The training objective built on them, `DDPMObjective`, is SDXL's (sdxl/family.py).
 """
 
+from dataclasses import dataclass
+
 import torch
+
+from diffusion.timesteps import unit_times
 
 
 def alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
@@ -57,3 +62,53 @@ def debiased_weights(t: torch.Tensor, ac: torch.Tensor, prediction_type: str) ->
     a = ac.to(t.device)[t].float()
     snr = a / (1 - a)
     return snr.sqrt() / (snr + 1) if prediction_type == "v_prediction" else 1 / snr.sqrt()
+
+
+@dataclass(frozen=True)
+class DDPMObjective:
+    """Denoising score matching on a DDPM noise schedule (the `Objective` of families.py): integer timesteps t in
+    [min_timestep, max_timestep], x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise, target the noise (epsilon) or v,
+    per-sample weights Min-SNR-gamma or debiased (`loss_weighting`).
+
+    Timesteps: uniform is `randint(min, max + 1)`; logit_normal and mode map their u (diffusion/timesteps.py) to
+    t = min + floor(u (max - min + 1)), as diffusers' `compute_density_for_timestep_sampling` followed by
+    `(u * num_train_timesteps).long()`."""
+
+    alphas_cumprod: torch.Tensor
+    min_timestep: int = 0
+    max_timestep: int = 999
+    timestep_sampling: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    prediction_type: str = "epsilon"
+    loss_weighting: str = "none"
+    min_snr_gamma: float = 5.0
+
+    def draw_times(self, n: int, g: torch.Generator, latent_shape=None) -> torch.Tensor:
+        """n timesteps (long) in [min_timestep, max_timestep]."""
+        lo, hi = self.min_timestep, self.max_timestep
+        if self.timestep_sampling == "uniform":
+            return torch.randint(lo, hi + 1, (n,), generator=g)
+        u = unit_times(n, self.timestep_sampling, g, self.logit_mean, self.logit_std, self.mode_scale)
+        return (lo + (u * (hi - lo + 1)).long()).clamp(lo, hi)
+
+    def noisy(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return add_noise(x0, noise, t, self.alphas_cumprod)
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return v_target(x0, noise, t, self.alphas_cumprod) if self.prediction_type == "v_prediction" else noise
+
+    def output(self, prediction: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return prediction  # the UNet predicts the target itself
+
+    def weights(self, t: torch.Tensor) -> torch.Tensor | None:
+        if self.loss_weighting == "min_snr":
+            return min_snr_weights(t, self.alphas_cumprod, self.min_snr_gamma, self.prediction_type)
+        if self.loss_weighting == "debiased":
+            return debiased_weights(t, self.alphas_cumprod, self.prediction_type)
+        return None
+
+    def validation_times(self, k: int) -> torch.Tensor:
+        """k fixed timesteps spread over the trained range (the validation loss's)."""
+        return torch.linspace(self.min_timestep, self.max_timestep, k).round().long()

@@ -1,4 +1,4 @@
-"""LoRA for the SDXL UNet: the trainable wrapper, where it goes, its state dict, and merging it.
+"""LoRA: the trainable wrapper of a frozen layer, putting it into a model, its state dict, and merging it.
 
 LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", arXiv:2106.09685)
 freezes a layer W and learns a low-rank update: y = W x + (alpha / rank) * up(down(x)), with `down`
@@ -11,27 +11,16 @@ DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation", arXiv:2402
 magnitude m (one number per output channel, initialised to the row norms of W):
     W' = m * (W + s dW) / ||W + s dW||,   s = alpha / rank, norms per output row, detached (section 4.3),
 computed in the forward as peft's DoraLinearLayer does: y = (m/n - 1) W x + m/n (W x + s up(down(x))) + b.
-The files a LoRA is saved to and read from (kohya and diffusers/peft formats) are lora/files.py.
+Which layers of a model get one is its family's business (`lora_targets`: sdxl/lora_targets.py, ...); the files
+a LoRA is saved to and read from (kohya and diffusers/peft formats) are lora/files.py and lora/reading.py.
 """
 
 import math
-import re
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from sdxl.unet import Transformer2DModel
-
-TargetMode = Literal["attention", "attention_out", "all"]
-TARGETS = {  # Linear layers inside each Transformer2DModel, by name relative to it ("all" takes every one)
-    "attention": tuple(f"attn{i}.{p}" for i in (1, 2) for p in ("to_q", "to_k", "to_v")),
-    "attention_out": tuple(f"attn{i}.{p}" for i in (1, 2) for p in ("to_q", "to_k", "to_v", "to_out.0")),
-}
-MODES = ("attention", "attention_out", "all")
-CONV_TARGETS = re.compile(r".*\.(resnets\.\d+\.conv[12]|downsamplers\.0\.conv|upsamplers\.0\.conv)")  # kohya's 3x3 set
 
 
 @dataclass(frozen=True)
@@ -39,14 +28,12 @@ class LoRAConfig:
     rank: int = 16
     alpha: float = 16.0
     dropout: float = 0.0
-    target_mode: TargetMode = "attention"
-    conv_rank: int = 0  # LoCon on the ResNet and down/upsampler 3x3 convs; 0 = none
+    target_mode: str = "attention"  # which layers: one of the family's modes (e.g. SDXL's attention_out, all)
+    conv_rank: int = 0  # LoCon on the ResNet and down/upsampler 3x3 convs (SDXL); 0 = none
     conv_alpha: float = 0.0  # 0 = conv_rank
     use_dora: bool = False
 
     def __post_init__(self):
-        if self.target_mode not in MODES:
-            raise ValueError(f"LoRA target_mode {self.target_mode!r} is not one of attention, attention_out, all")
         if self.rank < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1 or self.conv_rank < 0 or self.conv_alpha < 0:
             raise ValueError(f"LoRA needs rank >= 1, alpha > 0, 0 <= dropout < 1, conv_rank >= 0, conv_alpha >= 0; "
                              f"got {self}")
@@ -144,55 +131,38 @@ class LoRALayer(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Putting LoRA into a UNet, and its state dict (training checkpoints use these keys).
+# Putting LoRA into a model, and its state dict (training checkpoints use these keys).
 
 
-def lora_target_names(unet: nn.Module, mode: TargetMode) -> list[str]:
-    """Module paths (diffusers names) of the Linear layers `mode` adapts, in module order."""
-    names = []
-    for prefix, block in unet.named_modules():
-        if isinstance(block, Transformer2DModel):
-            for name, module in block.named_modules():
-                if isinstance(module, nn.Linear) and (mode == "all" or name.endswith(TARGETS[mode])):
-                    names.append(f"{prefix}.{name}")
-    return names
+def lora_modules(model: nn.Module) -> dict[str, LoRALayer]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALayer)}
 
 
-def conv_target_names(unet: nn.Module) -> list[str]:
-    """Module paths of the 3x3 convs LoCon adapts: every ResNet's conv1/conv2 and the down/upsampler convs."""
-    return [n for n, m in unet.named_modules() if isinstance(m, nn.Conv2d) and CONV_TARGETS.fullmatch(n)]
-
-
-def lora_modules(unet: nn.Module) -> dict[str, LoRALayer]:
-    return {name: m for name, m in unet.named_modules() if isinstance(m, LoRALayer)}
-
-
-def apply_lora(unet: nn.Module, config: LoRAConfig) -> dict[str, LoRALayer]:
-    """Freeze the UNet, wrap every targeted layer in a LoRALayer; only LoRA params train."""
-    if lora_modules(unet):
-        raise ValueError("this UNet already has LoRA layers; build a fresh UNet to apply another LoRA")
-    unet.requires_grad_(False)
-    targets = {name: (config.rank, config.alpha) for name in lora_target_names(unet, config.target_mode)}
-    if config.conv_rank:
-        targets |= {name: (config.conv_rank, config.conv_alpha or config.conv_rank) for name in conv_target_names(unet)}
+def add_lora(model: nn.Module, targets: dict[str, tuple[int, float]], dropout: float = 0.0,
+             dora: bool = False) -> dict[str, LoRALayer]:
+    """Freeze the model and wrap each target layer (module path -> (rank, alpha)) in a LoRALayer; only LoRA params
+    train. The targets come from the model's family (`lora_targets`)."""
+    if lora_modules(model):
+        raise ValueError("this model already has LoRA layers; build a fresh one to apply another LoRA")
+    model.requires_grad_(False)
     wrapped = {}
     for name, (rank, alpha) in targets.items():
         parent_name, _, child = name.rpartition(".")
-        wrapped[name] = LoRALayer(unet.get_submodule(name), rank, alpha, config.dropout, config.use_dora)
-        setattr(unet.get_submodule(parent_name), child, wrapped[name])
+        wrapped[name] = LoRALayer(model.get_submodule(name), rank, alpha, dropout, dora)
+        setattr(model.get_submodule(parent_name), child, wrapped[name])
     return wrapped
 
 
-def lora_parameters(unet: nn.Module) -> list[nn.Parameter]:
-    return [p for m in lora_modules(unet).values() for p in (m.lora_down.weight, m.lora_up.weight, m.magnitude)
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for m in lora_modules(model).values() for p in (m.lora_down.weight, m.lora_up.weight, m.magnitude)
             if p is not None]
 
 
-def lora_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """`<diffusers module path>.lora_down.weight` / `.lora_up.weight` (/ `.magnitude`, DoRA) -> fp32 tensors
     (detached)."""
     sd = {}
-    for name, m in lora_modules(unet).items():
+    for name, m in lora_modules(model).items():
         sd[f"{name}.lora_down.weight"] = m.lora_down.weight.detach()
         sd[f"{name}.lora_up.weight"] = m.lora_up.weight.detach()
         if m.magnitude is not None:
@@ -201,19 +171,19 @@ def lora_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def load_lora_state_dict(unet: nn.Module, sd: dict[str, torch.Tensor]) -> None:
-    """Copy a `lora_state_dict` into the UNet's LoRA layers; keys and shapes must match exactly."""
-    expected = {k: v.shape for k, v in lora_state_dict(unet).items()}
+def load_lora_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
+    """Copy a `lora_state_dict` into the model's LoRA layers; keys and shapes must match exactly."""
+    expected = {k: v.shape for k, v in lora_state_dict(model).items()}
     missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
     shapes = [k for k in expected if k in sd and sd[k].shape != expected[k]]
     if missing or unexpected or shapes:
         first = (missing + unexpected + shapes)[0]
-        raise ValueError(f"LoRA state dict does not match this UNet's LoRA layers: {len(missing)} missing, "
+        raise ValueError(f"LoRA state dict does not match this model's LoRA layers: {len(missing)} missing, "
                          f"{len(unexpected)} unexpected, {len(shapes)} mis-shaped keys (first: {first}); "
                          "was it saved with another rank, conv_rank, use_dora or target_mode?")
-    merged = [name for name, m in lora_modules(unet).items() if m.merged is not None]
+    merged = [name for name, m in lora_modules(model).items() if m.merged is not None]
     if merged:
         raise ValueError(f"LoRA layer {merged[0]} is merged; call unmerge() before loading LoRA weights")
-    params = {k: v for k, v in zip(lora_state_dict(unet), lora_parameters(unet), strict=True)}
+    params = {k: v for k, v in zip(lora_state_dict(model), lora_parameters(model), strict=True)}
     for key, p in params.items():
         p.copy_(sd[key])

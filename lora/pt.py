@@ -74,8 +74,9 @@ def to_file_names(tensors: dict[str, torch.Tensor], alpha: float | None) -> tupl
     return {k: v.contiguous() for k, v in out.items()}, {"lora_adapter_metadata": json.dumps(peft)}
 
 
-def read_pt_lora(path, base: str | None = None, alpha: float | None = None) -> LoRAWeights:
-    """A .pt LoRA of the original scripts, checked against its UNet like any LoRA file (see the module doc)."""
+def read_pt_lora(path, candidates: list, alpha: float | None = None) -> LoRAWeights:
+    """A .pt LoRA of the original scripts, checked against the `candidates` base models (`LoRANames`) like any LoRA
+    file (see the module doc)."""
     path = Path(path)
     try:
         tensors, metadata = to_file_names(read_pt_tensors(path), alpha)
@@ -85,7 +86,7 @@ def read_pt_lora(path, base: str | None = None, alpha: float | None = None) -> L
         file = Path(tmp) / "lora.safetensors"
         save_file(tensors, str(file), metadata=metadata)
         try:
-            weights = read_lora(file, base=base)
+            weights = read_lora(file, candidates)
         except ValueError as e:
             raise ValueError(str(e).replace(str(file), str(path))) from e
     weights.source = "original .pt file"

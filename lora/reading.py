@@ -1,6 +1,8 @@
 """Reading LoRA files of any kind (ours, kohya's, LyCORIS', diffusers/peft) into `LoRAWeights`, and merging one
-into a UNet (and the text encoders): `read_lora`, `read_lora_file`, `load_lora`. Every key and shape is checked
-against the model, so a LoRA for another base model is an error naming the key, never a silent partial load.
+into a model (and its text encoders): `read_lora`, `read_lora_file`, `load_lora`. Names are read through the base
+model's `LoRANames` (its family's); a kohya module the vendor's model fuses (SD 3.5's, FLUX.1's q/k/v) is split
+into our layers: each gets the shared down and its rows of the up. Every key and shape is checked against the
+model, so a LoRA for another base model is an error naming the key, never a silent partial load.
 The formats are described in lora/files.py, which writes them.
 """
 
@@ -14,11 +16,11 @@ from safetensors import safe_open
 from torch import nn
 
 from lora.files import (
-    BASES,
     KOHYA_SUFFIXES,
     KOHYA_TEXT_ENCODERS,
     PEFT_SUFFIXES,
     TEXT_ENCODER_PREFIXES,
+    LoRANames,
     LoRAWeights,
     check_fits,
     describe,
@@ -26,19 +28,17 @@ from lora.files import (
 )
 from lora.layer import LoRALayer
 from lora.text_encoders import file_name, is_text_encoder_name
-from sdxl.configs import unet_config_to_diffusers
-from sdxl.loading import read_unet_config, unet_folder
-from sdxl.sgm import unet_sgm_names
-from sdxl.unet import SDXL_CONFIG, UNetConfig
 
 
-def _kohya_names(unet_config: dict) -> dict[str, str]:
-    """kohya LoRA name (SGM-style and diffusers-style) -> diffusers module path, for one UNet config."""
-    names = {}
-    for diffusers, sgm in unet_sgm_names(unet_config).items():
-        for name in (sgm, diffusers):
-            names["lora_unet_" + name.replace(".", "_")] = diffusers
-    return names
+def _kohya_names(names: LoRANames) -> dict[str, list[tuple[str, int, int]]]:
+    """kohya module name -> [(our module path, first row, rows)]: one entry, or several for a fused layer; the
+    aliases (e.g. SDXL's diffusers-style kohya names) map to a whole layer."""
+    kohya = {}
+    for module, (name, row, rows) in names.kohya.items():
+        kohya.setdefault(name, []).append((module, row, rows))
+    for alias, module in names.kohya_aliases.items():
+        kohya.setdefault(alias, [(module, 0, names.layers[module][0])])
+    return kohya
 
 
 def _text_encoder_names(text_encoder: nn.Module) -> tuple[dict[str, str], dict[str, str]]:
@@ -69,9 +69,9 @@ def _kohya_clip_name(name: str) -> str | None:
     return f"{KOHYA_TEXT_ENCODERS[prefix]}text_model.encoder.layers.{layer}.{block}.{linear}"
 
 
-def _component(module: str) -> str:
-    """Which model a module path belongs to: the UNet (`unet.`) or one of the text encoders."""
-    return next((c for c in ("text_encoder_2.", "text_encoder.") if module.startswith(c)), "unet.")
+def _component(module: str, prefix: str = "unet.") -> str:
+    """Which model a module path belongs to: the denoiser (`prefix`) or one of the text encoders."""
+    return next((c for c in ("text_encoder_2.", "text_encoder.") if module.startswith(c)), prefix)
 
 
 def _peft_alpha(metadata: dict[str, str], path, component: str = "unet.") -> tuple:
@@ -80,15 +80,15 @@ def _peft_alpha(metadata: dict[str, str], path, component: str = "unet.") -> tup
         config = json.loads(metadata.get("lora_adapter_metadata") or "{}")
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: lora_adapter_metadata is not valid JSON ({e})") from e
-    if any(k.startswith(("unet.", "text_encoder.", "text_encoder_2.")) for k in config):
+    if any(k.startswith(("unet.", "transformer.", "text_encoder.", "text_encoder_2.")) for k in config):
         config = {k.removeprefix(component): v for k, v in config.items() if k.startswith(component)}
     return config.get("lora_alpha"), config.get("alpha_pattern") or {}, bool(config.get("use_rslora"))
 
 
-def _parse(path, unet_config: dict, text_encoder: nn.Module | None = None, text_encoder_names: bool = False
+def _parse(path, names: LoRANames, text_encoder: nn.Module | None = None, text_encoder_names: bool = False
            ) -> tuple[dict[str, dict], dict[str, str]]:
-    """Module path -> {"down", "up", "alpha", "key"} and the file's metadata; see read_lora_file. With an
-    SDXLTextEncoder, text-encoder keys are read too, as `text_encoder.<path>` / `text_encoder_2.<path>`; with
+    """Module path -> {"down", "up", "alpha", "key"} and the file's metadata; see read_lora_file. With the model's
+    text encoder, text-encoder keys are read too, as `text_encoder.<path>` / `text_encoder_2.<path>`; with
     `text_encoder_names` (no encoders at hand), those of CLIP's self-attention and MLP layers in the file spelling
     `text_encoder(_2).text_model.encoder.layers.N...` (what a text-encoder LoRA we train writes)."""
     path = Path(path)
@@ -105,34 +105,37 @@ def _parse(path, unet_config: dict, text_encoder: nn.Module | None = None, text_
         raise ValueError(f"cannot read LoRA file {path}: {e}; it is not a complete .safetensors file "
                          "(pickled .pt/.ckpt LoRAs are not loaded; re-download or convert it)") from e
     te_kohya, te_peft = _text_encoder_names(text_encoder) if text_encoder is not None else ({}, {})
-    kohya = _kohya_names(unet_config) | te_kohya
-    entries: dict[str, dict] = {}
+    kohya = _kohya_names(names) | {name: [(module, 0, None)] for name, module in te_kohya.items()}
+    prefix = names.peft_prefix + "."
+    groups: dict[str, dict] = {}  # a kohya module name or one of our module paths -> its tensors
     for key, tensor in tensors.items():
         if key.startswith(TEXT_ENCODER_PREFIXES) and text_encoder is None and not text_encoder_names:
-            raise ValueError(f"{path}: key {key} is a text-encoder LoRA weight; here only the UNet takes a LoRA "
-                             "(generate_images.py applies both; remove the lora_te*/text_encoder* keys otherwise)")
+            raise ValueError(f"{path}: key {key} is a text-encoder LoRA weight; here only the {names.peft_prefix} "
+                             "takes a LoRA (generate_images.py applies both; remove the lora_te*/text_encoder* keys "
+                             "otherwise)")
         if key.startswith(("lora_unet_", *KOHYA_TEXT_ENCODERS)):
-            name, _, suffix = key.partition(".")
+            group, _, suffix = key.partition(".")
             if suffix not in KOHYA_SUFFIXES:
                 raise ValueError(f"{path}: key {key} is not a LoRA, LoCon or DoRA weight (LoHa/LoKr/IA3 are not "
                                  "supported)")
-            if name not in kohya and text_encoder_names and (module := _kohya_clip_name(name)):
-                kohya[name] = module
-            if name not in kohya:
-                raise ValueError(f"{path}: key {key} names no module of this SDXL UNet or its text encoders; the "
-                                 "LoRA was made for another base model (e.g. SD 1.5) or another UNet config")
-            module, part = kohya[name], KOHYA_SUFFIXES[suffix]
+            if group not in kohya and text_encoder_names and (module := _kohya_clip_name(group)):
+                kohya[group] = [(module, 0, None)]
+            if group not in kohya:
+                raise ValueError(f"{path}: key {key} names no module of the {names.base} model or its text encoders; "
+                                 "the LoRA was made for another base model (e.g. SD 1.5) or another config")
+            part = KOHYA_SUFFIXES[suffix]
         else:  # peft: text-encoder module paths keep their text_encoder(_2). prefix
-            stripped = key.removeprefix("unet.")
+            stripped = key.removeprefix(prefix)
             suffix = next((s for s in PEFT_SUFFIXES if stripped.endswith(s)), None)
             if suffix is None:
                 raise ValueError(f"{path}: key {key} is neither a kohya (lora_unet_*) nor a diffusers/peft "
-                                 "(unet.*.lora_A/lora_B.weight/lora_magnitude_vector) LoRA weight")
-            module, part = stripped.removesuffix(suffix), PEFT_SUFFIXES[suffix]
-            module = te_peft.get(module, module)
-            if text_encoder_names and is_text_encoder_name(module):
-                module = file_name(module)  # with or without transformers 4's `text_model.` level
-        entry = entries.setdefault(module, {"key": key})
+                                 f"({prefix}*.lora_A/lora_B.weight/lora_magnitude_vector) LoRA weight of the "
+                                 f"{names.base} model")
+            group, part = stripped.removesuffix(suffix), PEFT_SUFFIXES[suffix]
+            group = te_peft.get(group, group)
+            if text_encoder_names and is_text_encoder_name(group):
+                group = file_name(group)  # with or without transformers 4's `text_model.` level
+        entry = groups.setdefault(group, {"key": key})
         if part in entry:
             raise ValueError(f"{path}: key {key} repeats the {part} weight of {entry['key']}")
         if part == "alpha" and tensor.numel() != 1:
@@ -143,32 +146,48 @@ def _parse(path, unet_config: dict, text_encoder: nn.Module | None = None, text_
                                  "channel (LyCORIS wd_on_out=False) is not supported, only per output channel")
             tensor = tensor.flatten()
         entry[part] = tensor
-    for module, entry in entries.items():
+    entries = {}
+    for group, entry in groups.items():
         if "down" not in entry or "up" not in entry:
             raise ValueError(f"{path}: key {entry['key']} has no matching {'up' if 'down' in entry else 'down'} "
                              "weight; the file is incomplete")
-        rank = entry["down"].shape[0]
-        if "alpha" in entry:  # kohya
-            entry["alpha"] = float(entry["alpha"].float().item())
-        elif not entry["key"].startswith(("lora_unet_", *KOHYA_TEXT_ENCODERS)):  # peft: alpha / r (rsLoRA: sqrt r)
-            component = _component(module)
-            lora_alpha, alpha_pattern, rslora = _peft_alpha(metadata, path, component)
-            local = module.removeprefix(component) if component != "unet." else module
-            pattern = next((p for p in alpha_pattern if re.match(rf"(.*\.)?({p})$", local)), None)
-            alpha = alpha_pattern[pattern] if pattern else lora_alpha
-            entry["alpha"] = rank if alpha is None else float(alpha) * (math.sqrt(rank) if rslora else 1.0)
-        else:  # kohya without .alpha means alpha = rank
-            entry["alpha"] = float(rank)
+        is_kohya = entry["key"].startswith(("lora_unet_", *KOHYA_TEXT_ENCODERS))
+        entry["alpha"] = _alpha(entry, group, is_kohya, metadata, path, prefix)
+        targets = kohya[group] if is_kohya else [(group, 0, None)]
+        if len(targets) == 1 and targets[0][2] in (None, entry["up"].shape[0]):
+            entries[targets[0][0]] = entry
+            continue
+        total = names.fused_rows(group)  # the vendor's fused layer (e.g. q, k, v in one): split it into ours
+        if entry["up"].shape[0] != total or "magnitude" in entry:
+            raise ValueError(f"{path}: key {entry['key']} has up {tuple(entry['up'].shape)} but {group} of the "
+                             f"{names.base} model has {total} output rows" if "magnitude" not in entry else
+                             f"{path}: key {entry['key']}: DoRA on a fused layer ({group}) is not supported")
+        for module, row, rows in targets:
+            entries[module] = {**entry, "up": entry["up"][row : row + rows]}
     return entries, metadata
 
 
-def read_lora_file(path, unet_config: dict | None = None):
+def _alpha(entry: dict, module: str, is_kohya: bool, metadata: dict, path, prefix: str) -> float:
+    """A module's alpha: kohya's `.alpha` (its rank when missing), or peft's lora_alpha (alpha_pattern, rsLoRA)."""
+    rank = entry["down"].shape[0]
+    if "alpha" in entry:  # kohya
+        return float(entry["alpha"].float().item())
+    if is_kohya:  # kohya without .alpha means alpha = rank
+        return float(rank)
+    component = _component(module, prefix)  # peft: alpha / r (rsLoRA: sqrt r)
+    lora_alpha, alpha_pattern, rslora = _peft_alpha(metadata, path, component)
+    local = module.removeprefix(component) if component != prefix else module
+    pattern = next((p for p in alpha_pattern if re.match(rf"(.*\.)?({p})$", local)), None)
+    alpha = alpha_pattern[pattern] if pattern else lora_alpha
+    return rank if alpha is None else float(alpha) * (math.sqrt(rank) if rslora else 1.0)
+
+
+def read_lora_file(path, names: LoRANames):
     """Parse a LoRA file of any supported format into diffusers module path -> (down, up, alpha).
 
-    down is [rank, in], up is [out, rank]; the update to apply is alpha / rank * up @ down.
-    `unet_config`: the diffusers UNet config that SGM block numbers refer to (default: SDXL base).
-    Returns that dict and the file's metadata."""
-    entries, metadata = _parse(path, unet_config or unet_config_to_diffusers(SDXL_CONFIG))
+    down is [rank, in], up is [out, rank]; the update to apply is alpha / rank * up @ down. `names`: the base
+    model's (its family's `lora_names`). Returns that dict and the file's metadata."""
+    entries, metadata = _parse(path, names)
     return {m: (e["down"], e["up"], e["alpha"]) for m, e in entries.items()}, metadata
 
 
@@ -177,23 +196,25 @@ def magnitudes_of(entries: dict[str, dict]) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def load_lora(unet: nn.Module, path, scale: float = 1.0, text_encoder: nn.Module | None = None) -> dict[str, str]:
-    """Merge a LoRA file into the UNet's Linear and Conv2d weights: W += scale * alpha / rank * up @ down, and
+def load_lora(model: nn.Module, path, names: LoRANames, scale: float = 1.0, text_encoder: nn.Module | None = None
+              ) -> dict[str, str]:
+    """Merge a LoRA file into the model's Linear and Conv2d weights: W += scale * alpha / rank * up @ down, and
     for DoRA W <- m * (W + dW) / ||W + dW|| (per output channel; `scale` inside dW, as peft's adapter scale).
 
-    Accepts kohya (SGM or diffusers-style names, LoCon, LyCORIS `dora_scale`) and diffusers/peft files. Wrapped
-    layers (LoRALayer) take the update in their frozen base. With `text_encoder` (an SDXLTextEncoder), the
-    file's text-encoder part (kohya lora_te1_/lora_te2_, peft text_encoder./text_encoder_2.) goes into its two
-    CLIP models; without it, such keys are an error. Every key is checked before any weight changes; loading two
-    files applies both, in order. Returns the file's metadata."""
-    entries, metadata = _parse(path, unet_config_to_diffusers(unet.config), text_encoder)
-    modules = dict(unet.named_modules()) | (dict(text_encoder.named_modules()) if text_encoder is not None else {})
+    Accepts kohya (the vendor's names, SDXL's diffusers-style names too, fused layers, LoCon, LyCORIS
+    `dora_scale`) and diffusers/peft files, read through `names` (the model's family's). Wrapped layers (LoRALayer)
+    take the update in their frozen base. With `text_encoder` (the family's text encoder), the file's text-encoder
+    part (kohya lora_te1_/lora_te2_, peft text_encoder./text_encoder_2.) goes into its CLIP models; without it, such
+    keys are an error. Every key is checked before any weight changes; loading two files applies both, in order.
+    Returns the file's metadata."""
+    entries, metadata = _parse(path, names, text_encoder)
+    modules = dict(model.named_modules()) | (dict(text_encoder.named_modules()) if text_encoder is not None else {})
     plan = []
     for name, e in entries.items():
         key, module = e["key"], modules.get(name)
         if module is None:
-            raise ValueError(f"{path}: key {key} names module {name}, which this UNet does not have; the LoRA "
-                             "was made for another base model or UNet config")
+            raise ValueError(f"{path}: key {key} names module {name}, which this model does not have; the LoRA "
+                             "was made for another base model or config")
         layer = module.base if isinstance(module, LoRALayer) else module
         if not isinstance(layer, (nn.Linear, nn.Conv2d)):
             raise ValueError(f"{path}: key {key} adapts {name}, a {type(layer).__name__}; only LoRAs on Linear and "
@@ -203,7 +224,7 @@ def load_lora(unet: nn.Module, path, scale: float = 1.0, text_encoder: nn.Module
             extra = "" if magnitude is None else f", magnitude {tuple(magnitude.shape)}"
             raise ValueError(f"{path}: key {key} has shapes down {tuple(down.shape)}, up {tuple(up.shape)}{extra} but "
                              f"{name} is {describe(layer.weight.shape)}; the LoRA was made for another base model "
-                             "(e.g. SD 1.5) or UNet config")
+                             "(e.g. SD 1.5) or config")
         plan.append((layer.weight, down, up, magnitude, scale * e["alpha"] / down.shape[0]))
     for weight, down, up, magnitude, s in plan:
         to32 = dict(device=weight.device, dtype=torch.float32)
@@ -215,25 +236,14 @@ def load_lora(unet: nn.Module, path, scale: float = 1.0, text_encoder: nn.Module
     return metadata
 
 
-def unet_config_of(model) -> tuple[str, UNetConfig]:
-    """(name, config) of a run's `pretrained_model`: `tiny`, `sdxl`, or a diffusers folder that is still there
-    (its unet/config.json); anything else (a single-file checkpoint, a moved folder) is SDXL base."""
-    name = str(model)
-    if name in BASES:
-        return name, BASES[name]
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return name, read_unet_config(unet_folder(path))
-    return "sdxl", SDXL_CONFIG
-
-
 def file_format(path) -> str:
     with safe_open(str(path), framework="pt") as f:
         return "kohya" if any(k.startswith("lora_unet_") for k in f.keys()) else "diffusers"
 
 
-def read_lora(path, base: str | None = None) -> LoRAWeights:
-    """A LoRA file of any format `load_lora` reads, checked against the UNet it belongs to (see module doc)."""
+def read_lora(path, candidates: list[LoRANames]) -> LoRAWeights:
+    """A LoRA file of any format `load_lora` reads, checked against the first of the `candidates` base models it
+    fits (every family's known bases, or the one named: families.py `lora_names`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"LoRA file {path} does not exist")
@@ -241,20 +251,20 @@ def read_lora(path, base: str | None = None) -> LoRAWeights:
         source = f"{file_format(path)} file"
     except Exception as e:  # safetensors raises its own types for files that are not safetensors
         raise ValueError(f"cannot read LoRA file {path}: {e}; it is not a complete .safetensors file") from e
-    candidates = [unet_config_of(base)] if base else list(BASES.items())
     errors = {}
-    for name, config in candidates:
+    for names in candidates:
         try:
-            entries, metadata = _parse(path, unet_config_to_diffusers(config), text_encoder_names=True)  # key names
+            entries, metadata = _parse(path, names, text_encoder_names=True)  # key names
             if not entries:
                 raise ValueError(f"{path} holds no LoRA weights (no lora_unet_* or *.lora_A/B.weight keys)")
             modules = {m: (e["down"], e["up"], e["alpha"]) for m, e in entries.items()}
-            weights = LoRAWeights(modules, metadata, name, config, source, magnitudes_of(entries))
+            weights = LoRAWeights(modules, metadata, names, source, magnitudes_of(entries))
             check_fits(weights)  # and every module and shape here
             return weights
         except ValueError as e:
-            errors[name] = str(e)
-    if len(set(errors.values())) == 1:  # e.g. a module neither has: say it once
-        raise ValueError(next(iter(errors.values())) + ("" if base else " (tried SDXL base and the tiny model)"))
+            errors[names.base] = str(e)
+    if len(set(errors.values())) == 1:  # e.g. a module none has: say it once
+        tried = "" if len(candidates) == 1 else f" (tried {', '.join(errors)})"
+        raise ValueError(next(iter(errors.values())) + tried)
     raise ValueError(f"{path} fits no known base model: " + "; ".join(f"{k}: {v}" for k, v in errors.items())
-                     + " (give --base if it was made for another SDXL-shaped model)")
+                     + " (give --base if it was made for another model of the same family)")

@@ -1,9 +1,10 @@
-"""LoRA on SDXL's two CLIP text encoders (`--train_text_encoder`), as kohya's and diffusers' trainers train it.
+"""LoRA on a family's CLIP text encoders (`--train_text_encoder`), as kohya's and diffusers' trainers train it:
+SDXL's and SD 3.5's CLIP-L (`text_encoder`) and CLIP-G (`text_encoder_2`), FLUX.1's CLIP-L (never T5).
 
 The LoRA layer is lora/layer.py's `LoRALayer` (fp32 over the frozen base Linear), put on the self-attention
-projections q/k/v/out_proj of every encoder layer of CLIP-L (`text_encoder`) and bigG (`text_encoder_2`), and on
-the MLP's fc1/fc2 too with target mode `all` (peft's usual CLIP target set; kohya's `lora_te1_`/`lora_te2_`
-modules). Names: `text_encoder.text_model.encoder.layers.N.self_attn.q_proj` whatever transformers' module tree
+projections q/k/v/out_proj of every encoder layer of the family's CLIP models, and on the MLP's fc1/fc2 too with
+target mode `all` (peft's usual CLIP target set; kohya's `lora_te1_`/`lora_te2_` modules). Names:
+`text_encoder.text_model.encoder.layers.N.self_attn.q_proj` whatever transformers' module tree
 (transformers 5's CLIPTextModel has no `text_model.` level; files, diffusers' and kohya's, have it), so the
 state dict, EMA, checkpoints and files all use the file spelling (`file_name`).
 """
@@ -29,22 +30,24 @@ def is_text_encoder_name(name: str) -> bool:
 
 
 def apply_text_encoder_lora(text_encoder: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
-                            mode: str = "attention", gradient_checkpointing: bool = False) -> dict[str, LoRALayer]:
-    """Wrap the `mode` Linear layers of both CLIP models of an SDXLTextEncoder in LoRALayers (fp32, trainable, the
-    base frozen) and let it train (`.train()` then reaches it: LoRA dropout, gradient checkpointing)."""
+                            mode: str = "attention", gradient_checkpointing: bool = False,
+                            components: tuple[str, ...] = ("text_encoder", "text_encoder_2")) -> dict[str, LoRALayer]:
+    """Wrap the `mode` Linear layers of the CLIP models `components` (the text encoder's attributes; the family
+    says which) in LoRALayers (fp32, trainable, the base frozen). The caller puts the encoder in train mode while
+    it trains (LoRA dropout; transformers checkpoints only in train mode)."""
     if mode not in TARGETS:
         raise ValueError(f"text-encoder LoRA target mode {mode!r} is not one of {', '.join(TARGETS)}")
     wrapped = {}
     for name, module in list(text_encoder.named_modules()):
-        if isinstance(module, nn.Linear) and is_text_encoder_name(name) and name.endswith(TARGETS[mode]):
+        if isinstance(module, nn.Linear) and name.startswith(tuple(c + "." for c in components)) \
+                and name.endswith(TARGETS[mode]):
             parent, _, child = name.rpartition(".")
             wrapped[file_name(name)] = LoRALayer(module, rank, alpha, dropout)
             setattr(text_encoder.get_submodule(parent), child, wrapped[file_name(name)])
-    for clip in (text_encoder.text_encoder, text_encoder.text_encoder_2):
+    for component in components:
         if gradient_checkpointing:  # non-reentrant: the LoRA weights get gradients though the ids need none
-            clip.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    text_encoder.trains = True
-    text_encoder.train()
+            getattr(text_encoder, component).gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
     return wrapped
 
 

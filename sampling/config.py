@@ -12,17 +12,15 @@ from pathlib import Path
 from common.cli import Parser, add_flag, fail
 from common.files import check_writable
 from common.runtime import DTYPES, resolve_device
-from diffusion.samplers import sampler_names
-from sampling.inference import DEFAULTS, parse_size
+from sampling.inference import parse_size
 from sampling.prompts import MAX_SEED, PromptSpec, plan_images, read_prompt_file
-from sdxl.loading import model_path_problem, vae_path_problem
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog="generate_images.py", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Generate a COCO-style image folder (00000.png, 00000.txt, 00000.json, ...) from prompts with "
-                    "SDXL and LoRAs. Re-running the same command fills in only the missing images.",
+                    "SDXL, SD 3.5 or FLUX.1 and LoRAs. Re-running the same command fills in only the missing images.",
         epilog="examples:\n"
         "  python generate_images.py --pretrained-model ./weights/sdxl-base-1.0 \\\n"
         "      --lora-checkpoint my_lora.safetensors --prompt-file prompts.txt --num-images 1000 \\\n"
@@ -32,8 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
         "  torchrun --nproc_per_node 8 generate_images.py ...   # shard the images over 8 GPUs",
     )
     g = p.add_argument_group("model")
-    add_flag(g, "pretrained-model", "SDXL base: a diffusers folder, a single-file .safetensors, or `tiny` (the tiny "
-         "CPU test model) (required)", required=True, metavar="PATH")
+    add_flag(g, "pretrained-model", "the base model (its family is found from it): a diffusers folder, the vendor's "
+         "single .safetensors file, or a tiny CPU test model: tiny (SDXL), tiny-sd3, tiny-flux (required)",
+         required=True, metavar="PATH")
     add_flag(g, "vae-model", "diffusers VAE folder to decode with, e.g. sdxl-vae-fp16-fix (default: the model's)",
          metavar="DIR")
     add_flag(g, "lora-checkpoint", "LoRA to merge: a .safetensors file (kohya or diffusers/peft keys) or a training "
@@ -48,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
          action="append", metavar="TEXT")
     add_flag(source, "prompt-file", ".txt with one prompt per line (blank and #-lines skipped), or .jsonl with "
          '{"prompt": ..., "negative_prompt": ..., "seed": ...} per line', metavar="FILE")
-    add_flag(g, "negative-prompt", "negative prompt of every image (a .jsonl line's own wins); empty = SDXL's zero "
-         "embedding (default: empty)", default="", metavar="TEXT")
+    add_flag(g, "negative-prompt", "negative prompt of every image (a .jsonl line's own wins); empty = the model's "
+         "unconditional input, e.g. SDXL's zero embedding (default: empty)", default="", metavar="TEXT")
     add_flag(g, "num-images", "images to make; the prompts cycle in order (default: one per prompt)", type=int,
          metavar="N")
     add_flag(g, "shuffle-prompts", "cycle the prompts in an order shuffled with --seed (default: file order)",
@@ -57,14 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("sampling")
     add_flag(g, "image-size", "WIDTHxHEIGHT or one number for a square, multiples of 8; --resolution is the same "
-             f"flag (default: {DEFAULTS['width']})", default=str(DEFAULTS["width"]), metavar="WxH",
-             aliases=("resolution",))
-    add_flag(g, "num-inference-steps", f"sampler steps, 1..1000 (default: {DEFAULTS['steps']})", type=int,
-         default=DEFAULTS["steps"], metavar="N")
-    add_flag(g, "guidance-scale", "classifier-free guidance; <= 1 turns it off (default: "
-             f"{DEFAULTS['guidance_scale']})", type=float, default=DEFAULTS["guidance_scale"], metavar="G")
-    add_flag(g, "scheduler", f"sampler; _karras = Karras sigmas (default: {DEFAULTS['sampler']})",
-         choices=sampler_names(), default=DEFAULTS["sampler"])
+             "flag (default: the model's, e.g. 1024 for SDXL)", metavar="WxH", aliases=("resolution",))
+    add_flag(g, "num-inference-steps", "sampler steps, 1..1000 (default: the model's, e.g. 30 for SDXL)", type=int,
+             metavar="N")
+    add_flag(g, "guidance-scale", "classifier-free guidance; <= 1 turns it off (default: the model's, e.g. 5.0 for "
+             "SDXL)", type=float, metavar="G")
+    add_flag(g, "scheduler", "sampler: SDXL euler, euler_a, ddim, dpmpp_2m, each also with _karras (Karras sigmas) "
+             "(default: the model's, e.g. euler for SDXL)", metavar="NAME")
     add_flag(g, "seed", "image i is seeded seed + i (a .jsonl line's seed wins) (default: 0)", type=int, default=0)
     add_flag(g, "batch-size", "images per UNet batch and device; results do not depend on it beyond float rounding "
          "(default: 1)", type=int, default=1, metavar="N")
@@ -91,9 +89,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     """Parse and check every flag; resolve sizes, device, precision, LoRA scales, prompts (CliError/PromptError)."""
     args = build_parser().parse_args(argv)
     for name in ("guidance_scale", "lora_scale"):
-        for value in args.lora_scale if name == "lora_scale" else [args.guidance_scale]:
+        for value in args.lora_scale if name == "lora_scale" else [args.guidance_scale or 0.0]:
             if not math.isfinite(value):
                 fail(name.replace("_", "-"), value, "must be a finite number")
+    family = _check_paths(args)
+    defaults = family.DEFAULTS  # what was left out is the family's
+    args.image_size = args.image_size or f"{defaults['width']}x{defaults['height']}"
+    args.num_inference_steps = args.num_inference_steps or defaults["steps"]
+    args.guidance_scale = defaults["guidance_scale"] if args.guidance_scale is None else args.guidance_scale
+    args.scheduler = args.scheduler or defaults["sampler"]
+    if args.scheduler not in family.SAMPLERS:
+        fail("scheduler", args.scheduler, f"is not a {family.TITLE} sampler; use one of {', '.join(family.SAMPLERS)}")
     try:
         args.width, args.height = parse_size(args.image_size)
     except ValueError as e:
@@ -106,7 +112,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         fail("batch-size", args.batch_size, "must be >= 1")
     if args.num_images is not None and args.num_images < 1:
         fail("num-images", args.num_images, "must be >= 1")
-    _check_paths(args)
     args.device, args.precision = resolve_device(args.device, args.precision)
 
     specs = read_prompt_file(args.prompt_file) if args.prompt_file else [PromptSpec(p) for p in args.prompt]
@@ -118,14 +123,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _check_paths(args: argparse.Namespace) -> None:
-    if args.pretrained_model != "tiny":
+def _check_paths(args: argparse.Namespace):
+    """The model (-> its family module), VAE, LoRAs and output folder, checked and made absolute."""
+    import families  # here: --help needs no torch
+
+    if not args.pretrained_model.startswith("tiny"):
         args.pretrained_model = str(Path(args.pretrained_model).expanduser().absolute())
-        if problem := model_path_problem(args.pretrained_model):
-            fail("pretrained-model", args.pretrained_model, problem)
+    family = families.name_of(args.pretrained_model)
+    if family is None:
+        problem = families.get("sdxl").model_problem(args.pretrained_model) or "is not a model of a known family " \
+            "(SDXL, SD 3.5, FLUX.1): no model_index.json naming its pipeline and no single-file layout we know"
+        fail("pretrained-model", args.pretrained_model, problem)
+    family = families.get(family)
+    if problem := family.model_problem(args.pretrained_model):
+        fail("pretrained-model", args.pretrained_model, problem)
     if args.vae_model:
         args.vae_model = str(Path(args.vae_model).expanduser().absolute())
-        if problem := vae_path_problem(args.vae_model):
+        if problem := family.vae_problem(args.vae_model):
             fail("vae-model", args.vae_model, problem)
     loras = [Path(p).expanduser().absolute() for p in args.lora_checkpoint]
     for path in loras:
@@ -148,6 +162,7 @@ def _check_paths(args: argparse.Namespace) -> None:
     if out.exists() and not out.is_dir():
         fail("output-dir", out, "is an existing file; give a folder (it is created if missing)")
     args.output_dir = out
+    return family
 
 
 def run_settings(args: argparse.Namespace) -> dict:

@@ -18,7 +18,7 @@ from common.files import remove_stale_temporaries
 from common.runtime import DTYPES, World
 from diffusion.compile import compile_blocks
 from sampling.config import run_settings
-from sampling.inference import SDXLGenerator
+from sampling.inference import ImageGenerator
 from sampling.writer import metadata, missing_jobs, write_group
 
 
@@ -39,12 +39,12 @@ def generate(args: argparse.Namespace, world: World, lora_files: list[tuple[str,
         return 0
 
     try:
-        gen = SDXLGenerator.from_pretrained(args.pretrained_model, args.vae_model, lora_files, args.device,
+        gen = ImageGenerator.from_pretrained(args.pretrained_model, args.vae_model, lora_files, args.device,
                                             DTYPES[args.precision])
     except (OSError, ValueError) as e:
         return _error(str(e), rank)
     if args.compile:
-        compile_blocks(gen.unet)
+        compile_blocks(gen.family.blocks(gen.denoiser))
     if rank == 0:
         try:
             out.mkdir(parents=True, exist_ok=True)

@@ -28,11 +28,12 @@ from sdxl.tiny import tiny_model_path
 from sdxl.unet import SDXL_CONFIG, SDXLUNet, UNetConfig
 
 DOWNLOAD_HINT = "download SDXL with ./download_weights.sh, or use --pretrained_model tiny"
+TINY_NAMES = ("tiny", "tiny-sdxl")  # the embedded tiny SDXL
 
 
 def resolve_model_path(path) -> Path:
     """`tiny` -> the cached tiny model (built on first use); anything else must exist."""
-    if str(path) == "tiny":
+    if str(path) in TINY_NAMES:
         return tiny_model_path()
     p = Path(path).expanduser()
     if not p.exists():
@@ -43,7 +44,7 @@ def resolve_model_path(path) -> Path:
 def model_path_problem(path) -> str | None:
     """Why `path` cannot be a `--pretrained_model` (what the flag's error says), or None if it can.
     Checked by both command lines before anything loads."""
-    if str(path) == "tiny":
+    if str(path) in TINY_NAMES:
         return None
     model = Path(path).expanduser()
     if not model.exists():

@@ -28,12 +28,7 @@ class SDXLTextEncoder(torch.nn.Module):
         self.text_encoder = text_encoder  # CLIPTextModel
         self.text_encoder_2 = text_encoder_2  # CLIPTextModelWithProjection
         self.requires_grad_(False)
-        self.trains = False  # True once lora/text_encoders.py has put a trainable LoRA on it
-        self.eval()
-
-    def train(self, mode: bool = True):
-        # Frozen: a parent module's .train() must not switch the encoders out of eval mode (unless a LoRA trains).
-        return super().train(mode and self.trains)
+        self.eval()  # frozen; the trainer puts it in train mode only while a LoRA on it trains
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):

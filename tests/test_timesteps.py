@@ -1,4 +1,4 @@
-"""Timestep sampling, noise variants and loss weights (training/loop/timesteps.py), each against its formula or
+"""Timestep sampling, noise variants and loss weights (training/loop/noise.py), each against its formula or
 diffusers' implementation; the validation loss stays unweighted at fixed timesteps."""
 
 import math
@@ -12,7 +12,7 @@ from common.runtime import World
 from diffusion.ddpm import add_noise, alphas_cumprod, debiased_weights
 from sdxl.configs import SDXL_SCHEDULER_CONFIG
 from training.loop.loss import diffusion_loss, draw_timesteps_and_noise, validation_loss
-from training.loop.timesteps import NoiseRecipe, draw_noise, multires_noise, sample_timesteps
+from training.loop.noise import NoiseRecipe, draw_noise, multires_noise, sample_timesteps
 
 
 def gen(seed=0):

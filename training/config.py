@@ -1,4 +1,5 @@
-"""Command line and YAML config of `train_sdxl.py`: parse, resolve, validate, save.
+"""Command line and YAML config of the trainers (`train_sdxl.py`, `train_sd3.py`, `train_flux.py`): parse,
+resolve, validate, save. The flags themselves are the table of training/flags.py.
 
     python train_sdxl.py --pretrained_model ./weights/sdxl-base-1.0 --data_dir ./data/dogs --output_dir ./out/dogs
     python train_sdxl.py --config configs/tiny_demo.yaml --learning_rate 3e-4     # flags override the file
@@ -8,8 +9,10 @@ An unknown key is an error naming the closest valid one; YAML values go through 
 so `learning_rate: abc` fails early and `learning_rate: 1e-4` (a string to YAML 1.1) becomes a float.
 `parse_config` resolves derived values (lora_alpha = rank, cache_dir = OUTPUT_DIR/cache, a `.txt` of
 validation prompts -> its prompts, local paths -> absolute); `validate` checks every value with a one-line
-message naming the flag and resolves the device and precision (common/runtime.py); `save_resolved_config`
-writes OUTPUT_DIR/config.yaml, which given back to `--config` yields the same Namespace.
+message naming the flag (each flag's rule in the table, then what depends on several flags or on the model's
+family) and resolves the device and precision (common/runtime.py); `save_resolved_config` writes
+OUTPUT_DIR/config.yaml, which given back to `--config` yields the same Namespace. `Settings.of` (training/flags.py)
+makes the typed sections the rest of the trainer takes.
 
 Decisions: image_size is a multiple of 32 in every mode (the VAE divides by 8, the UNet halves twice more;
 bucket sides step by 64 within its area). bf16 is allowed on CPU (CPU autocast supports it), fp16 is refused
@@ -28,20 +31,41 @@ from pathlib import Path
 
 import yaml
 
-from common.cli import fail, print_error
+from common.cli import add_flag, fail, print_error
 from common.errors import ConfigError
 from common.files import check_writable, write_text
 from common.runtime import resolve_device
-from training.data.buckets import SIZE_MULTIPLE
 from training.data.captions import CaptionStyle
-from training.flags import DATA_HINT, build_parser
+from training.flags import table
 from training.loop.optim import OPTIMIZERS
 
 __all__ = ["ConfigError", "build_parser", "parse_config", "parse_or_exit", "resolved_config_yaml",
            "save_resolved_config", "validate"]
-PATH_FLAGS = ("data_dir", "dataset_config", "mask_dir", "val_data_dir", "pretrained_model", "vae_model", "cache_dir",
-              "output_dir", "eval_real_dir",
-              "inception_weights", "clip_model")
+CONFIG_HEADER = "# Resolved config of a LoRA training run"  # the first line of OUTPUT_DIR/config.yaml
+DATA_HINT = "give a folder of images with .txt captions, a .tar shard, or a pattern like shards/{000000..000099}.tar"
+SCRIPTS = {"sdxl": ("train_sdxl.py", "SDXL", "./weights/sdxl-base-1.0"),
+           "sd3": ("train_sd3.py", "Stable Diffusion 3.5", "./weights/sd3.5-medium"),
+           "flux": ("train_flux.py", "FLUX.1", "./weights/flux1-dev")}
+
+
+def build_parser(family: str = "sdxl") -> argparse.ArgumentParser:
+    """The trainer's parser: the flag table, plus --config and the original scripts' --use_lora."""
+    from training.flags import build_parser as from_table
+
+    script, title, example = SCRIPTS[family]
+    p = from_table(prog=script, description=f"Train a {title} LoRA from a folder of captioned images (or .tar "
+                   "shards).", epilog="examples:\n"
+                   f"  python {script} --pretrained_model {example} --data_dir ./data/dogs \\\n"
+                   "      --output_dir ./outputs/dogs --lora_rank 16 --cache_latents disk\n"
+                   f"  python {script} --pretrained_model tiny{'' if family == 'sdxl' else '-' + family} "
+                   "--data_dir data/demo/train --output_dir /tmp/tiny --image_size 64 --max_train_steps 20 \\\n"
+                   "      --device cpu                # the tiny model, a CPU run")
+    g = next(group for group in p._action_groups if group.title == "output & checkpoints")
+    add_flag(g, "config", "YAML of flag: value defaults; flags given here win (default: none)", metavar="FILE.yaml")
+    g = next(group for group in p._action_groups if group.title == "LoRA")
+    add_flag(g, "use_lora", "accepted so that commands of the original scripts run; does nothing: LoRA is always on "
+             "(default: off)", action="store_true")
+    return p
 
 
 # --- Parsing: YAML values become the parser's defaults, so command-line flags override them. ---
@@ -101,12 +125,12 @@ def load_yaml_config(path) -> dict:
     return data or {}
 
 
-def parse_config(argv=None) -> argparse.Namespace:
+def parse_config(argv=None, family: str = "sdxl") -> argparse.Namespace:
     """Parse `argv` (default sys.argv[1:]) over the defaults of `--config FILE.yaml`; return resolved values."""
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config")
     config_path = pre.parse_known_args(argv)[0].config
-    parser = build_parser()
+    parser = build_parser(family)
     if config_path:
         actions, where = _actions(parser), f"--config {config_path}"
         spellings = {o[2:].replace("-", "_"): dest for dest, a in actions.items() for o in a.option_strings}
@@ -116,11 +140,13 @@ def parse_config(argv=None) -> argparse.Namespace:
                 raise ConfigError(f"{where}: key 'config' is not allowed; a config file cannot include another one")
             if key not in actions:
                 close = difflib.get_close_matches(key, list(actions), n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else "; see train_sdxl.py --help for valid names"
+                hint = f"; did you mean {close[0]!r}?" if close else f"; see {parser.prog} --help for valid names"
                 raise ConfigError(f"{where}: unknown key {key!r}{hint}")
             actions[key].default = _yaml_value(actions[key], key, value, where)
             actions[key].required = False
-    return _resolve(parser.parse_args(argv))
+    args = _resolve(parser.parse_args(argv))
+    vars(args).pop("config")  # the file's values are in; it is not a setting of the run
+    return args
 
 
 def _is_url(value: str) -> bool:
@@ -136,11 +162,11 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the derived defaults in place, so the saved config states what the run really used."""
     if vars(args).pop("use_lora") and os.environ.get("RANK", "0") == "0":  # the original scripts' flag
         print("note: --use_lora does nothing: this trainer always trains a LoRA", file=sys.stderr)
-    for name in PATH_FLAGS:
+    for name in (name for name, f in table().items() if f.metadata["path"]):
         value = getattr(args, name)
         if value == "":  # an empty value switches an option off (e.g. a YAML's val_data_dir)
             setattr(args, name, value := None)
-        if value is not None and value != "tiny" and not _is_url(value):
+        if value is not None and not value.startswith("tiny") and not _is_url(value):
             setattr(args, name, os.path.abspath(os.path.expanduser(value)))
     if args.resume_from not in (None, "", "latest"):
         args.resume_from = os.path.abspath(os.path.expanduser(args.resume_from))
@@ -175,26 +201,6 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
 
 # --- Validation: every value, before any model is loaded. ---
 
-# (flags, accepts(value), what they must be)
-RULES = [
-    (("lora_rank", "batch_size", "gradient_accumulation_steps", "num_epochs", "num_validation_images",
-      "log_interval", "eval_num_images"), lambda v: v >= 1, ">= 1"),
-    (("keep_tokens", "num_workers", "save_every_n_epochs", "keep_last", "warmup_steps", "max_nonfinite_steps",
-      "save_interval", "validation_interval", "eval_interval",
-      "weight_decay", "max_grad_norm", "min_snr_gamma", "noise_offset", "conv_rank", "conv_alpha",
-      "multires_noise_iterations", "input_perturbation"), lambda v: v >= 0, ">= 0"),
-    (("learning_rate", "lora_alpha", "adam_epsilon", "logit_std", "prodigy_d_coef"), lambda v: v > 0, "> 0"),
-    (("multires_noise_discount",), lambda v: 0 < v <= 1, "in (0, 1], e.g. 0.3"),
-    (("caption_dropout", "lora_dropout", "adam_beta1", "adam_beta2"), lambda v: 0 <= v < 1, "in [0, 1)"),
-    (("max_bad_fraction",), lambda v: 0 <= v <= 1, "in [0, 1], e.g. 0.05"),
-    (("ema_decay",), lambda v: 0 < v < 1, "in (0, 1), e.g. 0.999"),
-    (("min_timestep", "max_timestep"), lambda v: 0 <= v <= 999, "in [0, 999]"),
-    (("image_size",), lambda v: v >= 2 * SIZE_MULTIPLE and v % SIZE_MULTIPLE == 0,
-     f"a multiple of {SIZE_MULTIPLE}, at least {2 * SIZE_MULTIPLE}, e.g. 512 or 1024"),
-    (("seed",), lambda v: 0 <= v < 2**32, "in [0, 2^32)"),
-    (("max_train_steps",), lambda v: v is None or v >= 1, ">= 1, or left out to train --num_epochs epochs"),
-    (("lr_schedule_total",), lambda v: v is None or v >= 1, ">= 1, or left out to decay over the run's length"),
-]
 
 
 def _check_data(flag: str, value: str) -> None:
@@ -220,14 +226,23 @@ def _check_streamed_length(args: argparse.Namespace) -> None:
              "they are read, so --num_epochs cannot set the run's length: give --max_train_steps N")
 
 
-def _check_models(args: argparse.Namespace) -> None:
-    from sdxl.loading import model_path_problem, vae_path_problem  # here: --help needs no diffusers
+def _check_models(args: argparse.Namespace, family: str) -> None:
+    """The model is there, loadable, and of this trainer's family; the settings are ones that family has."""
+    import families  # here: --help needs no torch
 
-    problem = model_path_problem(args.pretrained_model)
-    if problem:
+    found = families.name_of(args.pretrained_model)
+    if found is not None and found != family:
+        other = families.get(found)
+        fail("pretrained_model", args.pretrained_model, f"is a {other.TITLE} model; train it with {other.SCRIPT}")
+    model = families.get(family)
+    if problem := model.model_problem(args.pretrained_model):
         fail("pretrained_model", args.pretrained_model, problem)
-    if args.vae_model and (problem := vae_path_problem(args.vae_model)):
+    if args.vae_model and (problem := model.vae_problem(args.vae_model)):
         fail("vae_model", args.vae_model, problem)
+    for name, allowed in (("lora_target_mode", model.LORA_MODES), ("prediction_type", model.PREDICTION_TYPES),
+                          ("timestep_sampling", model.TIMESTEP_SAMPLING), ("loss_weighting", model.LOSS_WEIGHTING)):
+        if getattr(args, name) not in allowed:
+            fail(name, getattr(args, name), f"is not one of {model.TITLE}'s: {', '.join(allowed)}")
 
 
 def _check_evaluation(args: argparse.Namespace) -> None:
@@ -291,7 +306,7 @@ def _check_optimizer(args: argparse.Namespace) -> None:
              "--lr_scheduler constant (--warmup_steps still warms up)")
 
 
-def validate(args: argparse.Namespace) -> None:
+def validate(args: argparse.Namespace, family: str = "sdxl") -> None:
     """Check every resolved value; raise ConfigError naming the flag, the value and what to do."""
     for name in ("pretrained_model", "output_dir"):
         if getattr(args, name) is None:
@@ -300,10 +315,10 @@ def validate(args: argparse.Namespace) -> None:
     for name, value in sorted(vars(args).items()):
         if isinstance(value, float) and not math.isfinite(value):
             fail(name, value, "must be a finite number")
-    for names, accepts, what in RULES:
-        for name in names:
-            if not accepts(getattr(args, name)):
-                fail(name, getattr(args, name), f"must be {what}")
+    for name, f in table().items():
+        rule = f.metadata["rule"]
+        if rule is not None and not rule.accepts(getattr(args, name)):
+            fail(name, getattr(args, name), f"must be {rule.what}")
     if args.min_timestep > args.max_timestep:
         fail("min_timestep", args.min_timestep, f"must be <= --max_timestep {args.max_timestep}")
     if args.resume_from is not None and args.resume_from != "latest" and not Path(args.resume_from).is_dir():
@@ -327,7 +342,7 @@ def validate(args: argparse.Namespace) -> None:
     for name in ("output_dir", "cache_dir"):
         if Path(getattr(args, name)).exists() and not Path(getattr(args, name)).is_dir():
             fail(name, getattr(args, name), "is an existing file; give a folder (it is created if missing)")
-    _check_models(args)
+    _check_models(args, family)
     args.device, args.precision = resolve_device(args.device, args.precision)
     _check_optimizer(args)
     prompts_file = _prompts_file(args.validation_prompts)
@@ -345,26 +360,28 @@ def validate(args: argparse.Namespace) -> None:
         check_writable("cache_dir", args.cache_dir)
 
 
-def parse_or_exit(argv=None) -> argparse.Namespace:
+def parse_or_exit(argv=None, family: str = "sdxl") -> argparse.Namespace:
     """parse_config + validate for scripts: a bad value prints `error: <message>` on stderr and exits 2."""
     try:
-        args = parse_config(argv)
-        validate(args)
+        args = parse_config(argv, family)
+        validate(args, family)
     except ConfigError as e:
         sys.exit(print_error(str(e)))
     return args
 
 
-def resolved_config_yaml(args: argparse.Namespace) -> str:
-    """Every flag's resolved value as YAML (sorted), minus the one-off actions resume_from/overwrite_output_dir."""
-    keys = set(_actions(build_parser())) - {"resume_from", "overwrite_output_dir"}
-    values = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k in keys}
-    return ("# Resolved config of train_sdxl.py; reproduce the run with --config this_file\n"
+def resolved_config_yaml(values) -> str:
+    """Every flag's resolved value (a Namespace or `Settings.flat()`) as YAML (sorted), minus the one-off actions
+    resume_from/overwrite_output_dir."""
+    values = vars(values) if isinstance(values, argparse.Namespace) else dict(values)
+    keys = set(table()) - {"resume_from", "overwrite_output_dir"}
+    values = {k: str(v) if isinstance(v, Path) else v for k, v in values.items() if k in keys}
+    return (f"{CONFIG_HEADER}; reproduce the run with --config this_file\n"
             + yaml.safe_dump(values, sort_keys=True, default_flow_style=False, allow_unicode=True))
 
 
-def save_resolved_config(args: argparse.Namespace, output_dir) -> Path:
+def save_resolved_config(values, output_dir) -> Path:
     """Write `resolved_config_yaml` to OUTPUT_DIR/config.yaml (`--config` that file to reproduce the run)."""
     path = Path(output_dir) / "config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    return write_text(path, resolved_config_yaml(args))  # never a half-written config.yaml
+    return write_text(path, resolved_config_yaml(values))  # never a half-written config.yaml

@@ -6,7 +6,7 @@ ratio is closest to its own, is resized to cover the bucket and cropped to it, a
 images of one bucket only so they stack into one tensor.
 
 Everything here is a pure function of its arguments (randomness comes in as a numpy Generator), which
-is what makes the data order reproducible and a resumed run exact (see `training/data_loader.py`).
+is what makes the data order reproducible and a resumed run exact (see training/data/datasets.py).
 """
 
 import math
@@ -17,8 +17,6 @@ import numpy as np
 from PIL import Image
 
 Size = tuple[int, int]  # (h, w), or (top, left) for an offset
-# Training image sizes are multiples of this: the VAE divides by 8 and the UNet halves twice more.
-SIZE_MULTIPLE = 32
 
 
 def make_buckets(resolution: int, step: int = 64, max_ratio: float = 4.0) -> list[Size]:

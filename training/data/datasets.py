@@ -15,10 +15,11 @@ so their order is reproducible only for the same num_workers, and their epochs h
 import hashlib
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from itertools import chain
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -26,7 +27,6 @@ import torch
 from common.errors import DataError
 from common.images import open_rgb
 from training.data.buckets import (
-    SIZE_MULTIPLE,
     closest_bucket,
     cover_size,
     make_buckets,
@@ -41,9 +41,21 @@ from training.data.images import ORDER_STREAM, Augmentation, Example, collate, m
 from training.data.masks import MaskSource, check_masks, is_mask_file, mask_crop, read_mask
 from training.data.scan import ScanResult, find_shards, scan_folder
 from training.data.shards import ShardDataset
+from training.flags import SIZE_MULTIPLE
 from training.loop.signals import ignore_stop_signals
 
 logger = logging.getLogger(__name__)
+
+class TrainingData(Protocol):
+    """What the training loop uses of its data: `FolderDataset` (a scanned folder) or `ShardDataset` (streamed)."""
+
+    records: list | None  # the scanned images with their captions; None for streamed shards
+
+    def batches_per_epoch(self) -> int | None: ...  # None: streamed, an epoch ends when the shards do
+    def epochs(self, num_workers: int = 0, **kwargs) -> Callable[[int, int], Iterator[dict]]: ...
+    def iter_epoch(self, epoch: int, start: int = 0, num_workers: int = 0, **kwargs) -> Iterator[dict]: ...
+    def summary(self) -> dict: ...
+
 
 class EpochBatches:
     """The batch sampler of a FolderDataset's DataLoader: the (epoch, index) pairs of batches start, start + 1, ...
@@ -106,6 +118,9 @@ class FolderDataset(torch.utils.data.Dataset):
     def batches_for_epoch(self, epoch: int) -> list[list[int]]:
         """This rank's batches of the epoch (sample indices), a pure function of (seed, epoch, data, sizes)."""
         return [rank_share(b, self.rank, self.world_size) for b in self.global_batches_for_epoch(epoch)]
+
+    def batches_per_epoch(self) -> int:
+        return len(self)
 
     def __len__(self) -> int:
         """Batches per epoch on this rank."""

@@ -79,7 +79,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
     ):
         self.shards, self.buckets, self.batch_size, self.aug = shards, buckets, batch_size, aug
         self.rank, self.world_size, self.shuffle_buffer = rank, world_size, shuffle_buffer
-        self.epoch = 0
+        self.epoch, self.records = 0, None  # streamed: no scanned records (training/data/datasets.py `TrainingData`)
         if len(shards) < world_size:
             logger.warning("%d shards for %d ranks: each rank reads all shards; write more", len(shards), world_size)
 
@@ -128,6 +128,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
         samples = (e.to_sample() for e in examples)
         for batch in group_by_bucket(samples, lambda s: s["target_size"], self.batch_size):
             yield collate(batch)
+
+    def batches_per_epoch(self) -> None:
+        return None  # an epoch ends when the shards do
 
     def epochs(self, num_workers: int = 0, **kwargs):
         """`iter_epoch` for a whole run (a streamed dataset's workers start again each epoch: set_epoch)."""

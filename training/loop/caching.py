@@ -95,7 +95,7 @@ class LatentCache:
     def fill(self, dataset, vae, device) -> None:
         """Encode every image of a folder dataset (its crop, and the mirror with random flips) in fixed batches
         of one bucket; afterwards the dataset decodes nothing. Other datasets fill as they go (`get`)."""
-        if not self.enabled or not hasattr(dataset, "records"):
+        if not self.enabled or dataset.records is None:
             return
         digests = map_in_threads(lambda r: _digest(Path(r.path).read_bytes()), dataset.records, "hashing images")
         self.files = dict(zip([r.key for r in dataset.records], digests, strict=True))

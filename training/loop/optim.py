@@ -22,35 +22,35 @@ OPTIMIZERS = {"adamw": None, "adamw8bit": ("bitsandbytes", "pip install bitsandb
               "adamw_schedulefree": ("schedulefree", "pip install -e .[recipes]"), "adafactor": None}
 
 
-def make_optimizer(params, args) -> torch.optim.Optimizer:
-    """The optimizer of `args.optimizer` over `params` (tensors, or torch param groups: the text encoders' LoRA has
-    its own lr) (training/config.py has checked its package is there)."""
-    betas, lr = (args.adam_beta1, args.adam_beta2), args.learning_rate
-    if args.optimizer == "adamw8bit":
+def make_optimizer(params, opt) -> torch.optim.Optimizer:
+    """The optimizer of `opt.optimizer` (the run's OptimizerSettings) over `params` (tensors, or torch param groups:
+    the text encoders' LoRA has its own lr) (training/config.py has checked its package is there)."""
+    betas, lr = (opt.adam_beta1, opt.adam_beta2), opt.learning_rate
+    if opt.optimizer == "adamw8bit":
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, eps=args.adam_epsilon, weight_decay=args.weight_decay)
-    if args.optimizer == "prodigy":
+        return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, eps=opt.adam_epsilon, weight_decay=opt.weight_decay)
+    if opt.optimizer == "prodigy":
         from prodigyopt import Prodigy
 
-        return Prodigy(params, lr=lr, betas=betas, eps=args.adam_epsilon, weight_decay=args.weight_decay,
-                       d_coef=args.prodigy_d_coef, use_bias_correction=args.prodigy_use_bias_correction,
-                       safeguard_warmup=args.prodigy_safeguard_warmup)
-    if args.optimizer == "adamw_schedulefree":
+        return Prodigy(params, lr=lr, betas=betas, eps=opt.adam_epsilon, weight_decay=opt.weight_decay,
+                       d_coef=opt.prodigy_d_coef, use_bias_correction=opt.prodigy_use_bias_correction,
+                       safeguard_warmup=opt.prodigy_safeguard_warmup)
+    if opt.optimizer == "adamw_schedulefree":
         from training.loop.schedule_free import AdamWScheduleFree
 
-        optimizer = AdamWScheduleFree(params, lr=lr, betas=betas, eps=args.adam_epsilon,
-                                      weight_decay=args.weight_decay, warmup_steps=args.warmup_steps)
+        optimizer = AdamWScheduleFree(params, lr=lr, betas=betas, eps=opt.adam_epsilon,
+                                      weight_decay=opt.weight_decay, warmup_steps=opt.warmup_steps)
         optimizer.train()
         return optimizer
-    if args.optimizer == "adafactor":
+    if opt.optimizer == "adafactor":
         from transformers.optimization import Adafactor
 
-        return Adafactor(params, lr=lr, eps=(1e-30, 1e-3), weight_decay=args.weight_decay, scale_parameter=False,
+        return Adafactor(params, lr=lr, eps=(1e-30, 1e-3), weight_decay=opt.weight_decay, scale_parameter=False,
                          relative_step=False, warmup_init=False)
     tensors = [p for group in params for p in group["params"]] if isinstance(params[0], dict) else params
     fused = {"fused": True} if all(p.is_cuda for p in tensors) else {}  # a GPU: one kernel for every LoRA tensor
-    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=args.adam_epsilon, weight_decay=args.weight_decay,
+    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=opt.adam_epsilon, weight_decay=opt.weight_decay,
                              **fused)
 
 
@@ -68,11 +68,12 @@ def eval_weights(optimizer):
         optimizer.train()
 
 
-def lr_schedule(args, total: int):
-    """`step -> multiplier` of this run: schedule-free warms up inside the optimizer and has no schedule."""
-    if args.optimizer == "adamw_schedulefree":
+def lr_schedule(opt, total: int):
+    """`step -> multiplier` of this run (`opt`: its OptimizerSettings): schedule-free warms up inside the optimizer
+    and has no schedule."""
+    if opt.optimizer == "adamw_schedulefree":
         return constant
-    return lambda step: lr_multiplier(step, args.warmup_steps, total, args.lr_scheduler)
+    return lambda step: lr_multiplier(step, opt.warmup_steps, total, opt.lr_scheduler)
 
 
 def constant(step: int) -> float:

@@ -17,21 +17,25 @@ from sampling.inference import sample_images
 class TrainingScores:
     """KID (+ CLIP score) of the run's generated images against its real images."""
 
-    def __init__(self, args, device: torch.device):
-        self.args, self.device = args, device
-        self.inception = load_inception(args.inception_weights, device)
-        self.clip = ClipScorer.from_pretrained(args.clip_model, device) if args.clip_model else None
-        self.real = reference_features(args.eval_real_dir or args.data_dir, self.inception, device=device)
-        prompts = args.validation_prompts
-        self.prompts = [prompts[i % len(prompts)] for i in range(args.eval_num_images)]
+    def __init__(self, settings, models, device: torch.device):
+        evaluation = settings.evaluation
+        self.models, self.device = models, device
+        self.size, self.seed = settings.data.image_size, settings.runtime.seed
+        self.inception = load_inception(evaluation.inception_weights, device)
+        self.clip = ClipScorer.from_pretrained(evaluation.clip_model, device) if evaluation.clip_model else None
+        self.real = reference_features(evaluation.eval_real_dir or settings.data.data_dir, self.inception,
+                                       device=device)
+        prompts = evaluation.validation_prompts
+        self.prompts = [prompts[i % len(prompts)] for i in range(evaluation.eval_num_images)]
 
     @torch.no_grad()
-    def __call__(self, unet, vae, texts, text_encoder) -> dict:
+    def __call__(self) -> dict:
         """{"kid_mean", "kid_std", "fid", "clip_score" (with --clip_model)} of this step's LoRA."""
-        embeds, pooled = texts.get(self.prompts, text_encoder)
-        images = sample_images(unet, vae, embeds.to(self.device), pooled.to(self.device),
-                               list(range(len(self.prompts))), height=self.args.image_size,
-                               width=self.args.image_size)
+        m = self.models
+        embeds, pooled = m.texts.get(self.prompts, m.text_encoder)
+        images = sample_images(m.family, m.denoiser, m.vae, m.text_encoder, embeds.to(self.device),
+                               pooled.to(self.device), list(range(len(self.prompts))), height=self.size,
+                               width=self.size, scheduler_config=m.scheduler_config)
         scores = score_images(images, self.real, self.inception, clip=self.clip,
-                              prompts=self.prompts if self.clip else None, device=self.device, seed=self.args.seed)
+                              prompts=self.prompts if self.clip else None, device=self.device, seed=self.seed)
         return {k: v for k, v in scores.items() if k in ("kid_mean", "kid_std", "fid", "clip_score")}

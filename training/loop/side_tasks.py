@@ -18,6 +18,7 @@ from lora.text_encoders import text_encoder_lora_state_dict
 from sampling.grid_labels import label_grid
 from sampling.inference import sample_grid
 from training.config import resolved_config_yaml
+from training.flags import Settings
 from training.loop.ema import EMA
 from training.loop.loss import validation_loss
 from training.loop.scoring import TrainingScores
@@ -31,34 +32,36 @@ class SideTasks:
     """What the loop does besides training, on rank 0 (other ranks wait at a barrier): the validation loss,
     sample grids and scores (--eval_interval), checkpoints, the best checkpoint, the final LoRA files."""
 
-    def __init__(self, args, world, models, val_data, log: MetricsLog | None, ema: EMA | None,
-                 loss_kwargs: dict, state_of, run_info: tuple[dict, float]):
-        self.args, self.world, self.models, self.val_data, self.log, self.ema = args, world, models, val_data, log, ema
-        self.loss_kwargs, self.state_of, self.output_dir = loss_kwargs, state_of, Path(args.output_dir)
+    def __init__(self, settings: Settings, world, models, val_data, log: MetricsLog | None, ema: EMA | None,
+                 autocast_dtype, state_of, run_info: tuple[dict, float]):
+        self.settings, self.evaluation = settings, settings.evaluation
+        self.world, self.models, self.val_data, self.log, self.ema = world, models, val_data, log, ema
+        self.autocast_dtype, self.state_of = autocast_dtype, state_of
+        self.output_dir = Path(settings.checkpoints.output_dir)
         self.dataset_info, self.started_at = run_info  # for the LoRA files' ss_* / modelspec.* metadata
-        self.scores = TrainingScores(args, world.device) if args.eval_interval and world.main else None
+        self.scores = TrainingScores(settings, models, world.device) if self.evaluation.eval_interval and world.main \
+            else None
 
     def due(self, step: int) -> bool:
         """Whether an optimizer step is followed by a validation (loss, grid) or an evaluation (scores)."""
         return any(interval and step % interval == 0
-                   for interval in (self.args.validation_interval, self.args.eval_interval))
+                   for interval in (self.evaluation.validation_interval, self.evaluation.eval_interval))
 
     def validate(self, loop: LoopState, last: bool = False) -> None:
         """Validation loss (fixed timesteps and noise) and a sample grid of the validation prompts, at validation
         steps; KID (+ CLIP score) at evaluation steps; the first and last step have both. EMA weights are used."""
-        args, models, step = self.args, self.models, loop.step
+        args, models, step = self.evaluation, self.models, loop.step
         if not self.world.main:
             return  # the other ranks wait in the next gradient all-reduce
         validating = last or step == 0 or (args.validation_interval and step % args.validation_interval == 0)
         evaluating = self.scores is not None and (last or step % args.eval_interval == 0)
-        models.unet.eval()
-        models.text_encoder.eval()
+        models.set_training(False)
         with self.ema.applied() if self.ema else nullcontext():
             if validating and self.val_data is not None:
                 tqdm.write(f"step {step}: validation loss ...")
-                loss = validation_loss(lambda b: models.encode(b, self.world.device), models.unet, self.val_data,
-                                       seed=args.seed, min_timestep=args.min_timestep, max_timestep=args.max_timestep,
-                                       **self.loss_kwargs)
+                loss = validation_loss(lambda b: models.encode(b, self.world.device), models.predictor(),
+                                       models.objective, self.val_data, seed=self.settings.runtime.seed,
+                                       autocast_dtype=self.autocast_dtype)
                 self.log.log({"step": step, "val_loss": loss})
                 tqdm.write(f"step {step}: validation loss {loss:.6g}")
                 self.keep_if_best(loop, "val_loss", loss)
@@ -66,20 +69,21 @@ class SideTasks:
                 self.sample_grid(step)
             if evaluating:
                 tqdm.write(f"step {step}: scoring {args.eval_num_images} generated images ...")
-                scores = self.scores(models.unet, models.vae, models.texts, models.text_encoder)
+                scores = self.scores()
                 self.log.log({"step": step, **scores})
                 self.keep_if_best(loop, "kid", scores.get("kid_mean", math.inf))
-        models.unet.train()
-        models.text_encoder.train()  # a no-op unless its LoRA trains
+        models.set_training(True)
 
     def sample_grid(self, step: int) -> None:
         """samples/step_XXXXXX.png: a row per validation prompt, its images seeded 0, 1, ..., labelled."""
-        args, models, device = self.args, self.models, self.world.device
+        args, models, device = self.evaluation, self.models, self.world.device
         prompts, seeds = args.validation_prompts, list(range(args.num_validation_images))
         tqdm.write(f"step {step}: sampling {len(prompts)} prompts x {len(seeds)} images ...")
         embeds, pooled = models.texts.get(prompts, models.text_encoder)
-        grid = sample_grid(models.unet, models.vae, embeds.to(device), pooled.to(device),
-                           images_per_prompt=len(seeds), height=args.image_size, width=args.image_size)
+        size = self.settings.data.image_size
+        grid = sample_grid(models.family, models.denoiser, models.vae, models.text_encoder, embeds.to(device),
+                           pooled.to(device), images_per_prompt=len(seeds), height=size, width=size,
+                           scheduler_config=models.scheduler_config)
         grid = label_grid(grid, prompts, seeds)
         path = self.output_dir / "samples" / f"step_{step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -89,7 +93,7 @@ class SideTasks:
 
     def keep_if_best(self, loop: LoopState, metric: str, score: float) -> None:
         """--keep_best: a score lower than every earlier one replaces checkpoints/best/ (rank 0 only)."""
-        if self.args.keep_best != metric or not score < loop.best_score:
+        if self.evaluation.keep_best != metric or not score < loop.best_score:
             return
         loop.best_score, loop.best_step = score, loop.step
         self._write(loop, name="best", metadata={"sdxl_lora.best_metric": metric, "sdxl_lora.best_score": repr(score),
@@ -97,15 +101,17 @@ class SideTasks:
         tqdm.write(f"step {loop.step}: best {metric} so far ({score:.6g}), saved checkpoints/best")
 
     def run_info(self, step: int) -> dict[str, str]:
-        return self.dataset_info | run_metadata(vars(self.args), step, self.started_at, time.time())
+        return self.dataset_info | run_metadata(self.settings.flat(), step, self.started_at, time.time())
 
     def _write(self, loop: LoopState, metadata: dict | None = None, **kwargs) -> Path:
+        models = self.models
         try:
-            lora = lora_state_dict(self.models.unet) | text_encoder_lora_state_dict(self.models.text_encoder)
+            lora = lora_state_dict(models.denoiser) | text_encoder_lora_state_dict(models.text_encoder)
             return save_checkpoint(self.output_dir, loop.step, lora, self.state_of(loop),
-                                   resolved_config_yaml(self.args), self.models.lora_config,
+                                   resolved_config_yaml(self.settings.flat()), models.lora_config,
                                    ema=self.ema.state_dict() if self.ema else None,
-                                   metadata=self.run_info(loop.step) | (metadata or {}), **kwargs)
+                                   metadata=self.run_info(loop.step) | (metadata or {}),
+                                   names=models.family.lora_names(self.settings.model.pretrained_model), **kwargs)
         except CheckpointError as e:  # non-finite weights; a disk error (WriteError) goes to the caller
             raise TrainingError(str(e)) from e
 
@@ -113,7 +119,7 @@ class SideTasks:
         """checkpoints/step_XXXXXX (rank 0 writes, every rank waits for it)."""
         path = self.output_dir / "checkpoints" / checkpoint_name(loop.step)
         if self.world.main:
-            path = self._write(loop, keep_last=self.args.keep_last)
+            path = self._write(loop, keep_last=self.settings.checkpoints.keep_last)
             tqdm.write(f"saved checkpoint {path}")
         self.world.barrier()
         return path
@@ -121,18 +127,20 @@ class SideTasks:
     def save_final(self, loop: LoopState) -> Path:
         """lora_final.safetensors (the EMA weights with --use_ema) in --save_format, and lora_best.safetensors
         from checkpoints/best with --keep_best."""
-        final, args = self.output_dir / "lora_final.safetensors", self.args
-        metadata = {"sdxl_lora.training": resolved_config_yaml(args), **self.run_info(loop.step)}
+        final, models, settings = self.output_dir / "lora_final.safetensors", self.models, self.settings
+        save_format = settings.checkpoints.save_format
+        metadata = {"sdxl_lora.training": resolved_config_yaml(settings.flat()), **self.run_info(loop.step)}
         if self.world.main:
             with self.ema.applied() if self.ema else nullcontext():
-                save_lora(self.models.unet, final, self.models.lora_config, format=args.save_format, metadata=metadata,
-                          text_encoder=self.models.text_encoder)
+                save_lora(models.denoiser, final, models.lora_config,
+                          models.family.lora_names(settings.model.pretrained_model), format=save_format,
+                          metadata=metadata, text_encoder=models.text_encoder)
             best = self.output_dir / "checkpoints" / "best"
-            if args.keep_best != "none" and (best / "COMPLETE").is_file():
+            if self.evaluation.keep_best != "none" and (best / "COMPLETE").is_file():
                 checkpoint = load_checkpoint(best)
                 weights = checkpoint_lora(checkpoint, ema=checkpoint.ema is not None)
                 weights.metadata |= {k: v for k, v in checkpoint.metadata.items() if k.startswith("sdxl_lora.best_")}
-                write_lora(weights, self.output_dir / "lora_best.safetensors", format=args.save_format)
+                write_lora(weights, self.output_dir / "lora_best.safetensors", format=save_format)
         self.world.barrier()
         return final
 

@@ -26,11 +26,12 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import families
 from common.errors import CheckpointError, WriteError
 from common.files import atomic_write, reason_of, remove_stale_temporaries, write_text
-from lora.files import LoRAWeights, check_fits, peft_tensors, state_dict_from_peft
+from lora.files import LoRANames, LoRAWeights, check_fits, peft_tensors, state_dict_from_peft
 from lora.layer import LoRAConfig
-from lora.reading import unet_config_of
+from training.flags import later_defaults, must_match
 from training.run.metadata import is_run_key
 
 logger = logging.getLogger(__name__)
@@ -38,22 +39,10 @@ logger = logging.getLogger(__name__)
 SCHEMA_VERSION = 2  # 1: LoRA under our own key names, RNG states partly saved (upgraded on load)
 MARKER = "COMPLETE"
 FILES = {"lora": "lora.safetensors", "ema": "ema.safetensors", "state": "training_state.pt", "config": "config.yaml"}
-# Settings that change what a resumed run computes: they must equal the checkpoint's.
-# May differ: max_train_steps / num_epochs (the LR schedule's length), saving, validation, logging, caching, device.
-MUST_MATCH = (
-    "pretrained_model", "vae_model", "data_dir", "image_size", "bucketing", "center_crop", "random_flip",
-    "caption_dropout", "shuffle_tags", "keep_tokens", "batch_size", "gradient_accumulation_steps", "seed",
-    "lora_rank", "lora_alpha", "lora_dropout", "lora_target_mode", "conv_rank", "conv_alpha", "use_dora",
-    "precision", "prediction_type",
-    "min_snr_gamma", "noise_offset", "min_timestep", "max_timestep", "optimizer", "learning_rate", "weight_decay",
-    "adam_beta1", "adam_beta2", "adam_epsilon", "lr_scheduler", "warmup_steps", "max_grad_norm", "use_ema",
-    "ema_decay",
-    "timestep_sampling", "logit_mean", "logit_std", "mode_scale", "loss_weighting", "multires_noise_iterations",
-    "multires_noise_discount", "input_perturbation", "prodigy_d_coef", "prodigy_use_bias_correction",
-    "prodigy_safeguard_warmup", "dataset_config", "caption_extension", "caption_prefix", "caption_suffix",
-    "keep_tokens_separator", "masked_loss", "mask_dir", "alpha_mask", "train_text_encoder", "text_encoder_lr",
-    "text_encoder_target_mode",
-)
+# Settings that change what a resumed run computes must equal the checkpoint's: the flags marked `must_match` in
+# training/flags.py. May differ: max_train_steps / num_epochs (the LR schedule's length), saving, validation,
+# logging, caching, device.
+MUST_MATCH = must_match()
 RUN_OUTPUTS = ("checkpoints", "samples", "metrics.jsonl", "lora_final.safetensors", "lora_best.safetensors")
 
 
@@ -69,10 +58,12 @@ def _remove(folder: Path) -> None:
 
 def save_checkpoint(output_dir, step: int, lora: dict, state: dict, config_yaml: str, lora_config: LoRAConfig,
                     ema: dict | None = None, keep_last: int = 0, name: str | None = None,
-                    metadata: dict[str, str] | None = None) -> Path:
+                    metadata: dict[str, str] | None = None, names: LoRANames | None = None) -> Path:
     """Write checkpoints/step_{step:06d}/ (or checkpoints/NAME/, e.g. `best`) atomically and return its path;
-    then keep only the newest `keep_last` step_* folders (0 = all). `metadata`: extra entries of its LoRA files.
+    then keep only the newest `keep_last` step_* folders (0 = all). `metadata`: extra entries of its LoRA files;
+    `names`: the base model's LoRA names (their peft prefix and family; default SDXL's `unet`).
     Refuses non-finite tensors; a disk error (WriteError) leaves earlier checkpoints intact (`what_is_intact`)."""
+    prefix, family = (names.peft_prefix, names.family) if names is not None else ("unet", "sdxl")
     bad = [k for k, v in {**lora, **(ema or {})}.items() if not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(f"not saving a checkpoint at step {step}: non-finite values in {bad[0]}")
@@ -80,11 +71,11 @@ def save_checkpoint(output_dir, step: int, lora: dict, state: dict, config_yaml:
     final = root / (name or checkpoint_name(step))
 
     def write(folder: Path) -> None:
-        tensors, lora_metadata = peft_tensors(lora, lora_config)
+        tensors, lora_metadata = peft_tensors(lora, lora_config, prefix, family)
         metadata_ = {**lora_metadata, **(metadata or {})}
         save_file(tensors, folder / FILES["lora"], metadata=metadata_)
         if ema is not None:
-            save_file(peft_tensors(ema, lora_config)[0], folder / FILES["ema"], metadata=metadata_)
+            save_file(peft_tensors(ema, lora_config, prefix, family)[0], folder / FILES["ema"], metadata=metadata_)
         torch.save({"schema_version": SCHEMA_VERSION, **state}, folder / FILES["state"])
         (folder / FILES["config"]).write_text(config_yaml, encoding="utf-8")
         (folder / MARKER).write_text(f"schema_version: {SCHEMA_VERSION}\nstep: {step}\n")  # last
@@ -229,8 +220,9 @@ def settings_differences(saved: dict, current: dict, keys=MUST_MATCH) -> list[st
 
 
 def start_or_resume(args, clear: bool = True) -> Checkpoint | None:
-    """The checkpoint `--resume_from` names (None: a fresh run). A fresh run never silently replaces a previous
-    run's outputs: it needs --overwrite_output_dir, which deletes them (only where `clear`: rank 0)."""
+    """The checkpoint `--resume_from` names (None: a fresh run; `args`: the CheckpointSettings). A fresh run never
+    silently replaces a previous run's outputs: it needs --overwrite_output_dir, which deletes them (only where
+    `clear`: rank 0)."""
     output_dir = Path(args.output_dir)
     if args.resume_from == "latest":
         checkpoint = find_latest(output_dir)
@@ -268,24 +260,17 @@ def start_or_resume(args, clear: bool = True) -> Checkpoint | None:
 
 
 def with_later_settings(config: dict) -> dict:
-    """A checkpoint's config.yaml from before a setting existed: the run used its default (and Min-SNR was on
-    when min_snr_gamma > 0)."""
-    later = {"timestep_sampling": "uniform", "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29,
-             "loss_weighting": "min_snr" if config.get("min_snr_gamma") else "none", "multires_noise_iterations": 0,
-             "multires_noise_discount": 0.3, "input_perturbation": 0.0, "prodigy_d_coef": 1.0,
-             "prodigy_use_bias_correction": False, "prodigy_safeguard_warmup": False, "dataset_config": None,
-             "caption_extension": ".txt", "caption_prefix": "", "caption_suffix": "", "keep_tokens_separator": "",
-             "masked_loss": False, "mask_dir": None, "alpha_mask": False, "conv_rank": 0, "conv_alpha": 0.0,
-             "use_dora": False, "train_text_encoder": False, "text_encoder_lr": None,
-             "text_encoder_target_mode": "attention"}
-    return {**later, **config}
+    """A checkpoint's config.yaml from before a setting existed: the run used the value the flag table records as
+    its `since` (training/flags.py; Min-SNR was on when min_snr_gamma > 0)."""
+    return {**later_defaults(config), **config}
 
 
-def check_resumable(checkpoint: Checkpoint, args, data_fingerprint: str) -> None:
-    """Refuse to resume with settings or data that would change the result; the message lists every difference."""
-    diffs = settings_differences(checkpoint.config, vars(args))
+def check_resumable(checkpoint: Checkpoint, config: dict, data_fingerprint: str, data_dir) -> None:
+    """Refuse to resume with settings (`config`: the run's flags, flat) or data that would change the result; the
+    message lists every difference."""
+    diffs = settings_differences(checkpoint.config, config)
     if checkpoint.state.get("data_fingerprint", "") != data_fingerprint:
-        diffs.append(f"the images or captions in {args.data_dir} changed since the checkpoint")
+        diffs.append(f"the images or captions in {data_dir} changed since the checkpoint")
     if diffs:
         raise CheckpointError(f"cannot resume from {checkpoint.path} exactly: " + "; ".join(diffs) + " (use the "
                               f"checkpoint's settings: --config {checkpoint.path / FILES['config']})")
@@ -317,7 +302,8 @@ def checkpoint_lora(checkpoint: Checkpoint, ema: bool = False, base: str | None 
         raise ValueError(f"checkpoint {checkpoint.path} has no EMA weights (the run did not use --use_ema); "
                          "leave out --ema")
     lora, cfg = checkpoint.lora_config, checkpoint.config
-    name, config = unet_config_of(base or cfg.get("pretrained_model", "sdxl"))
+    family = families.get(checkpoint.metadata.get("sdxl_lora.family", "sdxl"))  # before families: SDXL
+    names = family.lora_names(base or cfg.get("pretrained_model", family.LORA_BASES[0]))
     names = sorted({k.rpartition(".lora_")[0] for k in sd if ".lora_" in k})
     modules = {}
     for n in names:
@@ -332,7 +318,7 @@ def checkpoint_lora(checkpoint: Checkpoint, ema: bool = False, base: str | None 
         "ss_steps": str(checkpoint.state["step"]), "ss_seed": str(cfg.get("seed")),
         "ss_learning_rate": str(cfg.get("learning_rate")),
     } | {k: v for k, v in checkpoint.metadata.items() if is_run_key(k)}  # the run's ss_* / modelspec.* entries
-    weights = LoRAWeights(modules, metadata, name, config, f"checkpoint {'EMA' if ema else 'LoRA'}", magnitudes)
+    weights = LoRAWeights(modules, metadata, names, f"checkpoint {'EMA' if ema else 'LoRA'}", magnitudes)
     check_fits(weights)  # shapes against the base: a clear error now rather than a broken file later
     return weights
 

@@ -17,7 +17,8 @@ from pathlib import Path
 from common.errors import CheckpointError, NoCheckpoint
 from training.run.checkpoints import FILES, MARKER, Checkpoint, find_latest, load_checkpoint, settings_differences
 
-CONFIG_HEADER = "# Resolved config of train_sdxl.py"  # first line of OUTPUT_DIR/config.yaml (training/config.py)
+# the first line of OUTPUT_DIR/config.yaml (training/config.py), now and before the families
+CONFIG_HEADERS = ("# Resolved config of a LoRA training run", "# Resolved config of train_sdxl.py")
 TRAIN_SCRIPT = Path(__file__).resolve().parent.parent / "train_sdxl.py"
 
 
@@ -44,7 +45,7 @@ def output_dir_of(path) -> Path:
         raise CheckpointError(f"{path} is a checkpoint folder; give its run folder {path.parent.parent} (the one "
                               "holding checkpoints/)")
     config = path / FILES["config"]
-    ours = config.is_file() and config.read_text(encoding="utf-8", errors="replace").startswith(CONFIG_HEADER)
+    ours = config.is_file() and config.read_text(encoding="utf-8", errors="replace").startswith(CONFIG_HEADERS)
     if (path / "checkpoints").is_dir() or ours:
         return path
     raise CheckpointError(f"{path} is not a training output folder (it has no checkpoints/ folder and no config.yaml "
@@ -83,11 +84,13 @@ def human_size(n: int) -> str:
 
 
 def effective_batch(batch: int | None, accumulation: int, processes: int | None) -> str:
-    """`B x A accumulation x P processes = N images per step`; P is unknown in checkpoints before it was saved."""
+    """`N images per step (batch_size B x accumulation A x P processes)`: the images of one optimizer step; P is
+    unknown in checkpoints written before it was recorded."""
     if batch is None or processes is None:
-        return f"{batch or '?'} x {accumulation} accumulation x ? processes (not recorded in this checkpoint)"
-    return (f"{batch} x {accumulation} accumulation x {processes} process{'es' * (processes != 1)} = "
-            f"{batch * accumulation * processes} images per step")
+        return (f"? images per step (batch_size {batch or '?'} x accumulation {accumulation} x ? processes: not "
+                "recorded in this checkpoint)")
+    return (f"{batch * accumulation * processes} images per step (batch_size {batch} x accumulation {accumulation} "
+            f"x {processes} process{'es' * (processes != 1)})")
 
 
 def describe(checkpoint: Checkpoint) -> str:

@@ -36,14 +36,15 @@ def training_state(loop: LoopState, optimizer, scheduler, scaler, data_fingerpri
             "data_fingerprint": data_fingerprint}
 
 
-def restore(checkpoint: Checkpoint, unet, optimizer, scheduler, scaler, ema, schedule,
+def restore(checkpoint: Checkpoint, denoiser, optimizer, scheduler, scaler, ema, schedule,
             batches_per_epoch: int | None, text_encoder=None) -> LoopState:
     """Put a checkpoint's LoRA (and EMA) weights, optimizer, LR schedule, grad scaler and RNG states back;
     return where its loop stood. `schedule(step)` is this run's LR multiplier (--max_train_steps may differ).
-    `text_encoder`: the run's SDXLTextEncoder, whose LoRA (--train_text_encoder) is in the checkpoint too."""
+    `text_encoder`: the run's text encoder when its LoRA trains (--train_text_encoder; it is in the checkpoint
+    too), else None."""
     st = checkpoint.state
-    load_lora_state_dict(unet, {k: v for k, v in checkpoint.lora.items() if not is_text_encoder_name(k)})
-    if text_encoder is not None and text_encoder.trains:
+    load_lora_state_dict(denoiser, {k: v for k, v in checkpoint.lora.items() if not is_text_encoder_name(k)})
+    if text_encoder is not None:
         load_text_encoder_lora_state_dict(text_encoder,
                                           {k: v for k, v in checkpoint.lora.items() if is_text_encoder_name(k)})
     if ema is not None:

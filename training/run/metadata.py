@@ -19,7 +19,7 @@ PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v"}  # ours -> the mo
 
 def dataset_metadata(data, data_dir) -> dict[str, str]:
     """ss_num_train_images, and for a folder dataset the caption tags (comma-separated) per folder."""
-    records = getattr(data, "records", None)
+    records = data.records
     meta = {"ss_num_train_images": str(data.summary()["num_images"] if records is None else len(records))}
     if records is not None:
         folder = Path(str(data_dir)).name

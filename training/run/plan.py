@@ -27,9 +27,10 @@ def check_not_finished(checkpoint, total_steps: int) -> None:
                               f"--max_train_steps {2 * step})")
 
 
-def schedule_total(args, total_steps: int) -> int:
-    """The number of steps the LR schedule runs over: --lr_schedule_total, else the run's length."""
-    return args.lr_schedule_total or total_steps
+def schedule_total(opt, total_steps: int) -> int:
+    """The number of steps the LR schedule runs over (`opt`: the OptimizerSettings): --lr_schedule_total, else the
+    run's length."""
+    return opt.lr_schedule_total or total_steps
 
 
 def checkpoint_schedule_total(config: dict, batches_per_epoch: int | None) -> int | None:
@@ -41,14 +42,15 @@ def checkpoint_schedule_total(config: dict, batches_per_epoch: int | None) -> in
     return config["num_epochs"] * math.ceil(batches_per_epoch / config.get("gradient_accumulation_steps", 1))
 
 
-def schedule_note(checkpoint, args, total: int, batches_per_epoch: int | None) -> str | None:
-    """What resuming does to a decaying LR schedule whose length differs from the checkpoint's, or None."""
+def schedule_note(checkpoint, opt, total: int, batches_per_epoch: int | None) -> str | None:
+    """What resuming does to a decaying LR schedule whose length differs from the checkpoint's, or None (`opt`:
+    the run's OptimizerSettings)."""
     old = checkpoint_schedule_total(checkpoint.config, batches_per_epoch)
-    if args.lr_scheduler == "constant" or old is None or old == total:
+    if opt.lr_scheduler == "constant" or old is None or old == total:
         return None
-    step, lr = checkpoint.state["step"], args.learning_rate
-    was = lr * lr_multiplier(step, args.warmup_steps, old, args.lr_scheduler)
-    now = lr * lr_multiplier(step, args.warmup_steps, total, args.lr_scheduler)
-    return (f"note: the {args.lr_scheduler} LR schedule is recomputed over {total} steps (the checkpoint's ran over "
+    step, lr = checkpoint.state["step"], opt.learning_rate
+    was = lr * lr_multiplier(step, opt.warmup_steps, old, opt.lr_scheduler)
+    now = lr * lr_multiplier(step, opt.warmup_steps, total, opt.lr_scheduler)
+    return (f"note: the {opt.lr_scheduler} LR schedule is recomputed over {total} steps (the checkpoint's ran over "
             f"{old}): the learning rate of step {step + 1} is {now:.4g}, where the old schedule had {was:.4g}; "
             f"--lr_schedule_total {old} keeps the old schedule (README: 'Extending a finished run')")
