@@ -108,24 +108,32 @@ def convert(fn, sd, *args, path):
         raise ValueError(f"{path} is not an SD3 checkpoint: {e.args[0]}") from e
 
 
-def load_transformer(path, dtype=torch.float32, device="cpu") -> SD3Transformer:
+def read_transformer_config(folder: Path):
+    try:
+        return config_from_diffusers(json.loads((folder / "config.json").read_text()))
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"{folder / 'config.json'}: {e}") from e
+
+
+def load_transformer(path, dtype=torch.float32, device="cpu", config_path=None) -> SD3Transformer:
     """Our MMDiT from a diffusers SD3 folder (or its transformer/ folder), an SAI single file, or "tiny-sd3";
-    frozen, in eval mode. Call it as `model(latents, text_tokens, pooled, timestep)` (sd3/mmdit.py)."""
+    frozen, in eval mode. Call it as `model(latents, text_tokens, pooled, timestep)` (sd3/mmdit.py).
+
+    A single file's config is read from its shapes, or from `config_path`'s transformer/config.json if given (the
+    shapes do not tell the head width of a model without qk-norm; every SAI model's is 64)."""
     path = resolve_model_path(path)
     if path.is_file():
         sd = read_single_file(path, "transformer")
         try:
-            config = config_from_sai(sd)
+            config = config_from_sai(sd) if config_path is None else \
+                read_transformer_config(component(resolve_model_path(config_path), "transformer"))
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from e
         sd, source = convert(sai.transformer_sai_to_diffusers, sd, path=path), path
     else:
         folder = path if (path / "config.json").is_file() and not (path / "model_index.json").is_file() \
             else component(path, "transformer")
-        try:
-            config = config_from_diffusers(json.loads((folder / "config.json").read_text()))
-        except (ValueError, KeyError) as e:
-            raise ValueError(f"{folder / 'config.json'}: {e}") from e
+        config = read_transformer_config(folder)
         files = find_weights(folder, "diffusion_pytorch_model")
         sd, source = read_safetensors(files), files[0]
     with torch.device("meta"):
