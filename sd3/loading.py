@@ -26,7 +26,7 @@ from diffusion.vae import LatentVAE
 from sd3 import sai
 from sd3.configs import SD3_SCHEDULER_CONFIG, SD3_VAE_CONFIG, config_from_diffusers, config_from_sai
 from sd3.mmdit import SD3Transformer
-from sd3.text_encoders import MAX_SEQUENCE_LENGTH, SD3TextEncoder, joint_attention_dim, load_pretrained
+from sd3.text_encoders import MAX_SEQUENCE_LENGTH, SD3TextEncoder, load_pretrained, read_joint_attention_dim
 from sd3.tiny import tiny_sd3_path
 
 TINY = "tiny-sd3"
@@ -198,7 +198,7 @@ def load_text_encoder(path, dtype=torch.float32, device="cpu", t5: bool = True,
                   T5TokenizerFast.from_pretrained(str(root / "tokenizer_3"), local_files_only=True) if t5 else None]
     text_encoder_3 = encoders[2] if t5 else None
     return SD3TextEncoder(*tokenizers, encoders[0], encoders[1], text_encoder_3, max_sequence_length,
-                          joint_attention_dim(root)).to(device)
+                          read_joint_attention_dim(root)).to(device)
 
 
 def rebuild_buffers(model: torch.nn.Module) -> torch.nn.Module:

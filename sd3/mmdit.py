@@ -189,14 +189,18 @@ class Attention(nn.Module):
         self.heads = heads
         if qk_norm not in (None, "rms_norm"):
             raise ValueError(f"qk_norm {qk_norm!r} is not supported; SD3 uses None, SD 3.5 'rms_norm'")
-        norm = (lambda: RMSNorm(head_dim)) if qk_norm else (lambda: None)  # noqa: E731
-        self.norm_q, self.norm_k = norm(), norm()  # registration order = diffusers' state_dict order
-        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, heads * head_dim) for _ in range(3))
+        inner = heads * head_dim
+        # registered in diffusers' order, so that state_dict() lists the keys as diffusers does
+        self.norm_q = RMSNorm(head_dim) if qk_norm else None
+        self.norm_k = RMSNorm(head_dim) if qk_norm else None
+        self.to_q, self.to_k, self.to_v = nn.Linear(dim, inner), nn.Linear(dim, inner), nn.Linear(dim, inner)
         if joint:
-            self.add_k_proj, self.add_v_proj, self.add_q_proj = (nn.Linear(dim, heads * head_dim) for _ in range(3))
-        self.to_out = nn.ModuleList([nn.Linear(heads * head_dim, dim), nn.Dropout(0.0)])
-        self.to_add_out = nn.Linear(heads * head_dim, dim) if joint and not pre_only else None
-        self.norm_added_q, self.norm_added_k = (norm(), norm()) if joint else (None, None)
+            self.add_k_proj, self.add_v_proj, self.add_q_proj = (nn.Linear(dim, inner), nn.Linear(dim, inner),
+                                                                 nn.Linear(dim, inner))
+        self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(0.0)])
+        self.to_add_out = nn.Linear(inner, dim) if joint and not pre_only else None
+        self.norm_added_q = RMSNorm(head_dim) if qk_norm and joint else None
+        self.norm_added_k = RMSNorm(head_dim) if qk_norm and joint else None
 
     def heads_of(self, x, linear, norm):
         b, n, _ = x.shape
@@ -262,11 +266,11 @@ class JointTransformerBlock(nn.Module):
         # 1. modulation vectors of both streams
         normed, mods = self.norm1(x, temb)
         shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = mods[:6]
-        if self.pre_only:
+        if self.pre_only:  # the text only feeds this block's attention
             c_in = self.norm1_context(context, temb)
         else:
-            c_normed, (c_shift, c_scale, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp) = self.norm1_context(context,
-                                                                                                           temb)
+            c_normed, c_mods = self.norm1_context(context, temb)
+            c_shift, c_scale, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = c_mods
             c_in = modulate(c_normed, c_shift, c_scale)
 
         # 2. joint attention, gated residuals

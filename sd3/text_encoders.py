@@ -76,7 +76,7 @@ class SD3TextEncoder(torch.nn.Module):
             tokenizer_3 = T5TokenizerFast.from_pretrained(str(root / "tokenizer_3"), local_files_only=True)
             text_encoder_3 = load_pretrained(T5EncoderModel, root / "text_encoder_3", dtype)
         return cls(tokenizer, tokenizer_2, tokenizer_3, *encoders, text_encoder_3, max_sequence_length,
-                   joint_attention_dim(root)).to(device)
+                   read_joint_attention_dim(root)).to(device)
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,7 +102,7 @@ class SD3TextEncoder(torch.nn.Module):
         return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1)  # (B, 77 + L_t5, 4096), (B, 2048)
 
 
-def joint_attention_dim(root: Path) -> int:
+def read_joint_attention_dim(root: Path) -> int:
     """The transformer's text width (what zero T5 tokens must have), from transformer/config.json; 4096 if absent."""
     config = root / "transformer" / "config.json"
     return int(json.loads(config.read_text()).get("joint_attention_dim", 4096)) if config.is_file() else 4096
