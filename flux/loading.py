@@ -104,7 +104,7 @@ def load_transformer(path, dtype=torch.float32, device="cpu", config_path=None) 
     transformer/config.json describes it (needed when its heads are not FLUX.1's 128 wide)."""
     path = resolve_model_path(path)
     if path.is_file():
-        config, sd = read_single_file(path, dtype, config_path)
+        config, sd = read_single_file(path, dtype, device, config_path)
     else:
         folder = transformer_folder(path)
         config = read_transformer_config(folder)
@@ -163,8 +163,9 @@ def single_file_config(path: Path, keys, shapes, config_path=None) -> FluxConfig
     return config
 
 
-def read_single_file(path: Path, dtype=torch.float32, config_path=None) -> tuple[FluxConfig, dict]:
-    """(config, state dict in diffusers names at `dtype`) of a single file, read and converted tensor by tensor."""
+def read_single_file(path: Path, dtype=torch.float32, device="cpu", config_path=None) -> tuple[FluxConfig, dict]:
+    """(config, state dict in diffusers names at `dtype` on `device`) of a single file, read, converted and moved
+    tensor by tensor (loading onto a GPU, host memory holds one converted tensor at a time)."""
     keys, shapes = single_file_index(path)
     config = single_file_config(path, keys, shapes, config_path)
     names = _weights(keys)
@@ -175,7 +176,7 @@ def read_single_file(path: Path, dtype=torch.float32, config_path=None) -> tuple
     sd = {}
     with safe_open(path, framework="pt") as f:
         for name in names:
-            t = _read_tensor(f, path, name, keys, dtype)
+            t = _read_tensor(f, path, name, keys, dtype).to(device)
             parts = convert_tensor(name, t, targets[name], config.inner_dim)
             # split parts are views of the fused tensor: copies, so that it is freed now
             sd |= {k: v.clone() if len(parts) > 1 else v for k, v in parts.items()}
