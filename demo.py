@@ -17,7 +17,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 import train_sdxl
-from sampling.inference import SDXLGenerator
+from sampling.inference import ImageGenerator
 from tools.tiny_world import HELD_BACK, caption, dominant_colour, sample_specs
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "tiny_demo.yaml"
@@ -30,7 +30,7 @@ def held_out_prompts(n: int = 32) -> list[str]:
 
 def draw(lora: Path | None, prompts: list[str]) -> list[Image.Image]:
     """The tiny model's pictures of `prompts` (image i seeded i), with the LoRA file merged if given."""
-    gen = SDXLGenerator.from_pretrained("tiny", loras=[(str(lora), 1.0)] if lora else [])
+    gen = ImageGenerator.from_pretrained("tiny", loras=[(str(lora), 1.0)] if lora else [])
     return gen.generate_unique_batch(prompts, list(range(len(prompts))), width=64, height=64, steps=20,
                                      guidance_scale=5.0)
 

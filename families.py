@@ -65,6 +65,7 @@ class Family(Protocol):
     scheduler_config: Callable[[str], dict]  # (path) -> its sampling schedule's config (diffusers' json)
 
     # --- training
+    flag_defaults: Callable[[str], dict]  # (path) -> values of the trainer flags whose default is the model's
     objective: Callable[..., Objective]  # (NoiseSettings, path)
     predict: Callable[..., torch.Tensor]  # (denoiser, x_t, t, embeds, pooled, batch): with its conditioning
     lora_targets: Callable[..., dict[str, tuple[int, float]]]  # (denoiser, LoRAConfig) -> path: (rank, alpha)
@@ -142,3 +143,10 @@ def _bases(name: str) -> tuple[str, ...]:
 
 def all_bases() -> list[str]:
     return [b for name in FAMILIES for b in _bases(name)]
+
+
+def read_lora(path, base: str | None = None):
+    """A LoRA file of any format and family, checked against `base` (see `lora_names`): lora/reading.py."""
+    from lora.reading import read_lora as read
+
+    return read(path, lora_names(base))

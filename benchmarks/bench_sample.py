@@ -1,4 +1,4 @@
-"""Benchmark: our sampler (`sampling.inference.SDXLGenerator`) vs diffusers' `StableDiffusionXLPipeline`.
+"""Benchmark: our sampler (`sampling.inference.ImageGenerator`) vs diffusers' `StableDiffusionXLPipeline`.
 
 Both run in one process on the same UNet and text-encoder tensors (ours takes the pipeline's), the same
 prompt, seeds, scheduler (Euler), steps, guidance, size and batch, from prompt to PIL images (no file
@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harness import add_speed_flags, compile_peer, compile_unet, device_name, seconds, set_up  # noqa: E402,I001
 
-from sampling.inference import SDXLGenerator  # noqa: E402
+import families  # noqa: E402
+from sampling.inference import ImageGenerator  # noqa: E402
 from sdxl.configs import unet_config_from_diffusers, unet_config_to_diffusers  # noqa: E402
 from sdxl.configs import SDXL_SCHEDULER_CONFIG  # noqa: E402
 
@@ -93,7 +94,7 @@ def full_pipeline(device, dtype):
     return pipe.to(device=device, dtype=dtype)
 
 
-def ours_from(pipe) -> SDXLGenerator:
+def ours_from(pipe) -> ImageGenerator:
     """Our generator on the pipeline's UNet and text-encoder tensors (shared, not copied); a fp32 VAE copy."""
     from diffusion.vae import LatentVAE
     from sdxl.text_encoders import SDXLTextEncoder
@@ -104,7 +105,7 @@ def ours_from(pipe) -> SDXLGenerator:
     unet.load_state_dict(pipe.unet.state_dict(), strict=True, assign=True)
     text_encoder = SDXLTextEncoder(pipe.tokenizer, pipe.tokenizer_2, pipe.text_encoder, pipe.text_encoder_2)
     vae = LatentVAE(copy.deepcopy(pipe.vae))  # LatentVAE makes its VAE fp32; the pipeline keeps its own dtype
-    return SDXLGenerator(unet.eval(), text_encoder, vae, dict(pipe.scheduler.config))
+    return ImageGenerator(families.get("sdxl"), unet.eval(), text_encoder, vae, dict(pipe.scheduler.config))
 
 
 def compiled_pipeline(pipe):
@@ -119,14 +120,14 @@ def compiled_pipeline(pipe):
     return compiled
 
 
-def compiled_from(ours: SDXLGenerator) -> SDXLGenerator:
+def compiled_from(ours: ImageGenerator) -> ImageGenerator:
     """`ours` with a second UNet on the same tensors whose blocks are compiled (benchmarks/harness.py)."""
     from sdxl.unet import SDXLUNet
 
     with torch.device("meta"):
-        unet = SDXLUNet(ours.unet.config)
-    unet.load_state_dict(ours.unet.state_dict(), strict=True, assign=True)
-    return SDXLGenerator(compile_unet(unet.eval()), ours.text_encoder, ours.vae, ours.scheduler_config)
+        unet = SDXLUNet(ours.denoiser.config)
+    unet.load_state_dict(ours.denoiser.state_dict(), strict=True, assign=True)
+    return ImageGenerator(ours.family, compile_unet(unet.eval()), ours.text_encoder, ours.vae, ours.scheduler_config)
 
 
 class _MallInfo2(ctypes.Structure):

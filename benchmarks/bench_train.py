@@ -32,8 +32,9 @@ from harness import (  # noqa: E402,I001
 
 from common.runtime import DTYPES  # noqa: E402
 from sdxl.configs import unet_config_to_diffusers  # noqa: E402
-from diffusion.ddpm import alphas_cumprod  # noqa: E402
-from lora.layer import LoRAConfig, apply_lora  # noqa: E402
+from diffusion.ddpm import DDPMObjective, alphas_cumprod  # noqa: E402
+from lora.layer import LoRAConfig  # noqa: E402
+from sdxl.lora import apply_lora  # noqa: E402
 from sdxl.tiny import TINY_UNET_CONFIG  # noqa: E402
 from sdxl.unet import SDXL_CONFIG, SDXLUNet, UNetConfig  # noqa: E402
 from training.loop.loss import diffusion_loss  # noqa: E402
@@ -165,13 +166,14 @@ class Side:
         self.params = [p for p in unet.parameters() if p.requires_grad]
         # fused on CUDA, as the loop: one kernel for all LoRA tensors, no per-tensor launches
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-4, weight_decay=1e-2, fused=device.type == "cuda")
-        self.unet, self.ac = unet, alphas_cumprod().to(device)
+        self.unet, self.objective = unet, DDPMObjective(alphas_cumprod().to(device))
         self.losses = []
 
     def loss(self):
         x = self.x
-        return diffusion_loss(self.unet, x["x0"], x["embeds"], x["pooled"], x["time_ids"], x["t"], x["noise"],
-                              alphas_cumprod=self.ac, autocast_dtype=self.dtype).mean()
+        cond = {"text_embeds": x["pooled"], "time_ids": x["time_ids"]}
+        return diffusion_loss(lambda x_t, t: self.unet(x_t, t, x["embeds"], cond), self.objective, x["x0"], x["t"],
+                              x["noise"], autocast_dtype=self.dtype).mean()
 
     def step(self):
         loss = self.loss()

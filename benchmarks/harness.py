@@ -45,9 +45,10 @@ def device_name(device: torch.device) -> str:
 def compile_unet(unet: nn.Module) -> nn.Module:
     """Our UNet with each ResNet and transformer block compiled in place, as `--compile` of train_sdxl.py and
     generate_images.py does (diffusion/compile.py)."""
+    import families
     from diffusion.compile import compile_blocks
 
-    compile_blocks(unet)
+    compile_blocks(families.get("sdxl").blocks(unet))
     return unet
 
 

@@ -14,11 +14,14 @@ and `FlowMatchEulerDiscreteScheduler` (schedulers/scheduling_flow_match_euler_di
 """
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-DENSITIES = ("uniform", "logit_normal", "mode", "sigmoid")
+from diffusion.timesteps import DENSITIES, sample_density  # noqa: F401 (the densities of this module's objective)
+
 LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
 
 
@@ -47,23 +50,6 @@ def precondition_outputs(model_pred: torch.Tensor, x_t: torch.Tensor, sigmas: to
     return model_pred * (-_per_sample(sigmas, model_pred.ndim).to(model_pred.dtype)) + x_t
 
 
-def sample_density(scheme: str, n: int, generator: torch.Generator | None = None, *, logit_mean: float = 0.0,
-                   logit_std: float = 1.0, mode_scale: float = 1.29, sigmoid_scale: float = 1.0,
-                   device="cpu") -> torch.Tensor:
-    """n draws u in (0, 1), float32: `uniform`; `logit_normal` sigmoid(N(mean, std^2)) (eq. 19); `mode`
-    1 - v - scale (cos^2(pi v / 2) - 1 + v), v ~ U(0, 1) (eq. 20); `sigmoid` sigmoid(scale N(0, 1)) (kohya's
-    FLUX `--timestep_sampling sigmoid`). The first three equal diffusers' `compute_density_for_timestep_sampling`
-    on the same generator."""
-    if scheme == "logit_normal":
-        return torch.sigmoid(torch.normal(logit_mean, logit_std, (n,), generator=generator, device=device))
-    if scheme == "sigmoid":
-        return torch.sigmoid(sigmoid_scale * torch.randn((n,), generator=generator, device=device))
-    if scheme not in DENSITIES:
-        raise ValueError(f"timestep density {scheme!r} is not supported; use one of {', '.join(DENSITIES)}")
-    v = torch.rand((n,), generator=generator, device=device)
-    if scheme == "mode":
-        return 1 - v - mode_scale * (torch.cos(math.pi * v / 2) ** 2 - 1 + v)
-    return v
 
 
 def shift_sigmas(sigmas, shift: float):
@@ -111,6 +97,60 @@ def loss_weights(scheme: str, sigmas: torch.Tensor) -> torch.Tensor:
     if scheme != "none":
         raise ValueError(f"loss weighting {scheme!r} is not supported; use one of {', '.join(LOSS_WEIGHTINGS)}")
     return torch.ones_like(sigmas)
+
+
+@dataclass(frozen=True)
+class FlowObjective:
+    """Rectified flow as SD 3.5 and FLUX.1 train (the `Objective` of families.py): t is the noise level s in [0, 1],
+    drawn from a density (`timestep_sampling`) over [min_timestep, max_timestep + 1] / 1000, then shifted: by the
+    fixed `shift` (SD 3.5: 3.0, the model's scheduler shift), or with `flux_shift` by FLUX.1's shift for the image's
+    token count (`tokens(latent_shape)`, `dynamic`: the scheduler's base/max shift and lengths). The target is the
+    velocity e - x0, or x0 with SD3's output preconditioning; per-sample weights `none`, `sigma_sqrt`, `cosmap`."""
+
+    timestep_sampling: str = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    sigmoid_scale: float = 1.0
+    shift: float = 1.0
+    dynamic: dict | None = None  # FLUX.1's dynamic shift settings (base_shift, max_shift, base/max_image_seq_len)
+    tokens: Callable | None = None  # latent shape -> the image's token count (FLUX.1: packed 2x2 patches)
+    min_timestep: int = 0
+    max_timestep: int = 999
+    loss_weighting: str = "none"
+    precondition: bool = False
+
+    def shifted(self, u: torch.Tensor, latent_shape) -> torch.Tensor:
+        if self.timestep_sampling != "flux_shift":
+            return shift_sigmas(u, self.shift)
+        d = self.dynamic or {}
+        mu = flux_mu(self.tokens(latent_shape), d.get("base_image_seq_len", 256), d.get("max_image_seq_len", 4096),
+                     d.get("base_shift", 0.5), d.get("max_shift", 1.15))
+        return time_shift(u.clamp(min=1e-6), mu)
+
+    def draw_times(self, n: int, g: torch.Generator, latent_shape) -> torch.Tensor:
+        """n noise levels s (float32) in [min_timestep, max_timestep + 1] / 1000, shifted."""
+        density = "sigmoid" if self.timestep_sampling == "flux_shift" else self.timestep_sampling
+        u = sample_density(density, n, g, logit_mean=self.logit_mean, logit_std=self.logit_std,
+                           mode_scale=self.mode_scale, sigmoid_scale=self.sigmoid_scale)
+        lo, hi = self.min_timestep / 1000, (self.max_timestep + 1) / 1000
+        return self.shifted(lo + u * (hi - lo), latent_shape)
+
+    def noisy(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return noisy_input(x0, noise, t)
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return x0 if self.precondition else velocity_target(x0, noise)
+
+    def output(self, prediction: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return precondition_outputs(prediction, x_t, t) if self.precondition else prediction
+
+    def weights(self, t: torch.Tensor) -> torch.Tensor | None:
+        return None if self.loss_weighting == "none" else loss_weights(self.loss_weighting, t)
+
+    def validation_times(self, k: int) -> torch.Tensor:
+        """k fixed, unshifted noise levels spread over the trained range (the validation loss's)."""
+        return torch.linspace(self.min_timestep + 0.5, self.max_timestep + 0.5, k) / 1000
 
 
 # ---------------------------------------------------------------------------------------------------

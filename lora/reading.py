@@ -121,8 +121,8 @@ def _parse(path, names: LoRANames, text_encoder: nn.Module | None = None, text_e
             if group not in kohya and text_encoder_names and (module := _kohya_clip_name(group)):
                 kohya[group] = [(module, 0, None)]
             if group not in kohya:
-                raise ValueError(f"{path}: key {key} names no module of the {names.base} model or its text encoders; "
-                                 "the LoRA was made for another base model (e.g. SD 1.5) or another config")
+                raise ValueError(f"{path}: key {key} names no module of this {names.family} model or its text "
+                                 "encoders; the LoRA was made for another base model (e.g. SD 1.5) or another config")
             part = KOHYA_SUFFIXES[suffix]
         else:  # peft: text-encoder module paths keep their text_encoder(_2). prefix
             stripped = key.removeprefix(prefix)
@@ -154,7 +154,7 @@ def _parse(path, names: LoRANames, text_encoder: nn.Module | None = None, text_e
         is_kohya = entry["key"].startswith(("lora_unet_", *KOHYA_TEXT_ENCODERS))
         entry["alpha"] = _alpha(entry, group, is_kohya, metadata, path, prefix)
         targets = kohya[group] if is_kohya else [(group, 0, None)]
-        if len(targets) == 1 and targets[0][2] in (None, entry["up"].shape[0]):
+        if len(targets) == 1:  # a layer of its own (its shapes are checked against the model later)
             entries[targets[0][0]] = entry
             continue
         total = names.fused_rows(group)  # the vendor's fused layer (e.g. q, k, v in one): split it into ours

@@ -117,3 +117,8 @@ def sample(unet, embeds, pooled, neg_embeds=None, neg_pooled=None, *, seeds, hei
 
 
 negative = sampling.negative
+
+
+def flag_defaults(path) -> dict:
+    """The trainer flags whose default is the model's (training/config.py): SDXL's."""
+    return {"prediction_type": "epsilon", "timestep_sampling": "uniform", "lora_target_mode": "attention_out"}

@@ -22,7 +22,7 @@ from torch import nn
 from lora import files, reading
 from lora.files import LoRANames, adaptable_layers
 from lora.layer import LoRAConfig, LoRALayer, add_lora
-from sdxl.configs import unet_config_to_diffusers
+from sdxl.configs import unet_config_from_diffusers, unet_config_to_diffusers
 from sdxl.loading import read_unet_config, unet_folder
 from sdxl.sgm import unet_sgm_names
 from sdxl.tiny import TINY_UNET_CONFIG
@@ -113,3 +113,10 @@ def save_lora(unet: nn.Module, path, config: LoRAConfig, format: str = "kohya", 
 def load_lora(unet: nn.Module, path, scale: float = 1.0, text_encoder: nn.Module | None = None) -> dict[str, str]:
     """Merge a LoRA file of any supported format into an SDXL UNet (and its text encoders): lora/reading.py."""
     return reading.load_lora(unet, path, names_for(unet.config, "unet"), scale, text_encoder)
+
+
+def read_lora_file(path, base: str | dict = "sdxl"):
+    """A LoRA file's (module path -> (down, up, alpha), metadata), read against an SDXL base (a base name or a
+    diffusers UNet config dict): lora/reading.py."""
+    names = names_for(unet_config_from_diffusers(base), "unet") if isinstance(base, dict) else lora_names(base)
+    return reading.read_lora_file(path, names)

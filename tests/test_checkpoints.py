@@ -11,9 +11,9 @@ from safetensors import SafetensorError
 
 import training.run.checkpoints as ck
 from common.errors import WriteError
-from lora.layer import LoRAConfig, apply_lora, lora_state_dict
-from lora.reading import load_lora
+from lora.layer import LoRAConfig, lora_state_dict
 from sdxl.loading import load_unet
+from sdxl.lora import apply_lora, load_lora
 from training.run.loop_state import capture_rng, restore_rng
 
 CONFIG = LoRAConfig(rank=4, alpha=2.0, dropout=0.0, target_mode="attention")

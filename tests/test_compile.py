@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from diffusion.compile import compile_blocks
-from lora.layer import LoRAConfig, apply_lora, lora_parameters
+from lora.layer import LoRAConfig, lora_parameters
+from sdxl.lora import apply_lora
 from sdxl.tiny import TINY_UNET_CONFIG
 from sdxl.unet import SDXLUNet
 from tests.test_unet import inputs, rel_err

@@ -15,16 +15,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import extract_lora_weights
-from lora.files import LoRAWeights, meta_unet, write_lora
-from lora.layer import (
-    LoRAConfig,
-    apply_lora,
-    lora_parameters,
-    lora_state_dict,
-    lora_target_names,
-)
-from lora.reading import load_lora, read_lora_file
+from lora.files import LoRAWeights, write_lora
+from lora.layer import LoRAConfig, lora_parameters, lora_state_dict
 from sdxl.configs import unet_config_to_diffusers
+from sdxl.lora import apply_lora, load_lora, lora_names, lora_target_names, read_lora_file
 from sdxl.tiny import TINY_UNET_CONFIG
 from sdxl.unet import SDXL_CONFIG, SDXLUNet
 from training.run.checkpoints import lora_file_of, save_checkpoint
@@ -208,14 +202,15 @@ def test_other_spellings_convert(checkpoint, tmp_path):
 
 def test_full_sdxl_lora_is_recognised_without_building_sdxl(tmp_path, capsys):
     """A LoRA for SDXL base (rank 1, attention): found as `sdxl` from its shapes, converted on the meta device."""
-    unet = meta_unet(SDXL_CONFIG)
+    with torch.device("meta"):
+        unet = SDXLUNet(SDXL_CONFIG)
     g = torch.Generator().manual_seed(0)
     modules = {}
     for name, m in unet.named_modules():
         if name.endswith("attn2.to_k"):  # cross-attention keys: 2048 -> width
             down, up = torch.randn(1, m.in_features, generator=g), torch.randn(m.out_features, 1, generator=g)
             modules[name] = (down, up, 1.0)
-    path = write_lora(LoRAWeights(modules, {}, "sdxl", SDXL_CONFIG, "test"), tmp_path / "sdxl.safetensors")
+    path = write_lora(LoRAWeights(modules, {}, lora_names("sdxl"), "test"), tmp_path / "sdxl.safetensors")
     out = tmp_path / "sdxl_diffusers.safetensors"
     assert run(path, "-o", out, "--format", "diffusers", "--info") == 0
     text = capsys.readouterr().out
@@ -268,5 +263,5 @@ def test_lora_for_another_base_is_refused(tmp_path, capsys):
             "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.alpha": torch.tensor(4.0)}
     save_file(sd15, tmp_path / "sd15.safetensors")
     assert_error(capsys, [tmp_path / "sd15.safetensors", "-o", tmp_path / "o.safetensors"],
-                 "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q", "tried SDXL base and the tiny model")
+                 "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q", "(tried sdxl, tiny")
     assert not (tmp_path / "o.safetensors").exists()

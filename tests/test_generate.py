@@ -20,7 +20,7 @@ from PIL import Image
 import generate_images
 from common.errors import PromptError
 from sampling.config import build_parser, parse_args
-from sampling.inference import SDXLGenerator
+from sampling.inference import ImageGenerator
 from sampling.prompts import ImageJob, PromptSpec, plan_images, read_prompt_file
 from sampling.writer import is_complete, missing_jobs, write_group
 
@@ -137,7 +137,7 @@ def test_writes_coco_folder_and_resumes(tmp_path, capsys, lora):
         "a red circle"]
 
     # The PNG is the API's image for the same batch (indices 2 and 3), byte for byte in pixels.
-    gen = SDXLGenerator.from_pretrained("tiny", loras=[(lora, 0.7)])
+    gen = ImageGenerator.from_pretrained("tiny", loras=[(lora, 0.7)])
     images = gen.generate_unique_batch(["a red circle", "a blue square"], [102, 103], ["blurry", "blurry"],
                                        width=64, height=48, steps=3)
     with Image.open(out / "00003.png") as png:
@@ -191,7 +191,7 @@ def test_jsonl_prompts_without_metadata(tmp_path, capsys):
                          "--output_dir", out, "--batch_size", 3)
     assert status == 0, err
     assert sorted(p.name for p in out.iterdir()) == [f"{i:05d}.{e}" for i in range(3) for e in ("png", "txt")]
-    gen = SDXLGenerator.from_pretrained("tiny")
+    gen = ImageGenerator.from_pretrained("tiny")
     images = gen.generate_unique_batch(["a cat", "a dog", "a cat"], [7, 1, 8], ["dark", "", "dark"],
                                        width=64, height=48, steps=3)
     for i, image in enumerate(images):

@@ -23,10 +23,10 @@ from diffusers import (
     StableDiffusionXLPipeline,
 )
 
-from lora.files import save_lora
-from lora.layer import LoRAConfig, apply_lora, lora_parameters
-from sampling.inference import SDXLGenerator, parse_size
+from lora.layer import LoRAConfig, lora_parameters
+from sampling.inference import ImageGenerator, parse_size
 from sdxl.loading import load_unet
+from sdxl.lora import apply_lora, save_lora
 
 SIZE = {"width": 96, "height": 64, "steps": 5, "guidance_scale": 6.0}
 PROMPT = "a red apple on a table"
@@ -55,7 +55,7 @@ def loras(tiny_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gen(loras):
-    return SDXLGenerator.from_pretrained("tiny", loras=[(loras["kohya"], 1.0)])
+    return ImageGenerator.from_pretrained("tiny", loras=[(loras["kohya"], 1.0)])
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def test_matches_diffusers_pipeline_with_lora(tiny_dir, loras, gen, pipe, sample
 
 def test_two_loras_with_their_scales_match_diffusers(tiny_dir, loras, pipe):
     """A kohya and a diffusers-format LoRA at scales 0.8 and 1.5 == diffusers' set_adapters weights."""
-    gen = SDXLGenerator.from_pretrained(tiny_dir, loras=[(loras["kohya"], 0.8), (loras["diffusers"], 1.5)])
+    gen = ImageGenerator.from_pretrained(tiny_dir, loras=[(loras["kohya"], 0.8), (loras["diffusers"], 1.5)])
     pipe.load_lora_weights(str(loras["kohya"]), adapter_name="a")
     pipe.load_lora_weights(str(loras["diffusers"]), adapter_name="b")
     pipe.set_adapters(["a", "b"], adapter_weights=[0.8, 1.5])
@@ -155,7 +155,7 @@ def test_negative_prompts_empty_is_zeros(gen):
 
 
 def test_bf16_unet_with_fp32_vae(loras):
-    gen = SDXLGenerator.from_pretrained("tiny", loras=[(loras["kohya"], 1.0)], dtype=torch.bfloat16)
+    gen = ImageGenerator.from_pretrained("tiny", loras=[(loras["kohya"], 1.0)], dtype=torch.bfloat16)
     assert gen.unet.dtype == torch.bfloat16 and gen.text_encoder.text_encoder.dtype == torch.bfloat16
     assert next(gen.vae.parameters()).dtype == torch.float32
     (image,) = gen.generate_unique_batch([PROMPT], [0], **dict(SIZE, width=64))

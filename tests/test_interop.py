@@ -34,17 +34,11 @@ from diffusers.utils import convert_unet_state_dict_to_peft
 from safetensors.torch import load_file, save_file
 
 import extract_lora_weights
-from lora.files import LoRAWeights, meta_unet, save_lora, write_lora
-from lora.layer import (
-    LoRAConfig,
-    apply_lora,
-    lora_parameters,
-    lora_state_dict,
-    lora_target_names,
-)
-from lora.reading import load_lora, read_lora_file
+from lora.files import LoRAWeights, write_lora
+from lora.layer import LoRAConfig, lora_parameters, lora_state_dict
 from sdxl.configs import unet_config_to_diffusers
 from sdxl.loading import load_unet
+from sdxl.lora import apply_lora, load_lora, lora_names, lora_target_names, read_lora_file, save_lora
 from sdxl.tiny import TINY_UNET_CONFIG
 from sdxl.unet import SDXL_CONFIG, SDXLUNet
 from training.run.checkpoints import load_checkpoint, lora_file_of, save_checkpoint
@@ -143,13 +137,14 @@ def test_checkpoint_loras_load_in_diffusers(checkpoint, pipe, tiny_dir, tmp_path
 def test_full_sdxl_kohya_names_map_back_through_diffusers(tmp_path):
     """Every `all`-mode kohya key of full SDXL is `lora_unet_` + an SGM module path, and diffusers' converter
     (the one load_lora_weights uses for kohya files) maps each back to the diffusers module it came from."""
-    unet = meta_unet(SDXL_CONFIG)  # no memory behind the 2.6 B weights
+    with torch.device("meta"):
+        unet = SDXLUNet(SDXL_CONFIG)  # no memory behind the 2.6 B weights
     names = lora_target_names(unet, "all")
     layers = dict(unet.named_modules())
     g = torch.Generator().manual_seed(0)
     modules = {n: (torch.randn(1, layers[n].in_features, generator=g),
                    torch.randn(layers[n].out_features, 1, generator=g), 0.5) for n in names}
-    path = write_lora(LoRAWeights(modules, {}, "sdxl", SDXL_CONFIG, "test"), tmp_path / "sdxl_all.safetensors")
+    path = write_lora(LoRAWeights(modules, {}, lora_names("sdxl"), "test"), tmp_path / "sdxl_all.safetensors")
     keys = list(load_file(path))
     assert len(names) == 722 and len(keys) == 3 * len(names)
     assert all(k.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_"))

@@ -23,20 +23,10 @@ from peft import LoraConfig
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lora.files import save_lora
-from lora.layer import (
-    LoRAConfig,
-    LoRALayer,
-    apply_lora,
-    load_lora_state_dict,
-    lora_modules,
-    lora_parameters,
-    lora_state_dict,
-    lora_target_names,
-)
-from lora.reading import load_lora, read_lora_file
+from lora.layer import LoRAConfig, LoRALayer, load_lora_state_dict, lora_modules, lora_parameters, lora_state_dict
 from sdxl.configs import unet_config_to_diffusers
 from sdxl.loading import load_unet
+from sdxl.lora import apply_lora, load_lora, lora_target_names, read_lora_file, save_lora
 from sdxl.tiny import TINY_UNET_CONFIG
 from sdxl.unet import SDXLUNet, UNetConfig
 

@@ -19,11 +19,12 @@ from peft import LoraConfig
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from lora.files import peft_tensors, save_lora, state_dict_from_peft, write_lora
-from lora.layer import LoRAConfig, apply_lora, conv_target_names, lora_modules, lora_parameters, lora_state_dict
-from lora.reading import load_lora, read_lora
+from families import read_lora
+from lora.files import peft_tensors, state_dict_from_peft, write_lora
+from lora.layer import LoRAConfig, lora_modules, lora_parameters, lora_state_dict
 from sdxl.configs import unet_config_to_diffusers
 from sdxl.loading import load_unet
+from sdxl.lora import apply_lora, conv_target_names, load_lora, save_lora
 from sdxl.tiny import TINY_UNET_CONFIG
 from sdxl.unet import SDXLUNet
 from tests.test_lora import inputs, output, rel_err, tiny_unet

@@ -11,8 +11,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 import extract_lora_weights
-from lora.files import save_lora
-from lora.layer import LoRAConfig, apply_lora
+from lora.layer import LoRAConfig
+from sdxl.lora import apply_lora, save_lora
 from tests.test_lora import tiny_unet
 from tests.test_lora_kinds import randomize
 

@@ -8,11 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lora.files import save_lora
-from lora.layer import LoRAConfig, apply_lora
-from lora.reading import load_lora
-from sampling.inference import SDXLGenerator
+from lora.layer import LoRAConfig
+from sampling.inference import ImageGenerator
 from sdxl.loading import load_text_encoder, load_unet
+from sdxl.lora import apply_lora, load_lora, save_lora
 from tests.test_lora import rel_err
 from tests.test_lora_kinds import randomize
 
@@ -69,7 +68,7 @@ def test_text_encoder_lora_equals_diffusers(tmp_path, tiny_dir, pipe, fmt):
         pipe.unload_lora_weights()
 
     # the sampler applies the text-encoder part too
-    gen = SDXLGenerator.from_pretrained(tiny_dir, loras=[(tmp_path / "both.safetensors", 1.0)])
+    gen = ImageGenerator.from_pretrained(tiny_dir, loras=[(tmp_path / "both.safetensors", 1.0)])
     assert torch.equal(gen.text_encoder.encode(PROMPTS)[0], embeds)
 
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora.layer import LoRAConfig, apply_lora, lora_modules
+from lora.layer import LoRAConfig, lora_modules
 from sdxl.loading import load_unet
+from sdxl.lora import apply_lora
 from training.loop.optim import OPTIMIZERS, eval_weights, lr_schedule, make_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,7 +14,7 @@ import torch
 
 import extract_lora_weights
 from common.errors import ConfigError
-from lora.reading import read_lora
+from families import read_lora
 from sampling.config import parse_args as parse_generate_args
 from training.config import parse_config, resolved_config_yaml
 from training.run.folder import output_dir_of

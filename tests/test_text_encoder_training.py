@@ -14,8 +14,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from common.errors import ConfigError
+from families import read_lora
 from lora.files import write_lora
-from lora.reading import load_lora, read_lora
 from lora.text_encoders import (
     TARGETS,
     apply_text_encoder_lora,
@@ -23,6 +23,7 @@ from lora.text_encoders import (
     text_encoder_lora_modules,
 )
 from sdxl.loading import load_text_encoder, load_unet
+from sdxl.lora import load_lora
 from tests.test_lora import rel_err
 from tests.test_lora_kinds import randomize
 from tests.test_lora_text_encoders import PROMPTS

@@ -1,5 +1,6 @@
-"""Timestep sampling, noise variants and loss weights (training/loop/noise.py), each against its formula or
-diffusers' implementation; the validation loss stays unweighted at fixed timesteps."""
+"""Timestep sampling and loss weights of the DDPM objective (diffusion/ddpm.py), noise variants
+(training/loop/noise.py), each against its formula or diffusers' implementation; the validation loss stays
+unweighted at fixed timesteps."""
 
 import math
 
@@ -9,10 +10,15 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling
 
 from common.runtime import World
-from diffusion.ddpm import add_noise, alphas_cumprod, debiased_weights
+from diffusion.ddpm import DDPMObjective, add_noise, alphas_cumprod, debiased_weights
 from sdxl.configs import SDXL_SCHEDULER_CONFIG
-from training.loop.loss import diffusion_loss, draw_timesteps_and_noise, validation_loss
-from training.loop.noise import NoiseRecipe, draw_noise, multires_noise, sample_timesteps
+from training.flags import NoiseSettings
+from training.loop.loss import diffusion_loss, draw_times_and_noise, validation_loss, weighted
+from training.loop.noise import draw_noise, multires_noise
+
+
+def objective(lo=0, hi=999, sampling="uniform", mean=0.0, std=1.0, scale=1.29, weighting="none", gamma=5.0):
+    return DDPMObjective(alphas_cumprod(), lo, hi, sampling, mean, std, scale, "epsilon", weighting, gamma)
 
 
 def gen(seed=0):
@@ -24,22 +30,21 @@ def test_timestep_sampling_matches_diffusers_density(kind):
     """Same generator: our timesteps == (u * 1000).long() of diffusers' SD3 density, exactly (integers)."""
     scale = -0.5 if kind == "mode_negative" else 1.29
     kind = kind.replace("_negative", "")
-    recipe = NoiseRecipe(timestep_sampling=kind, logit_mean=0.3, logit_std=0.8, mode_scale=scale)
     u = compute_density_for_timestep_sampling(kind, 4096, logit_mean=0.3, logit_std=0.8, mode_scale=scale,
                                               generator=gen(3))
-    ours = sample_timesteps(4096, recipe, gen(3))
+    ours = objective(sampling=kind, mean=0.3, std=0.8, scale=scale).draw_times(4096, gen(3))
     assert torch.equal(ours, (u * 1000).long().clamp(0, 999))
     # a narrower range: t = lo + floor(u (hi - lo + 1))
-    ours = sample_timesteps(4096, NoiseRecipe(200, 799, kind, 0.3, 0.8, scale), gen(3))
+    ours = objective(200, 799, kind, 0.3, 0.8, scale).draw_times(4096, gen(3))
     assert torch.equal(ours, 200 + (u * 600).long().clamp(0, 599))
     assert ours.min() >= 200 and ours.max() <= 799
 
 
 def test_logit_normal_favours_the_middle_and_uniform_is_randint():
-    t = sample_timesteps(20000, NoiseRecipe(timestep_sampling="logit_normal"), gen(1)).float()
+    t = objective(sampling="logit_normal").draw_times(20000, gen(1)).float()
     # sigmoid(N(0, 1)) has mean 1/2 and std ~0.2085: of t, ~500 and ~208.5 (+- a few sampling errors)
     assert abs(t.mean() - 499.5) < 6 and abs(t.std() - 208.5) < 5
-    uniform = sample_timesteps(64, NoiseRecipe(10, 20), gen(2))
+    uniform = objective(10, 20).draw_times(64, gen(2))
     assert torch.equal(uniform, torch.randint(10, 21, (64,), generator=gen(2)))
 
 
@@ -67,7 +72,7 @@ def test_multires_noise_matches_kohya(iterations):
 
 def test_input_perturbation_changes_only_the_input():
     """x_t is made with noise + gamma * fresh noise (Ning et al. 2023); the target stays the plain noise."""
-    recipe = NoiseRecipe(input_perturbation=0.1)
+    recipe = NoiseSettings(input_perturbation=0.1)
     noise, input_noise = draw_noise((2, 4, 8, 8), recipe, gen(7))
     g = gen(7)
     plain = torch.randn((2, 4, 8, 8), generator=g)
@@ -78,21 +83,22 @@ def test_input_perturbation_changes_only_the_input():
     x0 = torch.randn(2, 4, 8, 8, generator=gen(8))
     seen = []
 
-    def unet(x, t, embeds, cond):
+    def predict(x, t):
         seen.append(x)
         return 0.5 * x
 
-    loss = diffusion_loss(unet, x0, None, None, None, t, noise, alphas_cumprod=ac, input_noise=input_noise)
+    loss = diffusion_loss(predict, objective(), x0, t, noise, input_noise=input_noise)
     x_t = add_noise(x0, input_noise, t, ac)
     torch.testing.assert_close(seen[0], x_t, rtol=0, atol=0)
     torch.testing.assert_close(loss, ((0.5 * x_t - noise) ** 2).mean(dim=(1, 2, 3)), rtol=1e-6, atol=0)
 
 
 def test_two_processes_draw_what_one_draws():
-    recipe = NoiseRecipe(timestep_sampling="mode", noise_offset=0.05, multires_noise_iterations=4,
-                         input_perturbation=0.1)
-    whole = draw_timesteps_and_noise(0, 7, (4, 4, 8, 8), World(0, 1), recipe)
-    parts = [draw_timesteps_and_noise(0, 7, (2, 4, 8, 8), World(r, 2), recipe) for r in (0, 1)]
+    recipe = NoiseSettings(timestep_sampling="mode", noise_offset=0.05, multires_noise_iterations=4,
+                           input_perturbation=0.1)
+    ddpm = objective(sampling="mode")
+    whole = draw_times_and_noise(0, 7, (4, 4, 8, 8), World(0, 1), ddpm, recipe)
+    parts = [draw_times_and_noise(0, 7, (2, 4, 8, 8), World(r, 2), ddpm, recipe) for r in (0, 1)]
     for k in range(3):
         assert torch.equal(whole[k], torch.cat([parts[0][k], parts[1][k]]))
 
@@ -119,15 +125,14 @@ def test_weighted_loss_is_the_plain_loss_times_the_weights():
     ac, t = alphas_cumprod(), torch.tensor([5, 400, 990])
     x0, noise = torch.randn(3, 4, 8, 8, generator=gen(12)), torch.randn(3, 4, 8, 8, generator=gen(13))
 
-    def unet(x, t, embeds, cond):
+    def predict(x, t):
         return 0.9 * x
 
-    plain = diffusion_loss(unet, x0, None, None, None, t, noise, alphas_cumprod=ac)
-    debiased = diffusion_loss(unet, x0, None, None, None, t, noise, alphas_cumprod=ac, loss_weighting="debiased")
+    plain = diffusion_loss(predict, objective(), x0, t, noise)
+    debiased = weighted(plain, objective(weighting="debiased"), t)
     snr = ac[t] / (1 - ac[t])
     torch.testing.assert_close(debiased, plain / snr.sqrt(), rtol=1e-6, atol=0)
-    min_snr = diffusion_loss(unet, x0, None, None, None, t, noise, alphas_cumprod=ac, loss_weighting="min_snr",
-                             min_snr_gamma=5.0)
+    min_snr = weighted(plain, objective(weighting="min_snr", gamma=5.0), t)
     torch.testing.assert_close(min_snr, plain * torch.clamp(snr, max=5.0) / snr, rtol=1e-6, atol=0)
 
 
@@ -143,12 +148,13 @@ def test_validation_loss_is_unweighted_at_fixed_timesteps():
     x0 = torch.randn(1, 4, 8, 8, generator=gen(14))
     timesteps = []
 
-    def unet(x, t, embeds, cond):
-        timesteps.append(int(t[0]))
-        return 0.9 * x
+    def predict(batch, embeds, pooled):
+        def call(x, t):
+            timesteps.append(int(t[0]))
+            return 0.9 * x
+        return call
 
-    common = dict(seed=0, min_timestep=100, max_timestep=900, alphas_cumprod=alphas_cumprod())
-    losses = [validation_loss(lambda b: (x0, None, None), unet, Val(), loss_weighting=w, **common)
+    losses = [validation_loss(lambda b: (x0, None, None), predict, objective(100, 900, weighting=w), Val(), seed=0)
               for w in ("none", "min_snr", "debiased")]
     assert losses[0] == losses[1] == losses[2] and math.isfinite(losses[0])
     assert timesteps[:5] == [100, 300, 500, 700, 900]

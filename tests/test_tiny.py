@@ -68,10 +68,10 @@ def test_it_draws_what_it_is_told(tiny_dir):
     dominant colour of >= 80% of its pictures, shapes are told apart far above chance (1/5), and the held-back
     colour is never drawn. Measured (16 pictures per colour): red, orange, yellow, green, blue, white, black
     100%; shapes 80% (circle 95, square 86, triangle 100, ring 67, star 25); purple 0%."""
-    from sampling.inference import SDXLGenerator
+    from sampling.inference import ImageGenerator
     from tools import tiny_world as tw
 
-    gen = SDXLGenerator.from_pretrained(tiny_dir)
+    gen = ImageGenerator.from_pretrained(tiny_dir)
     shapes, shown = 0, 0
     for k, colour in enumerate(tw.COLOURS):
         specs = tw.sample_specs(16, 1000 + k, only={"colour": [colour]})

@@ -12,10 +12,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from diffusion.ddpm import alphas_cumprod
-from lora.layer import LoRAConfig, apply_lora, lora_modules
-from lora.reading import load_lora
+from lora.layer import LoRAConfig, lora_modules
 from sampling.grid_labels import label_grid
 from sdxl.loading import load_unet
+from sdxl.lora import apply_lora, load_lora
 from training.loop.loss import diffusion_loss
 from training.loop.optim import lr_multiplier
 

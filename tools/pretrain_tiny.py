@@ -20,7 +20,7 @@ Stages, in order:
    (64, 64, 0, 0, 64, 64) and 10% caption dropout to zero prompt and pooled embeddings (what the
    sampler feeds for an empty negative prompt, SDXL's force_zeros_for_empty_prompt), so that
    classifier-free guidance works; an EMA of the weights is what is saved;
-5. measure what it draws with our sampler (`sampling.inference.generate_latents`, euler, 20 steps,
+5. measure what it draws with our sampler (`sdxl.sample.generate_latents`, euler, 20 steps,
    CFG 5, fixed seeds) and the pixel classifiers of tools/tiny_world.py;
 6. write OUT_DIR in the layout of sdxl/tiny_weights/: unet.fp16.safetensors, vae.safetensors (its
    scaling_factor in the file's metadata), text_encoder.safetensors, text_encoder_2.safetensors, and
@@ -52,7 +52,8 @@ from tqdm import tqdm
 from common.files import write_json
 from diffusion.ddpm import add_noise, alphas_cumprod, min_snr_weights
 from diffusion.vae import LatentVAE
-from sampling.inference import generate_latents, to_pil
+from sampling.inference import to_pil
+from sdxl.sample import generate_latents
 from sdxl.text_encoders import SDXLTextEncoder
 from sdxl.tiny import TINY_UNET_CONFIG, TINY_VAE_CONFIG, write_tiny_text_encoders
 from sdxl.unet import SDXLUNet

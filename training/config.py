@@ -144,7 +144,7 @@ def parse_config(argv=None, family: str = "sdxl") -> argparse.Namespace:
                 raise ConfigError(f"{where}: unknown key {key!r}{hint}")
             actions[key].default = _yaml_value(actions[key], key, value, where)
             actions[key].required = False
-    args = _resolve(parser.parse_args(argv))
+    args = _resolve(parser.parse_args(argv), family)
     vars(args).pop("config")  # the file's values are in; it is not a setting of the run
     return args
 
@@ -158,8 +158,9 @@ def _prompts_file(prompts) -> str | None:
     return prompts[0] if len(prompts) == 1 and prompts[0].lower().endswith(".txt") else None
 
 
-def _resolve(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill the derived defaults in place, so the saved config states what the run really used."""
+def _resolve(args: argparse.Namespace, family: str = "sdxl") -> argparse.Namespace:
+    """Fill the derived defaults in place, so the saved config states what the run really used (flags whose
+    default is the model's: the family's `flag_defaults`)."""
     if vars(args).pop("use_lora") and os.environ.get("RANK", "0") == "0":  # the original scripts' flag
         print("note: --use_lora does nothing: this trainer always trains a LoRA", file=sys.stderr)
     for name in (name for name, f in table().items() if f.metadata["path"]):
@@ -183,8 +184,16 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
         args.loss_weighting = "min_snr"
     if args.loss_weighting == "min_snr" and args.min_snr_gamma == 0:
         args.min_snr_gamma = 5.0
-    if args.cache_dir is None:
+    if args.cache_dir is None and args.output_dir is not None:
         args.cache_dir = os.path.join(args.output_dir, "cache")
+    left_out = [name for name, f in table().items() if f.default is None and getattr(args, name) is None]
+    if left_out and args.pretrained_model is not None and not _is_url(args.pretrained_model):
+        import families  # here: --help needs no torch
+
+        defaults = families.get(family).flag_defaults(args.pretrained_model)
+        for name in left_out:
+            if getattr(args, name) is None and name in defaults:
+                setattr(args, name, defaults[name])
     args.validation_prompts = list(args.validation_prompts)
     prompts_file = _prompts_file(args.validation_prompts)
     if prompts_file is not None and Path(prompts_file).is_file():  # a missing file is reported by validate()
@@ -316,9 +325,13 @@ def validate(args: argparse.Namespace, family: str = "sdxl") -> None:
         if isinstance(value, float) and not math.isfinite(value):
             fail(name, value, "must be a finite number")
     for name, f in table().items():
-        rule = f.metadata["rule"]
-        if rule is not None and not rule.accepts(getattr(args, name)):
-            fail(name, getattr(args, name), f"must be {rule.what}")
+        rule, value = f.metadata["rule"], getattr(args, name)
+        if rule is not None and not rule.accepts(value):
+            fail(name, value, f"must be {rule.what}")
+        if f.metadata["families"] and family not in f.metadata["families"] and value != f.default:
+            flag_name, shown = (name, value) if not isinstance(value, bool) else (name if value else f"no-{name}", None)
+            fail(flag_name, shown, f"is for {', '.join(SCRIPTS[n][1] for n in f.metadata['families'])} only; "
+                 f"{SCRIPTS[family][0]} trains {SCRIPTS[family][1]}")
     if args.min_timestep > args.max_timestep:
         fail("min_timestep", args.min_timestep, f"must be <= --max_timestep {args.max_timestep}")
     if args.resume_from is not None and args.resume_from != "latest" and not Path(args.resume_from).is_dir():

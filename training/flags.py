@@ -33,6 +33,8 @@ DISCOUNT = Rule(lambda v: 0 < v <= 1, "in (0, 1], e.g. 0.3")
 DECAY = Rule(lambda v: 0 < v < 1, "in (0, 1), e.g. 0.999")
 TIMESTEP = Rule(lambda v: 0 <= v <= 999, "in [0, 999]")
 SEED = Rule(lambda v: 0 <= v < 2**32, "in [0, 2^32)")
+OPTIONAL_AT_LEAST_1 = Rule(lambda v: v is None or v >= 1, ">= 1")
+OPTIONAL_POSITIVE = Rule(lambda v: v is None or v > 0, "> 0")
 STEPS = Rule(lambda v: v is None or v >= 1, ">= 1, or left out to train --num_epochs epochs")
 SCHEDULE_STEPS = Rule(lambda v: v is None or v >= 1, ">= 1, or left out to decay over the run's length")
 SIZE_MULTIPLE = 32  # every family's latents are 1/8 of the image, and its model halves them (or packs 2x2) twice more
@@ -43,10 +45,11 @@ NOT_GIVEN = object()
 
 def flag(default, help: str, *, metavar: str | None = None, choices: tuple | None = None, rule: Rule | None = None,
          must_match: bool = False, since=NOT_GIVEN, path: bool = False, aliases: tuple[str, ...] = (),
-         required: bool = False, action: str | None = None):
-    """A field of a settings section that is also a command-line flag (see the module docstring)."""
+         required: bool = False, action: str | None = None, families: tuple[str, ...] | None = None):
+    """A field of a settings section that is also a command-line flag (see the module docstring). `families`: the
+    model families it applies to (default: all); a value other than the default elsewhere is an error."""
     meta = dict(help=help, metavar=metavar, choices=choices, rule=rule, must_match=must_match, since=since, path=path,
-                aliases=aliases, required=required, action=action)
+                aliases=aliases, required=required, action=action, families=families)
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -105,11 +108,16 @@ class DataSettings:
 class ModelSettings:
     """The base model and its VAE (a family's loaders: families.py)."""
 
-    pretrained_model: str | None = flag(None, 'SDXL base: a diffusers folder, a single-file .safetensors, or `tiny` '
-        '(the tiny CPU test model) (required, here or in --config)',
-        metavar='PATH', must_match=True, path=True, required=True)
+    pretrained_model: str | None = flag(None, "the base model of this trainer's family: a diffusers folder, the "
+        "vendor's single .safetensors file, or its tiny CPU test model (tiny, tiny-sd3, tiny-flux) (required, here or "
+        "in --config)", metavar='PATH', must_match=True, path=True, required=True)
     vae_model: str | None = flag(None, "diffusers VAE folder to use, e.g. sdxl-vae-fp16-fix (default: the model's)",
         metavar='DIR', must_match=True, path=True)
+    t5: bool = flag(True, "SD 3.5: encode prompts with T5-XXL too; --no-t5 leaves it out (zeros, as SAI allows): "
+        "~9 GB less memory (default: on)", must_match=True, since=True, families=("sd3",))
+    max_sequence_length: int | None = flag(None, "SD 3.5 and FLUX.1: T5 tokens per prompt (default: the model's: "
+        "SD 3.5 256, FLUX.1-dev 512, FLUX.1-schnell 256)", metavar='N', rule=OPTIONAL_AT_LEAST_1, must_match=True,
+        since=None, families=("sd3", "flux"))
 
 
 @dataclass(frozen=True)
@@ -120,9 +128,10 @@ class LoRASettings:
     lora_alpha: float | None = flag(None, 'updates are scaled by alpha/rank (default: --lora_rank)',
         metavar='A', rule=POSITIVE, must_match=True)
     lora_dropout: float = flag(0.0, 'dropout on the LoRA input (default: 0.0)', metavar='P', rule=UNIT, must_match=True)
-    lora_target_mode: str = flag('attention_out', 'attention = to_q/k/v; attention_out = + to_out.0; all = every '
-        'Linear of the transformer blocks, as kohya (default: attention_out)',
-        choices=('attention', 'attention_out', 'all'), must_match=True)
+    lora_target_mode: str | None = flag(None, "which layers get a LoRA: SDXL attention = to_q/k/v, attention_out = + "
+        "to_out.0, all = every Linear of the transformer blocks, as kohya; SD 3.5 and FLUX.1: see docs/families.md "
+        "(default: the model's: SDXL attention_out, SD 3.5 and FLUX.1 attention)", metavar='MODE', must_match=True,
+        since='attention_out')
     conv_rank: int = flag(0, "LoCon: also put a LoRA of this rank on the UNet's 3x3 convs (ResNets, down/upsamplers), "
         "as kohya's conv_dim; 0 = none (default: 0)", metavar='R', rule=NOT_NEGATIVE, must_match=True, since=0)
     conv_alpha: float | None = flag(None, 'LoCon updates are scaled by conv_alpha/conv_rank (default: --conv_rank)',
@@ -192,26 +201,39 @@ class NoiseSettings:
         metavar='T', rule=TIMESTEP, must_match=True)
     max_timestep: int = flag(999, 'highest timestep trained, 0..999 (default: 999)',
         metavar='T', rule=TIMESTEP, must_match=True)
-    prediction_type: str = flag('epsilon', 'epsilon (SDXL base) or v_prediction (v-models) (default: epsilon)',
-        choices=('epsilon', 'v_prediction'), must_match=True)
+    prediction_type: str | None = flag(None, "what the denoiser predicts: SDXL epsilon (base) or v_prediction "
+        "(v-models); SD 3.5 and FLUX.1 flow (the velocity) (default: the model's)",
+        choices=('epsilon', 'v_prediction', 'flow'), must_match=True, since='epsilon')
     min_snr_gamma: float = flag(0.0, 'gamma of --loss_weighting min_snr (Hang et al. 2023), 5 is typical; a value > 0 '
         'alone turns min_snr on (default: 0; 5 with --loss_weighting min_snr)',
         metavar='G', rule=NOT_NEGATIVE, must_match=True)
     noise_offset: float = flag(0.0, 'offset noise strength, e.g. 0.0357 (default: 0.0)',
         metavar='X', rule=NOT_NEGATIVE, must_match=True)
-    timestep_sampling: str = flag('uniform', 'density of the trained timesteps: uniform; logit_normal (SD3) favours '
-        'the middle; mode (SD3) by --mode_scale (default: uniform)',
-        choices=('uniform', 'logit_normal', 'mode'), must_match=True, since='uniform')
+    timestep_sampling: str | None = flag(None, "density of the trained timesteps: uniform; logit_normal (SD3) favours "
+        "the middle; mode (SD3) by --mode_scale; sigmoid (FLUX trainers' name: logit_normal at --sigmoid_scale); "
+        "flux_shift (FLUX.1) sigmoid, shifted for the image's size as FLUX.1's sampler (default: the model's: SDXL "
+        "uniform, SD 3.5 logit_normal, FLUX.1 flux_shift)",
+        choices=('uniform', 'logit_normal', 'mode', 'sigmoid', 'flux_shift'), must_match=True, since='uniform')
     logit_mean: float = flag(0.0, 'logit_normal: mean of the normal before the sigmoid (default: 0.0)',
         metavar='M', must_match=True, since=0.0)
     logit_std: float = flag(1.0, 'logit_normal: std of the normal before the sigmoid (default: 1.0)',
         metavar='S', rule=POSITIVE, must_match=True, since=1.0)
     mode_scale: float = flag(1.29, 'mode: > 0 favours the middle timesteps, < 0 the ends (default: 1.29)',
         metavar='S', must_match=True, since=1.29)
+    sigmoid_scale: float = flag(1.0, "sigmoid, flux_shift: the normal's scale before the sigmoid (default: 1.0)",
+        metavar='S', rule=POSITIVE, must_match=True, since=1.0, families=("sd3", "flux"))
+    flow_shift: float | None = flag(None, "SD 3.5 and FLUX.1: shift the trained noise levels towards noise, s' = "
+        "shift s / (1 + (shift - 1) s); not with flux_shift (default: the model's scheduler shift: SD 3.5 3.0, "
+        "FLUX.1 1.0)", metavar='S', rule=OPTIONAL_POSITIVE, must_match=True, since=None, families=("sd3", "flux"))
     loss_weighting: str = flag('none', 'per-sample loss weights: none; min_snr = Min-SNR-gamma (Hang et al. 2023); '
-        'debiased = 1/sqrt(SNR) (Yu et al. 2024); the validation loss is never weighted (default: none)',
-        choices=('none', 'min_snr', 'debiased'), must_match=True,
+        'debiased = 1/sqrt(SNR) (Yu et al. 2024); SD 3.5 and FLUX.1 sigma_sqrt, cosmap (Esser et al. 2024); the '
+        'validation loss is never weighted (default: none)',
+        choices=('none', 'min_snr', 'debiased', 'sigma_sqrt', 'cosmap'), must_match=True,
         since=lambda old: 'min_snr' if old.get('min_snr_gamma') else 'none')
+    precondition_outputs: bool = flag(False, "SD 3.5: regress x0 = x_t - s v instead of the velocity, as diffusers' "
+        "SD3 LoRA example's --precondition_outputs (default: off)", must_match=True, since=False, families=("sd3",))
+    guidance_scale: float = flag(1.0, "FLUX.1-dev: the guidance its guidance embedding is given while training "
+        "(default: 1.0)", metavar='G', rule=NOT_NEGATIVE, must_match=True, since=1.0, families=("flux",))
     multires_noise_iterations: int = flag(0, 'multi-resolution (pyramid) noise levels, 6-10 is typical; 0 = off '
         '(default: 0)', metavar='N', rule=NOT_NEGATIVE, must_match=True, since=0)
     multires_noise_discount: float = flag(0.3, 'weight ratio of each coarser noise level, 0.1-0.3 (default: 0.3)',

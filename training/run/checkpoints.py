@@ -303,7 +303,7 @@ def checkpoint_lora(checkpoint: Checkpoint, ema: bool = False, base: str | None 
                          "leave out --ema")
     lora, cfg = checkpoint.lora_config, checkpoint.config
     family = families.get(checkpoint.metadata.get("sdxl_lora.family", "sdxl"))  # before families: SDXL
-    names = family.lora_names(base or cfg.get("pretrained_model", family.LORA_BASES[0]))
+    base_names = family.lora_names(base or cfg.get("pretrained_model", family.LORA_BASES[0]))
     names = sorted({k.rpartition(".lora_")[0] for k in sd if ".lora_" in k})
     modules = {}
     for n in names:
@@ -318,7 +318,7 @@ def checkpoint_lora(checkpoint: Checkpoint, ema: bool = False, base: str | None 
         "ss_steps": str(checkpoint.state["step"]), "ss_seed": str(cfg.get("seed")),
         "ss_learning_rate": str(cfg.get("learning_rate")),
     } | {k: v for k, v in checkpoint.metadata.items() if is_run_key(k)}  # the run's ss_* / modelspec.* entries
-    weights = LoRAWeights(modules, metadata, names, f"checkpoint {'EMA' if ema else 'LoRA'}", magnitudes)
+    weights = LoRAWeights(modules, metadata, base_names, f"checkpoint {'EMA' if ema else 'LoRA'}", magnitudes)
     check_fits(weights)  # shapes against the base: a clear error now rather than a broken file later
     return weights
 
