@@ -1,6 +1,7 @@
 # Set-up, demo and tests. `make demo` and `make test` each install what they need first.
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
+PY_SOURCES := $(wildcard *.py) common diffusion lora sdxl sd3 flux training sampling evaluation tools tests benchmarks
 
 .PHONY: install demo test test-fast lint bench
 
@@ -20,6 +21,7 @@ test-fast: install
 
 lint:
 	ruff check .
+	vermin -q -t=3.10- --violations --no-tips --eval-annotations $(PY_SOURCES)  # runs on the Python it declares
 
 bench: install
 	$(PYTHON) benchmarks/bench_unet.py

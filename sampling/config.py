@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    """Parse and check every flag; resolve sizes, device, precision, LoRA scales, prompts (CliError/PromptError)."""
+    """Parse and check every flag; resolve sizes, device, precision, LoRA scales, prompts (a one-line ConfigError
+    or PromptError for anything wrong)."""
     args = build_parser().parse_args(argv)
     for name in ("guidance_scale", "lora_scale"):
         for value in args.lora_scale if name == "lora_scale" else [args.guidance_scale or 0.0]:

@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 @dataclass(frozen=True)
 class UNetConfig:
     """What varies between SDXL-shaped UNets. Field names follow diffusers' config; the translation to and from
-    a diffusers `config.json` lives with the loader (sdxl/loading.py)."""
+    a diffusers `config.json` lives in sdxl/configs.py."""
 
     block_out_channels: tuple[int, ...] = (320, 640, 1280)
     cross_attention: tuple[bool, ...] = (False, True, True)  # per level: DownBlock2D or CrossAttn

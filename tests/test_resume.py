@@ -222,3 +222,23 @@ def test_each_optimizer_resumes_exactly(tmp_path, optimizer):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     a, b = optimizer_tensors(full / "checkpoints/step_000006"), optimizer_tensors(cut / "checkpoints/step_000006")
     assert len(a) == len(b) > 0 and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_a_checkpoint_written_before_the_family_seam_resumes_exactly(tmp_path):
+    """tests/data/checkpoint_before_families: step 2 of a 4-step run (rank-1 attention LoRA on the tiny model,
+    data/demo/train at 64 px, batch 4) written by the trainer before model families and typed settings existed
+    (config.yaml without their flags, LoRA metadata without sdxl_lora.family). Resumed now, it ends with the very
+    LoRA that run ended with (lora_final_step4.safetensors, written by that trainer), bit for bit."""
+    fixture = ROOT / "tests/data/checkpoint_before_families"
+    out = tmp_path / "run"
+    shutil.copytree(fixture / "step_000002", out / "checkpoints/step_000002")
+    config = out / "checkpoints/step_000002/config.yaml"  # the run's folders as on this machine (a moved run)
+    text = config.read_text()
+    for key, value in (("data_dir", ROOT / "data/demo/train"), ("output_dir", out), ("cache_dir", out / "cache")):
+        text = "\n".join(f"{key}: {value}" if line.startswith(f"{key}:") else line for line in text.splitlines())
+    config.write_text(text + "\n")
+    done = subprocess.run([sys.executable, str(ROOT / "train_sdxl.py"), "--config", str(config), "--resume_from",
+                           "latest"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ours, theirs = load_file(out / "lora_final.safetensors"), load_file(fixture / "lora_final_step4.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)

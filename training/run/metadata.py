@@ -14,7 +14,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
-PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v"}  # ours -> the model spec's
+UTC = datetime.timezone.utc  # noqa: UP017 (datetime.UTC is Python 3.11; we run on 3.10)
+PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v", "flow": "flow"}  # ours -> the model spec's
 
 
 def dataset_metadata(data, data_dir) -> dict[str, str]:
@@ -42,7 +43,7 @@ def run_metadata(config: dict, step: int, started_at: float, finished_at: float)
         "ss_training_started_at": repr(float(started_at)),
         "ss_training_finished_at": repr(float(finished_at)),
         "modelspec.title": Path(str(config["output_dir"])).name,
-        "modelspec.date": datetime.datetime.fromtimestamp(finished_at, datetime.UTC).isoformat(timespec="seconds"),
+        "modelspec.date": datetime.datetime.fromtimestamp(finished_at, UTC).isoformat(timespec="seconds"),
         "modelspec.resolution": f"{size}x{size}",
         "modelspec.prediction_type": PREDICTION_TYPES[config.get("prediction_type", "epsilon")],
     }
