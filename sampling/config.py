@@ -96,11 +96,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     family = _check_paths(args)
     defaults = family.DEFAULTS  # what was left out is the family's
     args.image_size = args.image_size or f"{defaults['width']}x{defaults['height']}"
-    args.num_inference_steps = args.num_inference_steps or defaults["steps"]
+    args.num_inference_steps = defaults["steps"] if args.num_inference_steps is None else args.num_inference_steps
     args.guidance_scale = defaults["guidance_scale"] if args.guidance_scale is None else args.guidance_scale
     args.scheduler = args.scheduler or defaults["sampler"]
     if args.scheduler not in family.SAMPLERS:
-        fail("scheduler", args.scheduler, f"is not a {family.TITLE} sampler; use one of {', '.join(family.SAMPLERS)}")
+        fail("scheduler", args.scheduler, f"invalid choice for {family.TITLE}: use one of "
+             f"{', '.join(family.SAMPLERS)}")
     try:
         args.width, args.height = parse_size(args.image_size)
     except ValueError as e:

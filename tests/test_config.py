@@ -19,8 +19,8 @@ from training.config import (
     validate,
 )
 
-GROUPS = ["data", "model", "LoRA", "optimization", "precision & memory", "caching", "output & checkpoints",
-          "validation & logging"]
+GROUPS = ["data", "model", "LoRA", "optimization", "timesteps, noise & loss weighting",
+          "runtime: seed, precision, memory & caches", "output & checkpoints", "validation, evaluation & logging"]
 
 
 @pytest.fixture
@@ -88,6 +88,8 @@ def test_defaults(tmp, base):
         masked_loss=False, mask_dir=None, alpha_mask=False, dataset_config=None, caption_extension=".txt",
         caption_prefix="", caption_suffix="", keep_tokens_separator="", conv_rank=0, conv_alpha=0.0,
         use_dora=False, train_text_encoder=False, text_encoder_lr=None, text_encoder_target_mode="attention",
+        t5=True, max_sequence_length=None, sigmoid_scale=1.0, flow_shift=None, precondition_outputs=False,
+        guidance_scale=1.0,
         data_dir=str(tmp / "data"), output_dir=str(tmp / "out"), cache_dir=str(tmp / "out" / "cache"),
     )
     got = vars(args)

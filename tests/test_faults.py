@@ -383,7 +383,7 @@ def test_resume_auto_refuses_extra_flags_that_change_the_result(tmp_path):
     (folder / "config.yaml").write_text(text)
     checkpoint = Checkpoint(folder, {}, None, {"step": 4}, yaml.safe_load(text), {})
     check_extra(checkpoint, resume_command(checkpoint, extra=["--max_train_steps", "8", "--save_interval", "2"]))
-    with pytest.raises(CheckpointError, match=r"seed: checkpoint 0, now 3; lora_rank: checkpoint 8, now 16\)"):
+    with pytest.raises(CheckpointError, match=r"lora_rank: checkpoint 8, now 16; seed: checkpoint 0, now 3\)"):
         check_extra(checkpoint, resume_command(checkpoint, extra=["--lora_rank", "16", "--seed", "3"]))
 
 

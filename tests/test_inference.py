@@ -156,7 +156,7 @@ def test_negative_prompts_empty_is_zeros(gen):
 
 def test_bf16_unet_with_fp32_vae(loras):
     gen = ImageGenerator.from_pretrained("tiny", loras=[(loras["kohya"], 1.0)], dtype=torch.bfloat16)
-    assert gen.unet.dtype == torch.bfloat16 and gen.text_encoder.text_encoder.dtype == torch.bfloat16
+    assert gen.denoiser.dtype == torch.bfloat16 and gen.text_encoder.text_encoder.dtype == torch.bfloat16
     assert next(gen.vae.parameters()).dtype == torch.float32
     (image,) = gen.generate_unique_batch([PROMPT], [0], **dict(SIZE, width=64))
     assert image.size == (64, 64) and np.asarray(image).std() > 1

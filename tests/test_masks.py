@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion.ddpm import alphas_cumprod
+from diffusion.ddpm import DDPMObjective, alphas_cumprod
 from training.data.datasets import build_dataset
 from training.data.masks import MaskSource, latent_mask
 from training.loop.loss import diffusion_loss
@@ -90,15 +90,15 @@ def test_masked_loss_ignores_the_outside_and_ones_are_the_plain_loss():
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
     prediction = torch.nn.Parameter(torch.randn(2, 4, 8, 8, generator=g))
-    t, ac = torch.tensor([100, 800]), alphas_cumprod()
+    t, ddpm = torch.tensor([100, 800]), DDPMObjective(alphas_cumprod())
 
-    def unet(x, t, embeds, cond):
+    def predict(x, t):
         return prediction + 0 * x
 
     mask = torch.zeros(2, 1, 8, 8)
     mask[0, :, 2:6, 1:5] = 1.0
     mask[1, :, :, 4:] = 0.5
-    loss = diffusion_loss(unet, x0, None, None, None, t, noise, alphas_cumprod=ac, mask=mask)
+    loss = diffusion_loss(predict, ddpm, x0, t, noise, mask=mask)
     per_pixel = (prediction.detach() - noise) ** 2
     expected = (per_pixel * mask).sum(dim=(1, 2, 3)) / (4 * mask.sum(dim=(1, 2, 3)))  # the mask-weighted mean
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
@@ -106,8 +106,8 @@ def test_masked_loss_ignores_the_outside_and_ones_are_the_plain_loss():
     outside = (mask == 0).expand_as(prediction)
     assert torch.all(prediction.grad[outside] == 0) and torch.all(prediction.grad[~outside] != 0)
 
-    plain = diffusion_loss(unet, x0, None, None, None, t, noise, alphas_cumprod=ac)
-    ones = diffusion_loss(unet, x0, None, None, None, t, noise, alphas_cumprod=ac, mask=torch.ones(2, 1, 8, 8))
+    plain = diffusion_loss(predict, ddpm, x0, t, noise)
+    ones = diffusion_loss(predict, ddpm, x0, t, noise, mask=torch.ones(2, 1, 8, 8))
     torch.testing.assert_close(ones, plain, rtol=1e-6, atol=0)
 
 

@@ -60,7 +60,7 @@ def test_inspect(run_dir, capsys):
                  f"data         {ROOT / 'data/demo/train'} at 64 px, bucketing, random flip",
                  "LoRA         rank 4, alpha 2, targets all (", "EMA weights  yes (decay 0.999)",
                  "optimizer    adamw, lr 0.02 (cosine schedule, 0 warmup steps); lr now ",
-                 "batch        2 x 1 accumulation x 1 process = 2 images per step", "precision    fp32",
+                 "batch        2 images per step (batch_size 2 x accumulation 1 x 1 process)", "precision    fp32",
                  "max steps    2", "seed         0", "files        5, "):
         assert line in out, line
     rows = {row.split()[0]: row.split(maxsplit=1)[1] for row in out.splitlines() if row.startswith("  ")}

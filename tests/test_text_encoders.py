@@ -79,8 +79,8 @@ def test_different_prompts_give_different_embeddings(encoder):
 
 
 def test_encoders_are_frozen(encoder):
-    encoder.train()
-    assert not encoder.text_encoder.training and not encoder.text_encoder_2.training
+    """Frozen and in eval mode as loaded; only a run whose text-encoder LoRA trains puts it in train mode."""
+    assert not encoder.training and not encoder.text_encoder.training and not encoder.text_encoder_2.training
     assert not any(p.requires_grad for p in encoder.parameters())
 
 

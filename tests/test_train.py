@@ -11,12 +11,12 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import load_file
 
-from diffusion.ddpm import alphas_cumprod
+from diffusion.ddpm import DDPMObjective, alphas_cumprod
 from lora.layer import LoRAConfig, lora_modules
 from sampling.grid_labels import label_grid
 from sdxl.loading import load_unet
 from sdxl.lora import apply_lora, load_lora
-from training.loop.loss import diffusion_loss
+from training.loop.loss import diffusion_loss, weighted
 from training.loop.optim import lr_multiplier
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,7 +49,7 @@ def test_demo_run_writes_everything_and_learns(tmp_path):
     labelled = label_grid(Image.new("RGB", (4 * 64, 2 * 64)), ["a", "b"], [0, 1, 2, 3]).size  # 2 prompts x 4 images
     assert Image.open(out / "samples/step_000030.png").size == labelled
     assert "step 30: validation loss 0." in run.stdout and "step 30: sampling 2 prompts x 4 images ..." in run.stdout
-    assert "30 steps of 16 images (batch_size 16 x accumulation 1 x 1 process)" in run.stdout
+    assert "30 steps of 16 images per step (batch_size 16 x accumulation 1 x 1 process)" in run.stdout
     for step in ("step_000015", "step_000030"):
         assert {"lora.safetensors", "training_state.pt", "config.yaml", "COMPLETE"} <= {
             p.name for p in (out / "checkpoints" / step).iterdir()}
@@ -139,9 +139,11 @@ def test_training_step_matches_diffusers_with_peft(tiny_dir, prediction_type, ga
 
     losses = {}
     for name, unet in (("ours", ours), ("ref", Wrap(ref))):
-        loss = diffusion_loss(unet, x0, embeds, pooled, time_ids, t, noise, alphas_cumprod=alphas_cumprod(),
-                              prediction_type=prediction_type, min_snr_gamma=gamma,
-                              loss_weighting="min_snr" if gamma else "none").mean()
+        objective = DDPMObjective(alphas_cumprod(), prediction_type=prediction_type, min_snr_gamma=gamma,
+                                  loss_weighting="min_snr" if gamma else "none")
+        cond = {"text_embeds": pooled, "time_ids": time_ids}
+        loss = weighted(diffusion_loss(lambda x_t, t, unet=unet, cond=cond: unet(x_t, t, embeds, cond), objective,
+                                       x0, t, noise), objective, t).mean()
         loss.backward()
         losses[name] = loss.item()
     assert abs(losses["ours"] - losses["ref"]) / losses["ref"] < 1e-5
@@ -324,8 +326,8 @@ def test_scores_during_training_and_the_best_checkpoint(tmp_path, feature_net):
         meta = f.metadata()
     assert meta["sdxl_lora.best_metric"] == "kid" and float(meta["sdxl_lora.best_score"]) == scores[best_step]
     assert meta["sdxl_lora.best_step"] == str(best_step) and meta["sdxl_lora.weights"] == "ema"
-    from lora.reading import read_lora_file
     from sdxl.configs import unet_config_to_diffusers
+    from sdxl.lora import read_lora_file
     from sdxl.tiny import TINY_UNET_CONFIG
 
     entries, _ = read_lora_file(out / "lora_best.safetensors", unet_config_to_diffusers(TINY_UNET_CONFIG))

@@ -144,9 +144,7 @@ def parse_config(argv=None, family: str = "sdxl") -> argparse.Namespace:
                 raise ConfigError(f"{where}: unknown key {key!r}{hint}")
             actions[key].default = _yaml_value(actions[key], key, value, where)
             actions[key].required = False
-    args = _resolve(parser.parse_args(argv), family)
-    vars(args).pop("config")  # the file's values are in; it is not a setting of the run
-    return args
+    return _resolve(parser.parse_args(argv), family)
 
 
 def _is_url(value: str) -> bool:

@@ -392,5 +392,6 @@ def build_parser(prog: str, description: str, epilog: str) -> argparse.ArgumentP
                                is dataclasses.MISSING else f.default_factory())
                 if typing.get_origin(typing.get_type_hints(section)[f.name]) is list:
                     kwargs["nargs"] = "*"
-            add_flag(group, f.name, m["help"], **{k: v for k, v in kwargs.items() if v is not None and v != ()})
+            help_text = m["help"].replace("%", "%%")  # argparse formats help strings with %
+            add_flag(group, f.name, help_text, **{k: v for k, v in kwargs.items() if v is not None and v != ()})
     return p

@@ -1,6 +1,6 @@
 """A run's output folder: finding its latest checkpoint, describing one, and the command that resumes it.
 
-A run's output folder (`train_sdxl.py --output_dir`) holds `config.yaml` (written first) and
+A run's output folder (the trainer's `--output_dir`) holds `config.yaml` (written first) and
 `checkpoints/step_XXXXXX/` folders (see training/run/checkpoints.py). Paths given here may be a checkpoint
 folder, an output folder (-> its newest complete checkpoint that loads), the `checkpoints/` folder itself or
 `checkpoints/latest` (a name, not a folder: the same newest complete checkpoint). Anything else is a
@@ -14,12 +14,14 @@ import shutil
 import sys
 from pathlib import Path
 
+import families
 from common.errors import CheckpointError, NoCheckpoint
 from training.run.checkpoints import FILES, MARKER, Checkpoint, find_latest, load_checkpoint, settings_differences
 
 # the first line of OUTPUT_DIR/config.yaml (training/config.py), now and before the families
 CONFIG_HEADERS = ("# Resolved config of a LoRA training run", "# Resolved config of train_sdxl.py")
-TRAIN_SCRIPT = Path(__file__).resolve().parent.parent / "train_sdxl.py"
+ROOT = Path(__file__).resolve().parents[2]  # the scripts' folder
+TRAIN_SCRIPT = ROOT / "train_sdxl.py"
 
 
 def _is_checkpoint_folder(path: Path) -> bool:
@@ -34,7 +36,7 @@ def output_dir_of(path) -> Path:
     if path.name == "latest" and path.parent.name == "checkpoints" and not path.exists():
         path = path.parent  # RUN/checkpoints/latest: the run's newest complete checkpoint (as --resume_from latest)
     if not path.exists():
-        raise CheckpointError(f"{path} does not exist; give a training output folder (train_sdxl.py --output_dir) "
+        raise CheckpointError(f"{path} does not exist; give a training output folder (a trainer's --output_dir) "
                               "or one of its checkpoints/step_XXXXXX folders")
     if not path.is_dir():
         raise CheckpointError(f"{path} is a file, not a training output folder or checkpoint folder "
@@ -49,7 +51,7 @@ def output_dir_of(path) -> Path:
     if (path / "checkpoints").is_dir() or ours:
         return path
     raise CheckpointError(f"{path} is not a training output folder (it has no checkpoints/ folder and no config.yaml "
-                          "written by train_sdxl.py); give the --output_dir of a run")
+                          "written by a trainer); give the --output_dir of a run")
 
 
 def latest_checkpoint(path) -> Checkpoint:
@@ -142,18 +144,19 @@ def python_command() -> str:
 
 
 def script_path(script: Path = TRAIN_SCRIPT) -> str:
-    """train_sdxl.py relative to the current folder when it lies below it, else absolute."""
+    """A script (the run's trainer) relative to the current folder when it lies below it, else absolute."""
     rel = os.path.relpath(script)
     return rel if not rel.startswith("..") else str(script)
 
 
 def resume_command(checkpoint: Checkpoint, python: str | None = None, extra=()) -> list[str]:
-    """`python train_sdxl.py --config CKPT/config.yaml --resume_from CKPT [--output_dir DIR] [extra...]`.
+    """`python train_<family>.py --config CKPT/config.yaml --resume_from CKPT [--output_dir DIR] [extra...]`.
 
     The checkpoint's config.yaml is the run's full resolved config; `--output_dir` is added only when the
     run folder was moved since (so new checkpoints go next to the old ones). `extra`: flags that may
     change on resume, e.g. `--max_train_steps 2000` to continue a finished run."""
-    cmd = [python or python_command(), script_path(), "--config", str(checkpoint.path / FILES["config"]),
+    script = ROOT / families.get(checkpoint.metadata.get("sdxl_lora.family", "sdxl")).SCRIPT  # the run's trainer
+    cmd = [python or python_command(), script_path(script), "--config", str(checkpoint.path / FILES["config"]),
            "--resume_from", str(checkpoint.path)]
     here = checkpoint.path.parent.parent
     saved = checkpoint.config.get("output_dir")
@@ -163,11 +166,12 @@ def resume_command(checkpoint: Checkpoint, python: str | None = None, extra=()) 
 
 
 def check_extra(checkpoint: Checkpoint, command: list[str]) -> None:
-    """Refuse a resume command whose added flags would change what the run computes (the check train_sdxl.py
-    makes on resume), before it is printed or run; a flag train_sdxl.py does not know exits 2 (argparse)."""
+    """Refuse a resume command whose added flags would change what the run computes (the check the trainer makes
+    on resume), before it is printed or run; a flag the trainer does not know exits 2 (argparse)."""
     from training.config import parse_config  # here: --inspect needs no parser
 
-    diffs = settings_differences(checkpoint.config, vars(parse_config(command[2:])))
+    family = checkpoint.metadata.get("sdxl_lora.family", "sdxl")
+    diffs = settings_differences(checkpoint.config, vars(parse_config(command[2:], family)))
     if diffs:
         raise CheckpointError("the flags after -- would change what the resumed run computes (" + "; ".join(diffs)
                               + "); only --max_train_steps/--num_epochs, saving, validation, logging, caching, "
