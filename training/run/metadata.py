@@ -14,7 +14,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v"}  # ours -> the model spec's
+PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v", "flow": "flow"}  # ours -> the model spec's
 
 
 def dataset_metadata(data, data_dir) -> dict[str, str]:
