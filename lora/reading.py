@@ -169,7 +169,10 @@ def _parse(path, names: LoRANames, text_encoder: nn.Module | None = None, text_e
             raise ValueError(f"{path}: key {entry['key']} has up {tuple(entry['up'].shape)} but {group} of the "
                              f"{names.base} model has {total} output rows")
         for module, row, rows in targets:  # DoRA's magnitude is per output row: each part takes its rows
-            entries[module] = {**entry, "up": entry["up"][row : row + rows]}
+            up = entry["up"][row : row + rows]
+            if magnitude is None and not up.any():  # rows a writer left zero (a layer it did not adapt): no LoRA
+                continue
+            entries[module] = {**entry, "up": up}
             if magnitude is not None:
                 entries[module]["magnitude"] = magnitude[row : row + rows]
     return entries, metadata

@@ -10,7 +10,9 @@ Target modes (`--lora_target_mode`), Linear layers of each joint block (diffuser
   all            + the adaLN modulations norm1.linear, norm1_context.linear: every Linear of the joint blocks,
                  kohya's SD3 default (its x/context attn, mlp and mod dims)
 The embedders and the final layer outside the blocks are never targeted (kohya's `emb_dims`, off by default), but
-files with them are read.
+files with them are read. The pre-only last block's text queries (attn.add_q_proj) are targeted, as by diffusers
+and kohya, though its text output is dropped, so their LoRA gets no gradient: leaving them out would leave rows of
+SAI's fused qkv without a DoRA magnitude, which a kohya file cannot express.
 
 kohya names are SAI's (sd3/sai.py), as kohya's sd-scripts write SD3 LoRAs and ComfyUI reads them:
 `lora_unet_` + the SAI module path with `.` -> `_`, e.g. `lora_unet_joint_blocks_0_x_block_attn_qkv` (our to_q,
