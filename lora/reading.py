@@ -123,8 +123,8 @@ def _parse(path, names: LoRANames, text_encoder: nn.Module | None = None, text_e
             if group not in kohya and text_encoder_names and (module := _kohya_clip_name(group)):
                 kohya[group] = [(module, 0, None)]
             if group not in kohya:
-                raise ValueError(f"{path}: key {key} names no module of this {names.family} model or its text "
-                                 "encoders; the LoRA was made for another base model (e.g. SD 1.5) or another config")
+                raise ValueError(f"{path}: key {key} names no module of the model or its text encoders; the LoRA "
+                                 "was made for another base model (e.g. SD 1.5) or another config")
             part = KOHYA_SUFFIXES[suffix]
         else:  # peft: text-encoder module paths keep their text_encoder(_2). prefix
             stripped = key.removeprefix(prefix)
