@@ -172,9 +172,10 @@ def _parse(path, names: LoRANames, text_encoder: nn.Module | None = None, text_e
             up = entry["up"][row : row + rows]
             if magnitude is None and not up.any():  # rows a writer left zero (a layer it did not adapt): no LoRA
                 continue
-            entries[module] = {**entry, "up": up}
+            # each part owns its tensors (a file written from them must not share storage)
+            entries[module] = {**entry, "down": entry["down"].clone(), "up": up.clone()}
             if magnitude is not None:
-                entries[module]["magnitude"] = magnitude[row : row + rows]
+                entries[module]["magnitude"] = magnitude[row : row + rows].clone()
     return entries, metadata
 
 

@@ -233,6 +233,11 @@ def test_kohya_file_is_what_comfyui_applies_and_round_trips(tmp_path, names, mod
     merged = sd3.load_denoiser("tiny-sd3")
     load_lora(merged, path, names)
     assert max(rel_err(merged.state_dict()[k], expected[k]) for k in expected) < 1e-6
+    # kohya -> diffusers (extract_lora_weights.py): the split q/k/v parts own their tensors; the same update
+    converted = write_lora(weights, tmp_path / "d.safetensors", format="diffusers")
+    merged = sd3.load_denoiser("tiny-sd3")
+    load_lora(merged, converted, names)
+    assert max(rel_err(merged.state_dict()[k], expected[k]) for k in expected) < 1e-6
 
 
 def sai_linear_keys(model) -> dict[str, tuple[int, int]]:
