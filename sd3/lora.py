@@ -64,8 +64,11 @@ def lora_targets(model: nn.Module, config) -> dict[str, tuple[int, float]]:
 # ---------------------------------------------------------------------------------------------------
 # Names in LoRA files
 
+# modelspec.architecture, as the model spec's readers (SwarmUI) name SD3 classes
 ARCHITECTURES = {"sd3-medium": "stable-diffusion-v3-medium/lora", "sd3.5-medium": "stable-diffusion-v3.5-medium/lora",
                  "sd3.5-large": "stable-diffusion-v3.5-large/lora"}
+# ss_base_model_version, as kohya's sd3_train_network.py writes it (its MMDiT's model_type, sd3_utils.py)
+KOHYA_VERSIONS = {"sd3-medium": "medium", "sd3.5-medium": "5-medium", "sd3.5-large": "5-large"}
 BASES = ("sd3.5-medium", "sd3.5-large", "sd3-medium", "tiny-sd3")  # tried in this order when no base is named
 CONFIGS = {"sd3.5-medium": SD35_MEDIUM, "sd3.5-large": SD35_LARGE, "sd3-medium": SD3_MEDIUM,
            "tiny-sd3": TINY_MMDIT_CONFIG}
@@ -79,7 +82,8 @@ def architecture(config: MMDiTConfig) -> str:
 
 
 def kohya_metadata(config: MMDiTConfig) -> dict[str, str]:
-    return {"ss_base_model_version": "sd3", "modelspec.architecture": ARCHITECTURES[architecture(config)],
+    arch = architecture(config)
+    return {"ss_base_model_version": KOHYA_VERSIONS[arch], "modelspec.architecture": ARCHITECTURES[arch],
             "modelspec.implementation": "https://github.com/Stability-AI/sd3.5"}
 
 

@@ -147,7 +147,8 @@ def test_names_of_the_released_models_without_weights(tiny, tmp_path):
     assert large.kohya_swapped == {"norm_out.linear", "transformer_blocks.37.norm1_context.linear"}
     assert medium.metadata["modelspec.architecture"] == "stable-diffusion-v3.5-medium/lora"
     assert large.metadata["modelspec.architecture"] == "stable-diffusion-v3.5-large/lora"
-    assert medium.metadata["ss_base_model_version"] == "sd3" and medium.peft_prefix == "transformer"
+    assert medium.metadata["ss_base_model_version"] == "5-medium" and medium.peft_prefix == "transformer"  # kohya's
+    assert large.metadata["ss_base_model_version"] == "5-large"
     assert sd3.lora_names("sd3.5-medium") is medium  # cached
     assert sd3.lora_names(tiny).layers == sd3.lora_names("tiny-sd3").layers  # a folder: its config
     # an SAI single file: its config from the header's shapes, no tensor read
@@ -261,7 +262,7 @@ def test_reads_kohya_sd_scripts_files(tmp_path, names):
                     f"{name}.lora_up.weight": torch.randn(out, 4, generator=g) * 0.1,
                     f"{name}.alpha": torch.tensor(1.0)}
     path = tmp_path / "sd_scripts.safetensors"
-    save_file(tensors, path, metadata={"ss_network_module": "networks.lora_sd3", "ss_base_model_version": "sd3"})
+    save_file(tensors, path, metadata={"ss_network_module": "networks.lora_sd3", "ss_base_model_version": "5-medium"})
     base = {k: v.clone() for k, v in model.state_dict().items()}
     expected = comfy_apply(base, path)
     load_lora(model, path, names)
