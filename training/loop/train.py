@@ -116,8 +116,8 @@ def build_models(settings: Settings, family: ModuleType, device: torch.device) -
     if lora.train_text_encoder:  # after the denoiser's LoRA: its init is the same with and without
         family.text_encoder_lora(text_encoder, lora.lora_rank, lora.lora_alpha, lora.lora_dropout,
                                  lora.text_encoder_target_mode, runtime.gradient_checkpointing)
-    model_id = f"{Path(str(model.pretrained_model)).name}:{model.vae_model or ''}" + \
-        "".join(f":{k}={v}" for k, v in options.items())  # the text cache keeps --no-t5's embeddings apart
+    model_id = f"{Path(str(model.pretrained_model)).name}:{model.vae_model or ''}"
+    text_id = model_id + "".join(f":{k}={v}" for k, v in options.items())  # e.g. --no-t5's embeddings kept apart
     models = Models(
         family=family,
         denoiser=denoiser,
@@ -125,7 +125,7 @@ def build_models(settings: Settings, family: ModuleType, device: torch.device) -
         vae=family.load_vae(model.vae_model or model.pretrained_model, device=device),
         latents=LatentCache(runtime.cache_latents, Path(runtime.cache_dir), model_id),
         texts=TextEmbeddingCache("disk" if runtime.cache_text_embeddings else "none", Path(runtime.cache_dir),
-                                 model_id),
+                                 text_id),
         lora_config=lora_config,
         objective=family.objective(settings.noise, model.pretrained_model),
         scheduler_config=family.scheduler_config(model.pretrained_model),
