@@ -60,7 +60,9 @@ class Family(Protocol):
     vae_problem: Callable[[str], str | None]  # (path) -> why --vae_model cannot load it, or None
     resolve: Callable[[str], Path]  # (path or tiny name) -> the folder or file
     load_denoiser: Callable[..., nn.Module]  # (path, dtype, device)
-    load_text_encoder: Callable[..., nn.Module]  # (path, dtype, device); encode(prompts) -> (embeds, pooled)
+    # (path, dtype, device, **its model flags: training/flags.py `model_options`, e.g. SD 3.5's t5,
+    # max_sequence_length); encode(prompts) -> (embeds, pooled)
+    load_text_encoder: Callable[..., nn.Module]
     load_vae: Callable[..., nn.Module]  # (path, device) -> a LatentVAE (fp32, scaled latents)
     scheduler_config: Callable[[str], dict]  # (path) -> its sampling schedule's config (diffusers' json)
 

@@ -6,7 +6,9 @@ Files are safetensors in two formats (docs/ARCHITECTURE.md, "LoRA files"):
   A1111/Forge and kohya read (diffusers reads it too, except DoRA: its SDXL loader drops `dora_scale`). Where the
   vendor's model fuses layers that diffusers keeps apart (SD 3.5's and FLUX.1's attention q/k/v), one kohya module
   covers several of ours: its down is their downs stacked and its up block-diagonal (or, for LoRAs that share a
-  down, their ups stacked), so the fused layer gets exactly the sum of our updates.
+  down, their ups stacked), so the fused layer gets exactly the sum of our updates (and a DoRA magnitude, being per
+  output row, is ours stacked). Where the vendor's layer holds our output rows' two halves swapped (SD 3.5's
+  final and pre-only adaLN), the up and magnitude are written and read swapped.
 - diffusers: peft names `<prefix>.<diffusers module path>.lora_A.weight / .lora_B.weight` (+ `.lora_magnitude_vector`,
   DoRA; prefix `unet` or `transformer`), for diffusers' `load_lora_weights`; ComfyUI, A1111/Forge and kohya do NOT
   read this format. Its readers take no alpha from the tensors and apply lora_B @ lora_A at scale 1, so the writer
@@ -66,6 +68,9 @@ class LoRANames:
     peft_prefix: str  # "unet" or "transformer"
     metadata: Mapping[str, str]  # ss_base_model_version, modelspec.architecture, modelspec.implementation
     kohya_aliases: Mapping[str, str] = field(default_factory=dict)  # other kohya spellings read -> module path
+    # module paths whose vendor layer holds the two halves of our output rows swapped (SD 3.5's final and pre-only
+    # adaLN: SAI's (shift, scale), diffusers' (scale, shift)); written and read swapped in kohya files
+    kohya_swapped: frozenset[str] = frozenset()
 
     def fused_rows(self, kohya_name: str) -> int:
         """The output rows of the vendor's layer that `kohya_name` names (the sum of its parts)."""
@@ -210,8 +215,16 @@ def fuse(parts: list[tuple[int, int, torch.Tensor, torch.Tensor, float]], rows: 
     return down, up, scale * rank
 
 
+def swap_halves(t: torch.Tensor) -> torch.Tensor:
+    """(a, b) -> (b, a) along dim 0; its own inverse."""
+    a, b = t.chunk(2, dim=0)
+    return torch.cat([b, a], dim=0)
+
+
 def kohya_tensors(weights: LoRAWeights, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The kohya-format tensors of `weights`: vendor module names, fused where the vendor's model fuses layers."""
+    """The kohya-format tensors of `weights`: vendor module names, fused where the vendor's model fuses layers (a
+    DoRA magnitude too: it is per output row, so the fused layer's is ours stacked, when DoRA covers all its rows),
+    row halves swapped where the vendor's layer swaps them."""
     groups = {}  # kohya module name -> [(first row, rows, our module path)]
     for name, (_, up, _) in weights.modules.items():
         key, row, rows = ((kohya_text_encoder_key(name), 0, up.shape[0]) if is_text_encoder_name(name)
@@ -219,19 +232,26 @@ def kohya_tensors(weights: LoRAWeights, dtype: torch.dtype) -> dict[str, torch.T
         groups.setdefault(key, []).append((row, rows, name))
     tensors = {}
     for key, parts in groups.items():
+        parts = sorted(parts)
         total = parts[0][1] if is_text_encoder_name(parts[0][2]) else weights.names.fused_rows(key)
         name = parts[0][2]
         if len(parts) == 1 and parts[0][1] == total:  # a layer of its own
             down, up, alpha = weights.modules[name]
-        elif any(name in weights.magnitudes for _, _, name in parts):
-            raise ValueError(f"DoRA on {name}: the vendor's model fuses it into {key}, whose DoRA magnitude cannot "
-                             "be made from ours; write this LoRA in diffusers format")
         else:
-            down, up, alpha = fuse([(row, rows, *weights.modules[n]) for row, rows, n in sorted(parts)], total)
+            down, up, alpha = fuse([(row, rows, *weights.modules[n]) for row, rows, n in parts], total)
+        magnitudes = [weights.magnitudes.get(n) for _, _, n in parts]
+        magnitude = None
+        if any(m is not None for m in magnitudes):
+            if any(m is None for m in magnitudes) or sum(rows for _, rows, _ in parts) != total:
+                raise ValueError(f"DoRA on {name}: the vendor's model fuses it into {key}, whose other rows have no "
+                                 "DoRA magnitude; write this LoRA in diffusers format")
+            magnitude = torch.cat([m.flatten() for m in magnitudes])
+        if name in weights.names.kohya_swapped:
+            up, magnitude = swap_halves(up), None if magnitude is None else swap_halves(magnitude)
         tensors |= {f"{key}.lora_down.weight": down.to(dtype), f"{key}.lora_up.weight": up.to(dtype),
                     f"{key}.alpha": torch.tensor(float(alpha), dtype=dtype)}
-        if name in weights.magnitudes:  # LyCORIS' layout: [out, 1] / [out, 1, 1, 1] (the output axis)
-            tensors[f"{key}.dora_scale"] = weights.magnitudes[name].reshape(-1, *[1] * (down.ndim - 1)).to(dtype)
+        if magnitude is not None:  # LyCORIS' layout: [out, 1] / [out, 1, 1, 1] (the output axis)
+            tensors[f"{key}.dora_scale"] = magnitude.reshape(-1, *[1] * (down.ndim - 1)).to(dtype)
     return tensors
 
 

@@ -1,8 +1,9 @@
 """Reading LoRA files of any kind (ours, kohya's, LyCORIS', diffusers/peft) into `LoRAWeights`, and merging one
 into a model (and its text encoders): `read_lora`, `read_lora_file`, `load_lora`. Names are read through the base
 model's `LoRANames` (its family's); a kohya module the vendor's model fuses (SD 3.5's, FLUX.1's q/k/v) is split
-into our layers: each gets the shared down and its rows of the up. Every key and shape is checked against the
-model, so a LoRA for another base model is an error naming the key, never a silent partial load.
+into our layers: each gets the shared down and its rows of the up (and of a DoRA magnitude). Every key and shape
+is checked against the model, so a LoRA for another base model is an error naming the key, never a silent partial
+load.
 The formats are described in lora/files.py, which writes them.
 """
 
@@ -25,6 +26,7 @@ from lora.files import (
     check_fits,
     describe,
     fits,
+    swap_halves,
 )
 from lora.layer import LoRALayer
 from lora.text_encoders import file_name, is_text_encoder_name
@@ -121,8 +123,8 @@ def _parse(path, names: LoRANames, text_encoder: nn.Module | None = None, text_e
             if group not in kohya and text_encoder_names and (module := _kohya_clip_name(group)):
                 kohya[group] = [(module, 0, None)]
             if group not in kohya:
-                raise ValueError(f"{path}: key {key} names no module of this {names.family} model or its text "
-                                 "encoders; the LoRA was made for another base model (e.g. SD 1.5) or another config")
+                raise ValueError(f"{path}: key {key} names no module of the model or its text encoders; the LoRA "
+                                 "was made for another base model (e.g. SD 1.5) or another config")
             part = KOHYA_SUFFIXES[suffix]
         else:  # peft: text-encoder module paths keep their text_encoder(_2). prefix
             stripped = key.removeprefix(prefix)
@@ -155,15 +157,25 @@ def _parse(path, names: LoRANames, text_encoder: nn.Module | None = None, text_e
         entry["alpha"] = _alpha(entry, group, is_kohya, metadata, path, prefix)
         targets = kohya[group] if is_kohya else [(group, 0, None)]
         if len(targets) == 1:  # a layer of its own (its shapes are checked against the model later)
-            entries[targets[0][0]] = entry
+            module = targets[0][0]
+            if module in names.kohya_swapped and names.kohya[module][0] == group \
+                    and entry["up"].shape[0] == names.layers[module][0]:  # the vendor's row halves swapped
+                entry = {**entry, **{k: swap_halves(entry[k]) for k in ("up", "magnitude") if k in entry}}
+            entries[module] = entry
             continue
         total = names.fused_rows(group)  # the vendor's fused layer (e.g. q, k, v in one): split it into ours
-        if entry["up"].shape[0] != total or "magnitude" in entry:
+        magnitude = entry.get("magnitude")
+        if entry["up"].shape[0] != total or (magnitude is not None and magnitude.numel() != total):
             raise ValueError(f"{path}: key {entry['key']} has up {tuple(entry['up'].shape)} but {group} of the "
-                             f"{names.base} model has {total} output rows" if "magnitude" not in entry else
-                             f"{path}: key {entry['key']}: DoRA on a fused layer ({group}) is not supported")
-        for module, row, rows in targets:
-            entries[module] = {**entry, "up": entry["up"][row : row + rows]}
+                             f"{names.base} model has {total} output rows")
+        for module, row, rows in targets:  # DoRA's magnitude is per output row: each part takes its rows
+            up = entry["up"][row : row + rows]
+            if magnitude is None and not up.any():  # rows a writer left zero (a layer it did not adapt): no LoRA
+                continue
+            # each part owns its tensors (a file written from them must not share storage)
+            entries[module] = {**entry, "down": entry["down"].clone(), "up": up.clone()}
+            if magnitude is not None:
+                entries[module]["magnitude"] = magnitude[row : row + rows].clone()
     return entries, metadata
 
 

@@ -43,12 +43,15 @@ class SD3TextEncoder(torch.nn.Module):
         # the T5 tokens' width; without T5, the zeros' (the transformer's joint_attention_dim)
         self.joint_attention_dim = text_encoder_3.config.d_model if text_encoder_3 is not None else joint_attention_dim
         self.requires_grad_(False)
-        self.trains = False  # True once a text-encoder LoRA is put on the CLIPs
         self.eval()
 
     def train(self, mode: bool = True):
-        # Frozen: a parent module's .train() must not switch the encoders out of eval mode (unless a LoRA trains).
-        return super().train(mode and self.trains)
+        """Train mode (for a LoRA on the CLIPs: its dropout, checkpointing) reaches only the CLIPs: T5 never trains,
+        so it stays in eval mode (its dropout off), as in diffusers' SD3 LoRA example."""
+        super().train(mode)
+        if self.text_encoder_3 is not None:
+            self.text_encoder_3.eval()
+        return self
 
     @property
     def device(self) -> torch.device:

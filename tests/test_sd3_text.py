@@ -71,8 +71,10 @@ def test_batch_entries_are_independent_and_prompts_matter(tiny):
 def test_frozen_and_forward_has_gradients(tiny):
     enc = SD3TextEncoder.from_pretrained(tiny, max_sequence_length=16)
     assert not any(p.requires_grad for p in enc.parameters())
+    assert not enc.training  # frozen, in eval mode; the loop calls .train(True) only while a CLIP LoRA trains
     enc.train()
-    assert not enc.training and not enc.text_encoder_3.training  # stays in eval mode unless a LoRA trains
+    assert enc.text_encoder.training and enc.text_encoder_2.training and not enc.text_encoder_3.training  # T5: never
+    enc.eval()
     layer = enc.text_encoder_2.text_model.encoder.layers[0].self_attn.q_proj
     layer.weight.requires_grad_(True)  # what a LoRA on CLIP-G will do
     embeds, pooled = enc([SHORT])

@@ -132,8 +132,9 @@ class LoRASettings:
         "to_out.0, all = every Linear of the transformer blocks, as kohya; SD 3.5 and FLUX.1: see docs/families.md "
         "(default: the model's: SDXL attention_out, SD 3.5 and FLUX.1 attention)", metavar='MODE', must_match=True,
         since='attention_out')
-    conv_rank: int = flag(0, "LoCon: also put a LoRA of this rank on the UNet's 3x3 convs (ResNets, down/upsamplers), "
-        "as kohya's conv_dim; 0 = none (default: 0)", metavar='R', rule=NOT_NEGATIVE, must_match=True, since=0)
+    conv_rank: int = flag(0, "SDXL LoCon: also put a LoRA of this rank on the UNet's 3x3 convs (ResNets, "
+        "down/upsamplers), as kohya's conv_dim; 0 = none (default: 0)", metavar='R', rule=NOT_NEGATIVE,
+        must_match=True, since=0, families=("sdxl",))
     conv_alpha: float | None = flag(None, 'LoCon updates are scaled by conv_alpha/conv_rank (default: --conv_rank)',
         metavar='A', rule=NOT_NEGATIVE, must_match=True, since=0.0)
     train_text_encoder: bool = flag(False, 'also train a LoRA (--lora_rank/--lora_alpha/--lora_dropout, plain LoRA) '
@@ -342,6 +343,13 @@ class Settings:
     def flat(self) -> dict:
         """flag name -> value, every section (what config.yaml holds)."""
         return {k: v for f in dataclasses.fields(self) for k, v in dataclasses.asdict(getattr(self, f.name)).items()}
+
+
+def model_options(model: ModelSettings, family: str) -> dict:
+    """The model flags of one family only (`families` names it: SD 3.5's t5 and max_sequence_length, ...), as the
+    keyword arguments its `load_text_encoder` takes (families.py)."""
+    return {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
+            if family in (f.metadata["families"] or ())}
 
 
 def table() -> dict[str, dataclasses.Field]:

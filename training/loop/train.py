@@ -41,7 +41,7 @@ from training.config import save_resolved_config
 from training.data.captions import CaptionStyle
 from training.data.datasets import TrainingData, build_dataset
 from training.data.masks import MaskSource, latent_mask
-from training.flags import Settings
+from training.flags import Settings, model_options
 from training.loop.caching import LatentCache, TextEmbeddingCache
 from training.loop.ema import EMA
 from training.loop.loss import diffusion_loss, draw_times_and_noise, weighted
@@ -111,11 +111,13 @@ def build_models(settings: Settings, family: ModuleType, device: torch.device) -
     add_lora(denoiser, family.lora_targets(denoiser, lora_config), lora_config.dropout, lora_config.use_dora)
     denoiser.set_gradient_checkpointing(runtime.gradient_checkpointing)
     text_dtype = DTYPES[runtime.precision] if device.type == "cuda" else torch.float32
-    text_encoder = family.load_text_encoder(model.pretrained_model, dtype=text_dtype, device=device)
+    options = model_options(model, family.NAME)  # e.g. SD 3.5's t5, max_sequence_length
+    text_encoder = family.load_text_encoder(model.pretrained_model, dtype=text_dtype, device=device, **options)
     if lora.train_text_encoder:  # after the denoiser's LoRA: its init is the same with and without
         family.text_encoder_lora(text_encoder, lora.lora_rank, lora.lora_alpha, lora.lora_dropout,
                                  lora.text_encoder_target_mode, runtime.gradient_checkpointing)
     model_id = f"{Path(str(model.pretrained_model)).name}:{model.vae_model or ''}"
+    text_id = model_id + "".join(f":{k}={v}" for k, v in options.items())  # e.g. --no-t5's embeddings kept apart
     models = Models(
         family=family,
         denoiser=denoiser,
@@ -123,7 +125,7 @@ def build_models(settings: Settings, family: ModuleType, device: torch.device) -
         vae=family.load_vae(model.vae_model or model.pretrained_model, device=device),
         latents=LatentCache(runtime.cache_latents, Path(runtime.cache_dir), model_id),
         texts=TextEmbeddingCache("disk" if runtime.cache_text_embeddings else "none", Path(runtime.cache_dir),
-                                 model_id),
+                                 text_id),
         lora_config=lora_config,
         objective=family.objective(settings.noise, model.pretrained_model),
         scheduler_config=family.scheduler_config(model.pretrained_model),
