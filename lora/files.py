@@ -44,6 +44,9 @@ KOHYA_TEXT_ENCODERS = {"lora_te_": "text_encoder.", "lora_te1_": "text_encoder."
 KOHYA_SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha", "dora_scale": "magnitude"}
 PEFT_SUFFIXES = {".lora_A.weight": "down", ".lora_B.weight": "up", ".lora_magnitude_vector": "magnitude"}
 PEFT_PREFIXES = ("unet.", "transformer.")  # diffusers' names of the denoiser in a LoRA file
+# kohya-format module prefixes: the vendor's names (`lora_unet_`), and a kohya-style spelling of diffusers' names
+# some tools write for diffusers' transformers (`lora_transformer_<diffusers path>`, read through kohya_aliases)
+KOHYA_PREFIXES = ("lora_unet_", "lora_transformer_")
 FORMAT_VERSION = "1"  # of the `sdxl_lora.*` metadata we write
 # Metadata that describes a file's format: written afresh for each output file, never copied from the input.
 FORMAT_KEYS = {"sdxl_lora.format_version", "sdxl_lora.rank", "sdxl_lora.alpha", "sdxl_lora.target_mode",
@@ -188,6 +191,23 @@ def _check_metadata(metadata: dict | None) -> dict[str, str]:
     return metadata
 
 
+def kohya_dora_problem(names: LoRANames, mode: str) -> str | None:
+    """Why a DoRA of target mode `mode` cannot be written in kohya format for this base model, or None: a kohya
+    layer that fuses several of ours (FLUX.1's single-block linear1 = q, k, v, MLP in) needs a magnitude for every
+    row, and the rows of a layer the LoRA does not adapt are the base weights' norms, which a LoRA file lacks."""
+    targets = names.targets.get(mode, frozenset())
+    fused = {}
+    for module, (key, _, _) in names.kohya.items():
+        fused.setdefault(key, []).append(module)
+    for key, modules in fused.items():
+        adapted = [m for m in modules if m in targets]
+        if adapted and len(adapted) < len(modules):
+            missing = ", ".join(m.rpartition(".")[2] for m in modules if m not in targets)
+            return (f"the {names.family} model fuses {', '.join(a.rpartition('.')[2] for a in adapted)} with "
+                    f"{missing} into one layer ({key}), which target mode {mode} adapts only in part")
+    return None
+
+
 def fuse(parts: list[tuple[int, int, torch.Tensor, torch.Tensor, float]], rows: int
          ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """One kohya module (down, up, alpha) for several of ours that the vendor's model fuses into one layer of `rows`
@@ -221,17 +241,23 @@ def kohya_tensors(weights: LoRAWeights, dtype: torch.dtype) -> dict[str, torch.T
     for key, parts in groups.items():
         total = parts[0][1] if is_text_encoder_name(parts[0][2]) else weights.names.fused_rows(key)
         name = parts[0][2]
+        dora = [n for _, _, n in parts if n in weights.magnitudes]
+        magnitude = weights.magnitudes.get(name)
         if len(parts) == 1 and parts[0][1] == total:  # a layer of its own
             down, up, alpha = weights.modules[name]
-        elif any(name in weights.magnitudes for _, _, name in parts):
-            raise ValueError(f"DoRA on {name}: the vendor's model fuses it into {key}, whose DoRA magnitude cannot "
-                             "be made from ours; write this LoRA in diffusers format")
+        elif dora and (len(dora) < len(parts) or sum(rows for _, rows, _ in parts) != total):
+            raise ValueError(f"DoRA on {dora[0]}: the vendor's model fuses it into {key} with layers this LoRA does "
+                             "not adapt, whose DoRA magnitudes cannot be made without the base weights; write this "
+                             "LoRA in diffusers format, or adapt every part of the fused layer")
         else:
-            down, up, alpha = fuse([(row, rows, *weights.modules[n]) for row, rows, n in sorted(parts)], total)
+            parts = sorted(parts)
+            down, up, alpha = fuse([(row, rows, *weights.modules[n]) for row, rows, n in parts], total)
+            # DoRA's norms are per output row, so the fused layer's magnitude is its parts' in row order (exact)
+            magnitude = torch.cat([weights.magnitudes[n].flatten() for _, _, n in parts]) if dora else None
         tensors |= {f"{key}.lora_down.weight": down.to(dtype), f"{key}.lora_up.weight": up.to(dtype),
                     f"{key}.alpha": torch.tensor(float(alpha), dtype=dtype)}
-        if name in weights.magnitudes:  # LyCORIS' layout: [out, 1] / [out, 1, 1, 1] (the output axis)
-            tensors[f"{key}.dora_scale"] = weights.magnitudes[name].reshape(-1, *[1] * (down.ndim - 1)).to(dtype)
+        if magnitude is not None:  # LyCORIS' layout: [out, 1] / [out, 1, 1, 1] (the output axis)
+            tensors[f"{key}.dora_scale"] = magnitude.reshape(-1, *[1] * (down.ndim - 1)).to(dtype)
     return tensors
 
 

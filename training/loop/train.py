@@ -41,7 +41,7 @@ from training.config import save_resolved_config
 from training.data.captions import CaptionStyle
 from training.data.datasets import TrainingData, build_dataset
 from training.data.masks import MaskSource, latent_mask
-from training.flags import Settings
+from training.flags import ModelSettings, Settings
 from training.loop.caching import LatentCache, TextEmbeddingCache
 from training.loop.ema import EMA
 from training.loop.loss import diffusion_loss, draw_times_and_noise, weighted
@@ -91,7 +91,8 @@ class Models:
         """`for_batch(batch, embeds, pooled)` -> `predict(x_t, t)`: the family's denoiser call with that batch's
         conditioning (`model`: the denoiser as trained, e.g. in DDP; default: the denoiser itself)."""
         model = model or self.denoiser
-        return lambda batch, embeds, pooled: lambda x_t, t: self.family.predict(model, x_t, t, embeds, pooled, batch)
+        return lambda batch, embeds, pooled: lambda x_t, t: self.family.predict(model, x_t, t, embeds, pooled, batch,
+                                                                                self.objective)
 
     def set_training(self, on: bool) -> None:
         """Train mode (LoRA dropout, checkpointing) for what trains; the frozen text encoder stays in eval mode."""
@@ -111,11 +112,14 @@ def build_models(settings: Settings, family: ModuleType, device: torch.device) -
     add_lora(denoiser, family.lora_targets(denoiser, lora_config), lora_config.dropout, lora_config.use_dora)
     denoiser.set_gradient_checkpointing(runtime.gradient_checkpointing)
     text_dtype = DTYPES[runtime.precision] if device.type == "cuda" else torch.float32
-    text_encoder = family.load_text_encoder(model.pretrained_model, dtype=text_dtype, device=device)
+    text_encoder = family.load_text_encoder(model.pretrained_model, dtype=text_dtype, device=device, settings=model)
     if lora.train_text_encoder:  # after the denoiser's LoRA: its init is the same with and without
         family.text_encoder_lora(text_encoder, lora.lora_rank, lora.lora_alpha, lora.lora_dropout,
                                  lora.text_encoder_target_mode, runtime.gradient_checkpointing)
     model_id = f"{Path(str(model.pretrained_model)).name}:{model.vae_model or ''}"
+    # text entries also depend on the text-encoder settings (T5 length, --no-t5); SDXL's keys stay as they were
+    text_id = model_id + "".join(f":{k}={v}" for k, v in (("max_sequence_length", model.max_sequence_length),
+                                                          ("t5", model.t5)) if v != getattr(ModelSettings(), k))
     models = Models(
         family=family,
         denoiser=denoiser,
@@ -123,7 +127,7 @@ def build_models(settings: Settings, family: ModuleType, device: torch.device) -
         vae=family.load_vae(model.vae_model or model.pretrained_model, device=device),
         latents=LatentCache(runtime.cache_latents, Path(runtime.cache_dir), model_id),
         texts=TextEmbeddingCache("disk" if runtime.cache_text_embeddings else "none", Path(runtime.cache_dir),
-                                 model_id),
+                                 text_id),
         lora_config=lora_config,
         objective=family.objective(settings.noise, model.pretrained_model),
         scheduler_config=family.scheduler_config(model.pretrained_model),

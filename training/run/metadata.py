@@ -14,7 +14,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
-PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v"}  # ours -> the model spec's
+# ours -> the model spec's; rectified flow (SD 3.5, FLUX.1) has none: kohya leaves modelspec.prediction_type out
+PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v"}
 
 
 def dataset_metadata(data, data_dir) -> dict[str, str]:
@@ -32,6 +33,7 @@ def dataset_metadata(data, data_dir) -> dict[str, str]:
 def run_metadata(config: dict, step: int, started_at: float, finished_at: float) -> dict[str, str]:
     """The run's settings and times (config: the resolved config, as a dict)."""
     size = int(config["image_size"])
+    prediction_type = PREDICTION_TYPES.get(config.get("prediction_type", "epsilon"))
     return {
         "ss_output_name": Path(str(config["output_dir"])).name,
         "ss_resolution": f"({size}, {size})",
@@ -44,8 +46,7 @@ def run_metadata(config: dict, step: int, started_at: float, finished_at: float)
         "modelspec.title": Path(str(config["output_dir"])).name,
         "modelspec.date": datetime.datetime.fromtimestamp(finished_at, datetime.UTC).isoformat(timespec="seconds"),
         "modelspec.resolution": f"{size}x{size}",
-        "modelspec.prediction_type": PREDICTION_TYPES[config.get("prediction_type", "epsilon")],
-    }
+    } | ({"modelspec.prediction_type": prediction_type} if prediction_type else {})
 
 
 def is_run_key(key: str) -> bool:
