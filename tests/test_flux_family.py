@@ -402,3 +402,25 @@ def test_names_bases_and_recognition(tiny, tmp_path):
     assert len(dev.targets["attention"]) == 19 * 8 + 38 * 3 and flux_lora.names_for(FLUX_DEV, "x") is not dev
     assert family.lora_names(str(tiny)).layers == flux_lora.lora_names("tiny-flux").layers
     assert family.blocks(load_transformer("tiny-flux"))[0].__class__.__name__ == "DoubleStreamBlock"
+
+
+def test_generate_images_cli(tmp_path, capsys):
+    """generate_images.py on tiny-flux: the model's defaults, --true-cfg-scale recorded; refused for SDXL."""
+    from generate_images import main
+
+    out = tmp_path / "out"
+    argv = ["--pretrained-model", "tiny-flux", "--prompt", PROMPT, "--num-images", "2", "--image-size", "48x64",
+            "--num-inference-steps", "2", "--output-dir", str(out), "--device", "cpu"]
+    assert main([*argv, "--negative-prompt", "blurry", "--true-cfg-scale", "2.0"]) == 0
+    meta = json.loads((out / "00001.json").read_text())
+    assert meta["true_cfg_scale"] == 2.0 and meta["guidance_scale"] == 3.5 and meta["sampler"] == "flow_euler"
+    assert (out / "00000.png").is_file() and meta["seed"] == 1
+    assert main([*argv[:-4], "--output-dir", str(tmp_path / "sdxl"), "--pretrained-model", "tiny",
+                 "--true-cfg-scale", "2.0"]) == 2
+    assert "--true-cfg-scale 2.0: is for FLUX.1" in capsys.readouterr().err
+
+
+def test_family_has_every_name_of_the_interface():
+    missing = [name for name in families.Family.__annotations__ if not hasattr(family, name)]
+    assert not missing and families.get("flux") is family
+    assert families.get("sdxl").defaults and families.get("sdxl").predict.__code__.co_varnames[6] == "objective"
