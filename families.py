@@ -47,7 +47,8 @@ class Family(Protocol):
     TINY: str  # the name of its embedded tiny model ("tiny", "tiny-sd3", "tiny-flux")
     SCRIPT: str  # its trainer, e.g. "train_sdxl.py"
     SAMPLERS: tuple[str, ...]  # what generate_images.py --scheduler offers
-    DEFAULTS: dict  # generation defaults: width, height, steps, guidance_scale, sampler
+    DEFAULTS: dict  # generation defaults of its main model: width, height, steps, guidance_scale, sampler (+ the
+    #                 sampling options it alone takes, e.g. FLUX.1's true_cfg_scale); `defaults(path)`: a model's
     LORA_MODES: tuple[str, ...]  # --lora_target_mode values
     LORA_BASES: tuple[str, ...]  # the base models a LoRA file is tried against (read_lora), e.g. ("sdxl", "tiny")
     PREDICTION_TYPES: tuple[str, ...]  # --prediction_type values it trains
@@ -65,11 +66,14 @@ class Family(Protocol):
     load_text_encoder: Callable[..., nn.Module]
     load_vae: Callable[..., nn.Module]  # (path, device) -> a LatentVAE (fp32, scaled latents)
     scheduler_config: Callable[[str], dict]  # (path) -> its sampling schedule's config (diffusers' json)
+    defaults: Callable[[str], dict]  # (path) -> DEFAULTS for this model (FLUX.1-schnell: 4 steps, no guidance)
 
     # --- training
     flag_defaults: Callable[[str], dict]  # (path) -> values of the trainer flags whose default is the model's
     objective: Callable[..., Objective]  # (NoiseSettings, path)
-    predict: Callable[..., torch.Tensor]  # (denoiser, x_t, t, embeds, pooled, batch): with its conditioning
+    predict: Callable[..., torch.Tensor]  # (denoiser, x_t, t, embeds, pooled, batch, objective): with its
+    #                                       conditioning from the batch (SDXL's sizes) and the objective (FLUX.1's
+    #                                       training guidance)
     lora_targets: Callable[..., dict[str, tuple[int, float]]]  # (denoiser, LoRAConfig) -> path: (rank, alpha)
     text_encoder_lora: Callable[..., dict]  # (text_encoder, rank, alpha, dropout, mode, checkpointing)
     blocks: Callable[[nn.Module], list[nn.Module]]  # (denoiser) -> what --compile compiles, one by one
@@ -79,7 +83,8 @@ class Family(Protocol):
 
     # --- sampling
     sample: Callable[..., torch.Tensor]  # (denoiser, embeds, pooled, neg_embeds, neg_pooled, *, seeds, height,
-    #                                      width, steps, guidance_scale, sampler, scheduler_config) -> latents
+    #                                      width, steps, guidance_scale, sampler, scheduler_config, and the
+    #                                      DEFAULTS keys beyond these, e.g. true_cfg_scale) -> latents
     negative: Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (text_encoder, prompts, embeds, pooled)
 
 

@@ -211,9 +211,21 @@ def is_schnell(path) -> bool:
     return not read_transformer_config(transformer_folder(path)).guidance_embeds
 
 
-def default_max_sequence_length(path) -> int:
-    """The T5 length the model was trained with: 256 for schnell, 512 for dev."""
-    return MAX_SEQUENCE_LENGTH["schnell" if is_schnell(path) else "dev"]
+def default_max_sequence_length(path, config_path=None) -> int:
+    """The T5 length the model was trained with: 256 for schnell, 512 for dev, capped by the `model_max_length`
+    of its T5 tokenizer (a folder's, or `config_path`'s for a single file): FLUX.1's say 512, tiny-flux's 32."""
+    length = MAX_SEQUENCE_LENGTH["schnell" if is_schnell(path) else "dev"]
+    path = resolve_model_path(path)
+    folder = path if path.is_dir() else resolve_model_path(config_path) if config_path else None
+    config = folder / "tokenizer_2" / "tokenizer_config.json" if folder is not None else None
+    if config is not None and config.is_file():
+        try:
+            cap = json.loads(config.read_text()).get("model_max_length")
+        except (OSError, ValueError):
+            cap = None
+        if isinstance(cap, int) and 0 < cap < length:
+            return cap
+    return length
 
 
 def _parts_folder(path: Path, config_path, part: str) -> Path:
@@ -235,7 +247,7 @@ def load_text_encoder(path, dtype=torch.float32, device="cpu", max_sequence_leng
     `config_path`). max_sequence_length: the T5 length, by default the model's (512 dev, 256 schnell)."""
     path = resolve_model_path(path)
     folder = _parts_folder(path, config_path, "text encoders")
-    length = max_sequence_length or default_max_sequence_length(path)
+    length = max_sequence_length or default_max_sequence_length(path, config_path)
     return FluxTextEncoder.from_pretrained(folder, dtype=dtype, device=device, max_sequence_length=length)
 
 

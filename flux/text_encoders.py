@@ -14,19 +14,14 @@ from pathlib import Path
 import torch
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
+from diffusion.t5 import t5_embeddings
+
 SUBFOLDERS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
 
-def _t5_embeds(tokenizer, encoder, prompts: list[str], max_length: int) -> torch.Tensor:
-    """T5 encoder last hidden state (B, max_length, C) of the prompts padded / truncated to max_length tokens.
-    (To be replaced by the shared diffusion/t5.py helper when the branches merge.)"""
-    ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
-                    return_tensors="pt").input_ids  # (B, max_length)
-    return encoder(ids.to(encoder.device)).last_hidden_state
-
-
 class FluxTextEncoder(torch.nn.Module):
-    """CLIP-L and T5 with their tokenizers, frozen: prompts -> (prompt_embeds (B, L, 4096), pooled (B, 768))."""
+    """CLIP-L and T5 with their tokenizers, frozen and in eval mode: prompts -> (prompt_embeds (B, L, 4096), pooled
+    (B, 768)). A training loop calls `.train(True)` only while a LoRA on CLIP-L trains (lora/text_encoders.py)."""
 
     def __init__(self, tokenizer, tokenizer_2, text_encoder, text_encoder_2, max_sequence_length: int = 512):
         super().__init__()
@@ -36,12 +31,14 @@ class FluxTextEncoder(torch.nn.Module):
         self.text_encoder_2 = text_encoder_2  # T5EncoderModel (T5 v1.1 XXL)
         self.max_sequence_length = max_sequence_length
         self.requires_grad_(False)
-        self.trains = False  # True once a trainable LoRA is put on it (CLIP-L)
         self.eval()
 
     def train(self, mode: bool = True):
-        # Frozen: a parent module's .train() must not switch the encoders out of eval mode (unless a LoRA trains).
-        return super().train(mode and self.trains)
+        # Only CLIP-L ever takes a LoRA. T5 stays in eval mode: FLUX.1's T5-XXL config has dropout_rate 0.1, which
+        # train mode would switch on and so change the embeddings the transformer was trained with.
+        super().train(mode)
+        self.text_encoder_2.eval()
+        return self
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu", max_sequence_length: int = 512):
@@ -78,7 +75,7 @@ class FluxTextEncoder(torch.nn.Module):
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids  # (B, 77)
         pooled = self.text_encoder(ids.to(self.text_encoder.device)).pooler_output  # (B, 768): EOS token, final norm
-        embeds = _t5_embeds(self.tokenizer_2, self.text_encoder_2, prompts, self.max_sequence_length)  # (B, L, 4096)
+        embeds = t5_embeddings(self.tokenizer_2, self.text_encoder_2, prompts, self.max_sequence_length)  # (B, L, 4096)
         return embeds, pooled
 
 

@@ -26,8 +26,12 @@ from diffusion.tokenizers import build_clip_tokenizer, build_t5_tokenizer, write
 from flux.configs import FLUX_DEV_SCHEDULER, config_to_diffusers
 from flux.transformer import FluxConfig, FluxTransformer
 
-TINY_FLUX_VERSION = 1  # 1: random weights
+TINY_FLUX_VERSION = 2  # 1: random weights; 2: T5 length 32 (tokenizer_2's model_max_length)
 WEIGHTS = None  # no pretrained tiny-flux ships yet: a folder of transformer/vae/text_encoder*.safetensors later
+# The tiny model's T5 length, written as its tokenizer_2's model_max_length: flux/loading.py's default T5 length is
+# the model's (512 dev, 256 schnell) capped by it, so CPU training and sampling attend over 32 text tokens, not 512.
+# FluxPipeline takes the length as a call argument (max_sequence_length=32 in the parity tests).
+TINY_MAX_SEQUENCE_LENGTH = 32
 
 # 0.55 M parameters. Heads of 16 = RoPE axes 4 + 6 + 6; context 48 = tiny T5 width, pooled 32 = tiny CLIP width
 # (different on purpose, so a swapped input fails loudly).
@@ -90,6 +94,7 @@ def write_tiny_text_encoders(root: Path, seed: int = 2, weights: Path | None = N
     of `weights/text_encoder*.safetensors`; the same inputs give identical bytes."""
     root = Path(root)
     tokenizer, tokenizer_2 = build_clip_tokenizer("<|endoftext|>"), build_t5_tokenizer()
+    tokenizer_2.model_max_length = TINY_MAX_SEQUENCE_LENGTH
     # eos_token_id must be the tokenizer's real one: with any value but 2, CLIP pools the hidden state at the
     # first position holding eos_token_id (the legacy value 2 means "argmax of ids").
     clip = CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,

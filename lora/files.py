@@ -46,6 +46,9 @@ KOHYA_TEXT_ENCODERS = {"lora_te_": "text_encoder.", "lora_te1_": "text_encoder."
 KOHYA_SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha", "dora_scale": "magnitude"}
 PEFT_SUFFIXES = {".lora_A.weight": "down", ".lora_B.weight": "up", ".lora_magnitude_vector": "magnitude"}
 PEFT_PREFIXES = ("unet.", "transformer.")  # diffusers' names of the denoiser in a LoRA file
+# kohya-format module prefixes: the vendor's names (`lora_unet_`), and a kohya-style spelling of diffusers' names
+# some tools write for diffusers' transformers (`lora_transformer_<diffusers path>`, read through kohya_aliases)
+KOHYA_PREFIXES = ("lora_unet_", "lora_transformer_")
 FORMAT_VERSION = "1"  # of the `sdxl_lora.*` metadata we write
 # Metadata that describes a file's format: written afresh for each output file, never copied from the input.
 FORMAT_KEYS = {"sdxl_lora.format_version", "sdxl_lora.rank", "sdxl_lora.alpha", "sdxl_lora.target_mode",
@@ -193,6 +196,23 @@ def _check_metadata(metadata: dict | None) -> dict[str, str]:
     return metadata
 
 
+def kohya_dora_problem(names: LoRANames, mode: str) -> str | None:
+    """Why a DoRA of target mode `mode` cannot be written in kohya format for this base model, or None: a kohya
+    layer that fuses several of ours (FLUX.1's single-block linear1 = q, k, v, MLP in) needs a magnitude for every
+    row, and the rows of a layer the LoRA does not adapt are the base weights' norms, which a LoRA file lacks."""
+    targets = names.targets.get(mode, frozenset())
+    fused = {}
+    for module, (key, _, _) in names.kohya.items():
+        fused.setdefault(key, []).append(module)
+    for key, modules in fused.items():
+        adapted = [m for m in modules if m in targets]
+        if adapted and len(adapted) < len(modules):
+            missing = ", ".join(m.rpartition(".")[2] for m in modules if m not in targets)
+            return (f"the {names.family} model fuses {', '.join(a.rpartition('.')[2] for a in adapted)} with "
+                    f"{missing} into one layer ({key}), which target mode {mode} adapts only in part")
+    return None
+
+
 def fuse(parts: list[tuple[int, int, torch.Tensor, torch.Tensor, float]], rows: int
          ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """One kohya module (down, up, alpha) for several of ours that the vendor's model fuses into one layer of `rows`
@@ -235,6 +255,8 @@ def kohya_tensors(weights: LoRAWeights, dtype: torch.dtype) -> dict[str, torch.T
         parts = sorted(parts)
         total = parts[0][1] if is_text_encoder_name(parts[0][2]) else weights.names.fused_rows(key)
         name = parts[0][2]
+        dora = [n for _, _, n in parts if n in weights.magnitudes]
+        magnitude = weights.magnitudes.get(name)
         if len(parts) == 1 and parts[0][1] == total:  # a layer of its own
             down, up, alpha = weights.modules[name]
         else:

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from torch import nn
 
 from lora.files import (
+    KOHYA_PREFIXES,
     KOHYA_SUFFIXES,
     KOHYA_TEXT_ENCODERS,
     PEFT_SUFFIXES,
@@ -115,8 +116,9 @@ def _parse(path, names: LoRANames, text_encoder: nn.Module | None = None, text_e
             raise ValueError(f"{path}: key {key} is a text-encoder LoRA weight; here only the {names.peft_prefix} "
                              "takes a LoRA (generate_images.py applies both; remove the lora_te*/text_encoder* keys "
                              "otherwise)")
-        if key.startswith(("lora_unet_", *KOHYA_TEXT_ENCODERS)):
-            group, _, suffix = key.partition(".")
+        spelling = _comfy_key(key)  # ComfyUI's diffusion_model.<path> as kohya's lora_unet_<path>
+        if spelling.startswith((*KOHYA_PREFIXES, *KOHYA_TEXT_ENCODERS)):
+            group, _, suffix = spelling.partition(".")
             if suffix not in KOHYA_SUFFIXES:
                 raise ValueError(f"{path}: key {key} is not a LoRA, LoCon or DoRA weight (LoHa/LoKr/IA3 are not "
                                  "supported)")
@@ -153,7 +155,7 @@ def _parse(path, names: LoRANames, text_encoder: nn.Module | None = None, text_e
         if "down" not in entry or "up" not in entry:
             raise ValueError(f"{path}: key {entry['key']} has no matching {'up' if 'down' in entry else 'down'} "
                              "weight; the file is incomplete")
-        is_kohya = entry["key"].startswith(("lora_unet_", *KOHYA_TEXT_ENCODERS))
+        is_kohya = _comfy_key(entry["key"]).startswith((*KOHYA_PREFIXES, *KOHYA_TEXT_ENCODERS))
         entry["alpha"] = _alpha(entry, group, is_kohya, metadata, path, prefix)
         targets = kohya[group] if is_kohya else [(group, 0, None)]
         if len(targets) == 1:  # a layer of its own (its shapes are checked against the model later)
@@ -177,6 +179,23 @@ def _parse(path, names: LoRANames, text_encoder: nn.Module | None = None, text_e
             if magnitude is not None:
                 entries[module]["magnitude"] = magnitude[row : row + rows].clone()
     return entries, metadata
+
+
+COMFY_SUFFIXES = {".lora_down.weight": "lora_down.weight", ".lora_up.weight": "lora_up.weight", ".alpha": "alpha",
+                  ".dora_scale": "dora_scale", ".lora_A.weight": "lora_down.weight", ".lora_B.weight": "lora_up.weight"}
+
+
+def _comfy_key(key: str) -> str:
+    """ComfyUI's own LoRA layout, `diffusion_model.<vendor module path>.lora_down.weight` (or lora_A / lora_B), as
+    kohya's `lora_unet_<vendor module path with _>.lora_down.weight` (diffusers reads it so too); other keys as
+    they are."""
+    if not key.startswith("diffusion_model."):
+        return key
+    suffix = next((s for s in COMFY_SUFFIXES if key.endswith(s)), None)
+    if suffix is None:
+        return key
+    module = key.removeprefix("diffusion_model.").removesuffix(suffix)
+    return f"lora_unet_{module.replace('.', '_')}.{COMFY_SUFFIXES[suffix]}"
 
 
 def _alpha(entry: dict, module: str, is_kohya: bool, metadata: dict, path, prefix: str) -> float:
@@ -250,7 +269,7 @@ def load_lora(model: nn.Module, path, names: LoRANames, scale: float = 1.0, text
 
 def file_format(path) -> str:
     with safe_open(str(path), framework="pt") as f:
-        return "kohya" if any(k.startswith("lora_unet_") for k in f.keys()) else "diffusers"
+        return "kohya" if any(_comfy_key(k).startswith(KOHYA_PREFIXES) for k in f.keys()) else "diffusers"
 
 
 def read_lora(path, candidates: list[LoRANames]) -> LoRAWeights:

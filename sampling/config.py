@@ -59,8 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
              "flag (default: the model's, e.g. 1024 for SDXL)", metavar="WxH", aliases=("resolution",))
     add_flag(g, "num-inference-steps", "sampler steps, 1..1000 (default: the model's, e.g. 30 for SDXL)", type=int,
              metavar="N")
-    add_flag(g, "guidance-scale", "classifier-free guidance; <= 1 turns it off (default: the model's, e.g. 5.0 for "
-             "SDXL)", type=float, metavar="G")
+    add_flag(g, "guidance-scale", "classifier-free guidance; <= 1 turns it off; FLUX.1-dev: the value of its "
+             "guidance embedding (no second pass), schnell ignores it (default: the model's: SDXL 5.0, FLUX.1-dev "
+             "3.5)", type=float, metavar="G")
+    add_flag(g, "true-cfg-scale", "FLUX.1: true classifier-free guidance against --negative-prompt (two transformer "
+             "passes per step), as FluxPipeline's true_cfg_scale; > 1 turns it on (default: 1, off)", type=float,
+             metavar="G")
     add_flag(g, "scheduler", "sampler: SDXL euler, euler_a, ddim, dpmpp_2m, each also with _karras (Karras sigmas) "
              "(default: the model's, e.g. euler for SDXL)", metavar="NAME")
     add_flag(g, "seed", "image i is seeded seed + i (a .jsonl line's seed wins) (default: 0)", type=int, default=0)
@@ -89,16 +93,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     """Parse and check every flag; resolve sizes, device, precision, LoRA scales, prompts (a one-line ConfigError
     or PromptError for anything wrong)."""
     args = build_parser().parse_args(argv)
-    for name in ("guidance_scale", "lora_scale"):
-        for value in args.lora_scale if name == "lora_scale" else [args.guidance_scale or 0.0]:
+    for name in ("guidance_scale", "true_cfg_scale", "lora_scale"):
+        for value in args.lora_scale if name == "lora_scale" else [getattr(args, name) or 0.0]:
             if not math.isfinite(value):
                 fail(name.replace("_", "-"), value, "must be a finite number")
     family = _check_paths(args)
-    defaults = family.DEFAULTS  # what was left out is the family's
+    defaults = family.defaults(args.pretrained_model)  # what was left out is the model's
     args.image_size = args.image_size or f"{defaults['width']}x{defaults['height']}"
     args.num_inference_steps = defaults["steps"] if args.num_inference_steps is None else args.num_inference_steps
     args.guidance_scale = defaults["guidance_scale"] if args.guidance_scale is None else args.guidance_scale
     args.scheduler = args.scheduler or defaults["sampler"]
+    if args.true_cfg_scale is not None and "true_cfg_scale" not in defaults:
+        fail("true-cfg-scale", args.true_cfg_scale, f"is for FLUX.1; {family.TITLE}'s --guidance-scale is its "
+             "classifier-free guidance")
+    args.true_cfg_scale = defaults.get("true_cfg_scale") if args.true_cfg_scale is None else args.true_cfg_scale
+    if args.true_cfg_scale is not None and args.true_cfg_scale < 0:
+        fail("true-cfg-scale", args.true_cfg_scale, "must be >= 0 (> 1 turns true CFG on)")
     if args.scheduler not in family.SAMPLERS:
         fail("scheduler", args.scheduler, f"invalid choice for {family.TITLE}: use one of "
              f"{', '.join(family.SAMPLERS)}")
@@ -169,7 +179,10 @@ def _check_paths(args: argparse.Namespace):
 
 def run_settings(args: argparse.Namespace) -> dict:
     """What every image of the run shares, as written to (and checked against) each .json."""
-    return {"num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
-            "sampler": args.scheduler, "width": args.width, "height": args.height,
-            "base_model": args.pretrained_model, "vae_model": args.vae_model,
-            "loras": [{"path": p, "scale": s} for p, s in args.loras], "precision": args.precision}
+    settings = {"num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
+                "sampler": args.scheduler, "width": args.width, "height": args.height,
+                "base_model": args.pretrained_model, "vae_model": args.vae_model,
+                "loras": [{"path": p, "scale": s} for p, s in args.loras], "precision": args.precision}
+    if getattr(args, "true_cfg_scale", None) is not None:  # a family option (FLUX.1); others' .json are unchanged
+        settings["true_cfg_scale"] = args.true_cfg_scale
+    return settings

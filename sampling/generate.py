@@ -53,6 +53,8 @@ def generate(args: argparse.Namespace, world: World, lora_files: list[tuple[str,
             return _error(f"--output-dir {out}: cannot create it ({e.strerror}); choose a folder you can write to")
     sample = {"width": args.width, "height": args.height, "steps": args.num_inference_steps,
               "guidance_scale": args.guidance_scale, "sampler": args.scheduler}
+    if getattr(args, "true_cfg_scale", None) is not None:  # a family option (FLUX.1)
+        sample["true_cfg_scale"] = args.true_cfg_scale
     # The plan's batches (a float's last bit can depend on the batch's composition), those with a missing image:
     # a re-run remakes a missing image in the same batch as an uninterrupted run, so with the same pixels.
     todo = {job.index for job in missing}

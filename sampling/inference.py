@@ -98,9 +98,10 @@ class ImageGenerator:
         images = gen.generate("a photo of a cat", 4, seed=0, width=64, height=64, steps=4)
     """
 
-    def __init__(self, family, denoiser, text_encoder, vae, scheduler_config: dict):
+    def __init__(self, family, denoiser, text_encoder, vae, scheduler_config: dict, defaults: dict | None = None):
         self.family, self.denoiser, self.text_encoder, self.vae = family, denoiser, text_encoder, vae
         self.scheduler_config = dict(scheduler_config)
+        self.defaults = dict(defaults or family.DEFAULTS)  # this model's (family.defaults(path))
 
     @classmethod
     def from_pretrained(cls, model, vae_model=None, loras=(), device="cpu", dtype=torch.float32) -> "ImageGenerator":
@@ -119,7 +120,7 @@ class ImageGenerator:
         denoiser = denoiser.to(device=device, dtype=dtype)
         text_encoder = text_encoder.to(device=device, dtype=dtype)
         vae = family.load_vae(family.resolve(vae_model) if vae_model else path, device=device)
-        return cls(family, denoiser, text_encoder, vae, family.scheduler_config(model))
+        return cls(family, denoiser, text_encoder, vae, family.scheduler_config(model), family.defaults(model))
 
     @property
     def device(self) -> torch.device:
@@ -134,21 +135,29 @@ class ImageGenerator:
 
     @torch.no_grad()
     def generate_unique_batch(self, prompts: list[str], seeds: list[int], negative_prompts: list[str] | None = None,
-                              *, width=None, height=None, steps=None, guidance_scale=None, sampler=None) -> list:
+                              *, width=None, height=None, steps=None, guidance_scale=None, sampler=None,
+                              true_cfg_scale=None) -> list:
         """One image per (prompt, seed, negative prompt): image i depends on its own three only, so a batch
         equals the same images made one by one (up to the denoiser's batched float rounding). Settings left out
-        are the family's defaults (`DEFAULTS`)."""
+        are the model's defaults (`family.defaults(path)`); true_cfg_scale only for a family whose defaults have
+        it (FLUX.1's true classifier-free guidance)."""
         if len(prompts) != len(seeds) or (negative_prompts is not None and len(negative_prompts) != len(prompts)):
             raise ValueError(f"need one seed and one negative prompt per prompt; got {len(prompts)} prompts, "
                              f"{len(seeds)} seeds, {len(negative_prompts or prompts)} negative prompts")
-        d = self.family.DEFAULTS
+        d = self.defaults
         width, height = width or d["width"], height or d["height"]
         parse_size(f"{width}x{height}")
+        if true_cfg_scale is not None and "true_cfg_scale" not in d:
+            raise ValueError(f"true_cfg_scale: {self.family.TITLE} has no true classifier-free guidance option; its "
+                             "guidance_scale is its guidance")
+        extra = {"true_cfg_scale": d["true_cfg_scale"] if true_cfg_scale is None else true_cfg_scale} \
+            if "true_cfg_scale" in d else {}
         embeds, pooled, neg_embeds, neg_pooled = self.encode(prompts, negative_prompts or [""] * len(prompts))
         latents = self.family.sample(self.denoiser, embeds, pooled, neg_embeds, neg_pooled, seeds=seeds,
                                      height=height, width=width, steps=steps or d["steps"],
                                      guidance_scale=d["guidance_scale"] if guidance_scale is None else guidance_scale,
-                                     sampler=sampler or d["sampler"], scheduler_config=self.scheduler_config)
+                                     sampler=sampler or d["sampler"], scheduler_config=self.scheduler_config,
+                                     **extra)
         # One image at a time: decode memory stays that of one image, and decoding adds no batch dependence.
         return [image for i in range(len(prompts)) for image in to_pil(self.vae.decode(latents[i : i + 1]))]
 

@@ -135,7 +135,7 @@ def objective(noise, path=None) -> FlowObjective:
 
 
 def predict(transformer: nn.Module, x_t: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor,
-            batch: dict) -> torch.Tensor:
+            batch: dict, objective=None) -> torch.Tensor:
     """The MMDiT's velocity for noisy latents x_t (B, 16, h, w) at noise levels t (B,) in [0, 1]: diffusers' timestep
     units are sigma * 1000. SD3 has no micro-conditioning (the batch's sizes are unused)."""
     return transformer(x_t, embeds, pooled, t * 1000)  # (B, 16, h, w)

@@ -53,7 +53,17 @@ def recognizes(path: Path) -> bool:
 
 
 model_problem, vae_problem, resolve = loading.model_path_problem, loading.vae_path_problem, loading.resolve_model_path
-load_denoiser, load_text_encoder, load_vae = loading.load_unet, loading.load_text_encoder, loading.load_vae
+load_denoiser, load_vae = loading.load_unet, loading.load_vae
+
+
+def load_text_encoder(path, dtype=torch.float32, device="cpu", settings=None) -> nn.Module:
+    """Both CLIP encoders (sdxl/text_encoders.py); SDXL has no text-encoder settings (`settings` is ignored)."""
+    return loading.load_text_encoder(path, dtype=dtype, device=device)
+
+
+def defaults(path) -> dict:
+    """Generation defaults: SDXL base's for every SDXL model."""
+    return dict(DEFAULTS)
 
 
 def scheduler_config(path) -> dict:
@@ -79,9 +89,9 @@ def objective(noise, path=None) -> DDPMObjective:
 
 
 def predict(unet: nn.Module, x_t: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor,
-            batch: dict) -> torch.Tensor:
+            batch: dict, objective=None) -> torch.Tensor:
     """The UNet's prediction for noisy latents x_t (B, 4, h, w) at timesteps t (B,), with SDXL's micro-conditioning
-    from the batch: original size, crop top-left, target size, each (h, w)."""
+    from the batch: original size, crop top-left, target size, each (h, w) (the objective adds none)."""
     time_ids = torch.cat([batch["original_size"], batch["crop_top_left"], batch["target_size"]], dim=1).float()
     return unet(x_t, t, embeds, {"text_embeds": pooled, "time_ids": time_ids.to(x_t.device)})  # (B, 4, h, w)
 

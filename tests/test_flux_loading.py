@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from flux.bfl import PREFIX, bfl_to_diffusers, diffusers_to_bfl
 from flux.configs import FLUX_DEV, FLUX_DEV_SCHEDULER, FLUX_SCHNELL, FLUX_SCHNELL_SCHEDULER, config_from_bfl_shapes
 from flux.loading import (
+    default_max_sequence_length,
     is_schnell,
     load_text_encoder,
     load_transformer,
@@ -222,8 +223,9 @@ def test_schnell_single_file(tmp_path):
     assert model.config == cfg
     assert scheduler_config(file) == FLUX_SCHNELL_SCHEDULER
     assert scheduler_config("tiny-flux") == scheduler_config(file, config_path="tiny-flux") == FLUX_DEV_SCHEDULER
-    encoder = load_text_encoder(file, config_path="tiny-flux")  # the encoders from a folder, the length from the file
-    assert encoder.max_sequence_length == 256
+    # the encoders from a folder, the length from the file (schnell: 256), capped by the folder's T5 tokenizer
+    assert default_max_sequence_length(file) == 256
+    assert load_text_encoder(file, config_path="tiny-flux").max_sequence_length == 32
 
 
 def test_vae(tiny_flux):

@@ -12,7 +12,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from flux.loading import load_text_encoder, load_transformer, load_vae, scheduler_config
-from flux.tiny import build, main, tiny_flux_path
+from flux.tiny import TINY_MAX_SEQUENCE_LENGTH, build, main, tiny_flux_path
 from flux.transformer import image_ids, pack_latents, text_ids, unpack_latents
 
 
@@ -37,7 +37,8 @@ def test_our_parts_follow_the_pipeline(pipe):
     the pipeline's latents: timestep = sigma in [0, 1], guidance = the scale itself, ids, packing."""
     prompt, steps, guidance, h, w = "a blue circle", 3, 3.5, 8, 6  # latent size of a 64 x 48 image
     expected = pipe(prompt, height=h * 8, width=w * 8, num_inference_steps=steps, guidance_scale=guidance,
-                    generator=torch.Generator().manual_seed(0), output_type="latent").images  # packed
+                    generator=torch.Generator().manual_seed(0), output_type="latent",
+                    max_sequence_length=TINY_MAX_SEQUENCE_LENGTH).images  # packed
 
     transformer, text = load_transformer("tiny-flux"), load_text_encoder("tiny-flux")
     embeds, pooled = text.encode([prompt])

@@ -250,6 +250,12 @@ def _check_models(args: argparse.Namespace, family: str) -> None:
                           ("timestep_sampling", model.TIMESTEP_SAMPLING), ("loss_weighting", model.LOSS_WEIGHTING)):
         if getattr(args, name) not in allowed:
             fail(name, getattr(args, name), f"is not one of {model.TITLE}'s: {', '.join(allowed)}")
+    if args.use_dora and args.save_format == "kohya":  # a fused kohya layer needs DoRA on all of its parts
+        from lora.files import kohya_dora_problem
+
+        if problem := kohya_dora_problem(model.lora_names(args.pretrained_model), args.lora_target_mode):
+            fail("use_dora", None, f"in kohya format (--save_format kohya): {problem}; use --save_format diffusers "
+                 "or a target mode that adapts the whole layer (e.g. all)")
 
 
 def _check_evaluation(args: argparse.Namespace) -> None:

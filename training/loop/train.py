@@ -91,7 +91,8 @@ class Models:
         """`for_batch(batch, embeds, pooled)` -> `predict(x_t, t)`: the family's denoiser call with that batch's
         conditioning (`model`: the denoiser as trained, e.g. in DDP; default: the denoiser itself)."""
         model = model or self.denoiser
-        return lambda batch, embeds, pooled: lambda x_t, t: self.family.predict(model, x_t, t, embeds, pooled, batch)
+        return lambda batch, embeds, pooled: lambda x_t, t: self.family.predict(model, x_t, t, embeds, pooled, batch,
+                                                                                self.objective)
 
     def set_training(self, on: bool) -> None:
         """Train mode (LoRA dropout, checkpointing) for what trains; the frozen text encoder stays in eval mode."""

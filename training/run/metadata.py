@@ -15,7 +15,8 @@ from collections import Counter
 from pathlib import Path
 
 UTC = datetime.timezone.utc  # noqa: UP017 (datetime.UTC is Python 3.11; we run on 3.10)
-PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v", "flow": "flow"}  # ours -> the model spec's
+# ours -> the model spec's; rectified flow (SD 3.5, FLUX.1) has none: kohya leaves modelspec.prediction_type out
+PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v"}
 
 
 def dataset_metadata(data, data_dir) -> dict[str, str]:
@@ -33,6 +34,7 @@ def dataset_metadata(data, data_dir) -> dict[str, str]:
 def run_metadata(config: dict, step: int, started_at: float, finished_at: float) -> dict[str, str]:
     """The run's settings and times (config: the resolved config, as a dict)."""
     size = int(config["image_size"])
+    prediction_type = PREDICTION_TYPES.get(config.get("prediction_type", "epsilon"))
     return {
         "ss_output_name": Path(str(config["output_dir"])).name,
         "ss_resolution": f"({size}, {size})",
@@ -45,8 +47,7 @@ def run_metadata(config: dict, step: int, started_at: float, finished_at: float)
         "modelspec.title": Path(str(config["output_dir"])).name,
         "modelspec.date": datetime.datetime.fromtimestamp(finished_at, UTC).isoformat(timespec="seconds"),
         "modelspec.resolution": f"{size}x{size}",
-        "modelspec.prediction_type": PREDICTION_TYPES[config.get("prediction_type", "epsilon")],
-    }
+    } | ({"modelspec.prediction_type": prediction_type} if prediction_type else {})
 
 
 def is_run_key(key: str) -> bool:
