@@ -255,8 +255,6 @@ def kohya_tensors(weights: LoRAWeights, dtype: torch.dtype) -> dict[str, torch.T
         parts = sorted(parts)
         total = parts[0][1] if is_text_encoder_name(parts[0][2]) else weights.names.fused_rows(key)
         name = parts[0][2]
-        dora = [n for _, _, n in parts if n in weights.magnitudes]
-        magnitude = weights.magnitudes.get(name)
         if len(parts) == 1 and parts[0][1] == total:  # a layer of its own
             down, up, alpha = weights.modules[name]
         else:

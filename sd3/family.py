@@ -35,6 +35,11 @@ from sd3.text_encoders import MAX_SEQUENCE_LENGTH, SD3TextEncoder
 NAME, TITLE, TINY, SCRIPT = "sd3", "Stable Diffusion 3.5", "tiny-sd3", "train_sd3.py"
 SAMPLERS = sampling.SAMPLERS
 DEFAULTS = {"width": 1024, "height": 1024, "steps": 28, "guidance_scale": 7.0, "sampler": "flow_euler"}  # pipeline's
+
+
+def defaults(path) -> dict:
+    """Generation defaults: StableDiffusion3Pipeline's for every SD 3.5 model."""
+    return dict(DEFAULTS)
 LORA_MODES, LORA_BASES = lora.MODES, lora.BASES
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # the CLIPs a text-encoder LoRA goes on (kohya lora_te1/2_); no T5
 PREDICTION_TYPES = ("flow",)
