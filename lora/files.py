@@ -264,7 +264,8 @@ def kohya_tensors(weights: LoRAWeights, dtype: torch.dtype) -> dict[str, torch.T
         if any(m is not None for m in magnitudes):
             if any(m is None for m in magnitudes) or sum(rows for _, rows, _ in parts) != total:
                 raise ValueError(f"DoRA on {name}: the vendor's model fuses it into {key}, whose other rows have no "
-                                 "DoRA magnitude; write this LoRA in diffusers format")
+                                 "DoRA magnitude; adapt every part of the fused layer, or write this LoRA in "
+                                 "diffusers format")
             magnitude = torch.cat([m.flatten() for m in magnitudes])
         if name in weights.names.kohya_swapped:
             up, magnitude = swap_halves(up), None if magnitude is None else swap_halves(magnitude)

@@ -234,7 +234,7 @@ BAD = [  # (argv after FAST and before --output-dir, text the error must contain
     (["--prompt-file", "{tmp}/empty.txt"], "empty.txt: the file holds no prompts"),
     (["--prompt-file", "{tmp}/missing.txt"], "missing.txt: the file does not exist"),
     (["--prompt", "x", "--lora-checkpoint", "{tmp}/nope.safetensors"], "nope.safetensors: does not exist"),
-    (["--prompt", "x", "--lora-checkpoint", "{bad_lora}"], "names no module of this"),
+    (["--prompt", "x", "--lora-checkpoint", "{bad_lora}"], "names no module of the"),
     (["--prompt", "x", "--image-size", "100"], "--image-size 100: 100 is not a positive multiple of 8"),
     (["--prompt", "x", "--image-size", "64x60"],
      "64x60: 60 is not a positive multiple of 8 (the VAE downsamples by 8); use e.g. 56 or 64"),
