@@ -57,14 +57,14 @@ def test_dataset_config_repeats_each_folder_with_its_own_captions(tmp_path):
         (tmp_path / "b" / f"x{i}.caption").write_text(f"cap{i}")
     config = write_config(tmp_path, [{"image_dir": "a", "num_repeats": 3, "caption_prefix": "class_a,"},
                                      {"image_dir": "b", "num_repeats": 2, "caption_extension": ".caption"}])
-    data = build_dataset(None, 192, 2, dataset_config=config, captions=CaptionStyle(suffix="end"))
+    data = build_dataset(None, 192, 1, dataset_config=config, captions=CaptionStyle(suffix="end"))
     captions = [r.caption for r in data.records]
     assert len(captions) == 4 * 3 + 2 * 2
     assert captions[:3] == ["class_a, tag0, red, blue, green, small end"] * 3
     assert captions[12:] == ["cap0 end", "cap0 end", "cap1 end", "cap1 end"]
     assert data.records[12].key == "2/x0.png" and data.summary()["num_images"] == 16
     # every repeat is its own sample: all 16 trained in an epoch, each repeat with its own crop and flip
-    seen = sorted(i for batch in data.batches_for_epoch(0) for i in batch)
+    seen = sorted(i for batch in data.batches_for_epoch(0) for i, _, _ in batch)
     assert seen == list(range(16))
 
 

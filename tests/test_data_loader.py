@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from common.errors import DataError
-from training.data.buckets import closest_bucket, cover_size, make_buckets, plan_global_batches
+from training.data.buckets import closest_bucket, cover_size, make_buckets, micro_batches, plan_steps
 from training.data.datasets import FolderDataset, build_dataset
 from training.data.images import sample_rng, to_tensor, transform_caption
 from training.data.scan import scan_folder
@@ -91,9 +91,23 @@ def test_closest_bucket_and_plan_keep_buckets_apart():
     assert buckets[closest_bucket(200, 300, buckets)] == (832, 1216)  # 1.5 vs 1.46
     assert buckets[closest_bucket(1000, 1000, buckets)] == (1024, 1024)
     bucket_of = [0, 1, 2, 1, 1, 0, 2, 2, 1, 0, 0]
-    batches = plan_global_batches(bucket_of, 2, 1, np.random.default_rng(0))
-    assert sorted(i for b in batches for i in b) == list(range(len(bucket_of)))
-    assert all(len({bucket_of[i] for i in b}) == 1 for b in batches)
+    steps = plan_steps(bucket_of, 2, np.random.default_rng(0))
+    assert all(len(s) == 2 and len({bucket_of[i] for i in s}) == 1 for s in steps)  # whole steps, one bucket each
+    assert len({i for s in steps for i in s}) == 10  # 4 + 4 + 3 images: one image of the 3-image bucket sits out
+    partial = plan_steps(bucket_of, 2, np.random.default_rng(0), keep_partial=True)  # validation: every image once
+    assert sorted(i for s in partial for i in s) == list(range(len(bucket_of)))
+
+
+def test_micro_batches_cut_a_step_the_same_way_for_any_split():
+    """Micro-batch k of rank r is positions [(k W + r) B, (k W + r + 1) B): the union over ranks of micro-batch k
+    is the same slice of the step for (B 2, W 1), (B 1, W 2); every position is used once."""
+    step = list(range(100, 112))  # 12 images
+    one = micro_batches(step, 3, 4, 0, 1)  # B 4 x A 3 x W 1
+    two = [micro_batches(step, 3, 2, r, 2) for r in range(2)]  # B 2 x A 3 x W 2
+    three = [micro_batches(step, 2, 2, r, 3) for r in range(3)]  # B 2 x A 2 x W 3
+    assert [[i for i, _ in mb] for mb in one] == [step[0:4], step[4:8], step[8:12]]
+    assert [two[0][k] + two[1][k] for k in range(3)] == one
+    assert sorted(p for rank in three for mb in rank for _, p in mb) == list(range(12))
 
 
 # ---------------------------------------------------------------------------------------------------- sources
@@ -269,8 +283,8 @@ def test_batches_are_single_bucket(tmp_path):
         assert all(size == [h, w] for size in rest) and h % 64 == 0 and w % 64 == 0
         assert batch["pixel_values"].shape[2:] == (h, w)
         keys += batch["keys"]
-    assert sorted(keys) == sorted(r.key for r in dataset.records)
-    assert len(dataset) == 7  # ceil(3/2) + ceil(3/2) + 6/2: incomplete batches are kept
+    assert len(keys) == len(set(keys)) == 10 and set(keys) <= {r.key for r in dataset.records}
+    assert len(dataset) == 5  # 3 // 2 + 3 // 2 + 6 // 2: whole steps; one image of each 3-image bucket sits out
 
 
 # ---------------------------------------------------------------------------------------------------- captions
@@ -316,19 +330,31 @@ def test_rank_split(tmp_path):
     for step, (share0, share1) in enumerate(zip(*plans, strict=True)):
         assert len(share0) == len(share1) and not set(share0) & set(share1)
         assert share0 + share1 == single.batches_for_epoch(0)[step]  # DDP == one process with the global batch
-    assert sorted(i for plan in plans for batch in plan for i in batch) == list(range(16))
+    assert sorted(i for plan in plans for batch in plan for i, _, _ in batch) == list(range(16))
     keys = [k for r in ranks for batch in r.iter_epoch(0) for k in batch["keys"]]
     assert sorted(keys) == sorted(r.key for r in single.records)
 
 
-def test_rank_split_trims_odd_bucket_tails(tmp_path):
-    mixed_folder(tmp_path, 14)  # buckets of 4, 3 and 7 images
-    ranks = [build_dataset(tmp_path, 192, 1, rank=r, world_size=2) for r in range(2)]  # global batch 2
+def test_the_same_effective_batch_plans_the_same_steps_for_any_split(tmp_path):
+    """Buckets of 4, 3 and 7 images, 2 images per step: one process (B 2), two (B 1) and one with accumulation
+    (B 1, A 2) train the same images in the same steps with the same noise keys; whole steps only (one image of
+    each odd bucket sits out the epoch, different ones each epoch)."""
+    mixed_folder(tmp_path, 14)
+    splits = {"B2": [build_dataset(tmp_path, 192, 2)],
+              "B1xW2": [build_dataset(tmp_path, 192, 1, rank=r, world_size=2) for r in range(2)],
+              "B1xA2": [build_dataset(tmp_path, 192, 1, accumulation=2)]}
+    sat_out = []
     for epoch in range(2):
-        plans = [r.batches_for_epoch(epoch) for r in ranks]
-        assert [len(b) for b in plans[0]] == [len(b) for b in plans[1]]
-        seen = [i for plan in plans for batch in plan for i in batch]
-        assert len(seen) == len(set(seen)) == 12  # one image of each odd bucket sits out the epoch
+        steps = {}
+        for name, ranks in splits.items():
+            items = sorted(item for r in ranks for batch in r.batches_for_epoch(epoch) for item in batch)
+            last = max(s for _, s, _ in items)
+            steps[name] = [sorted((i, p) for i, s, p in items if s == k) for k in range(last + 1)]
+        assert steps["B2"] == steps["B1xW2"] == steps["B1xA2"] and all(len(s) == 2 for s in steps["B2"])
+        seen = [i for s in steps["B2"] for i, _ in s]
+        assert len(seen) == len(set(seen)) == 12
+        sat_out.append(set(range(14)) - set(seen))
+    assert sat_out[0] != sat_out[1]
 
 
 def test_buckets_smaller_than_a_global_batch_join_the_nearest_full_one(tmp_path):
@@ -339,7 +365,7 @@ def test_buckets_smaller_than_a_global_batch_join_the_nearest_full_one(tmp_path)
     single = build_dataset(tmp_path, 192, 4)
     for epoch in range(2):
         plans = [r.batches_for_epoch(epoch) for r in ranks]
-        seen = [i for plan in plans for batch in plan for i in batch]
+        seen = [i for plan in plans for batch in plan for i, _, _ in batch]
         assert sorted(seen) == list(range(12))
         assert [a + b for a, b in zip(*plans, strict=True)] == single.batches_for_epoch(epoch)
     merged = ranks[0].summary()["merged_buckets"]

@@ -224,11 +224,12 @@ def test_each_optimizer_resumes_exactly(tmp_path, optimizer):
     assert len(a) == len(b) > 0 and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
-def test_a_checkpoint_written_before_the_family_seam_resumes_exactly(tmp_path):
+def test_a_checkpoint_of_the_per_process_plan_is_refused_in_one_line_and_keeps_its_lora(tmp_path):
     """tests/data/checkpoint_before_families: step 2 of a 4-step run (rank-1 attention LoRA on the tiny model,
-    data/demo/train at 64 px, batch 4) written by the trainer before model families and typed settings existed
-    (config.yaml without their flags, LoRA metadata without sdxl_lora.family). Resumed now, it ends with the very
-    LoRA that run ended with (lora_final_step4.safetensors, written by that trainer), bit for bit."""
+    data/demo/train at 64 px, batch 4) written by the trainer before model families, typed settings and the
+    per-step batch plan existed (schema 2: batches planned per process, noise drawn per micro-batch). Continuing it
+    with today's plan would change the run, so resuming is refused in one line saying what to do; its LoRA still
+    extracts (the same tensors as its lora.safetensors)."""
     fixture = ROOT / "tests/data/checkpoint_before_families"
     out = tmp_path / "run"
     shutil.copytree(fixture / "step_000002", out / "checkpoints/step_000002")
@@ -239,6 +240,12 @@ def test_a_checkpoint_written_before_the_family_seam_resumes_exactly(tmp_path):
     config.write_text(text + "\n")
     done = subprocess.run([sys.executable, str(ROOT / "train_sdxl.py"), "--config", str(config), "--resume_from",
                            "latest"], capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    ours, theirs = load_file(out / "lora_final.safetensors"), load_file(fixture / "lora_final_step4.safetensors")
-    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr[-2000:]
+    assert "cannot resume" in done.stderr and "extract_lora_weights.py" in done.stderr
+    assert not (out / "lora_final.safetensors").exists()
+    extracted = subprocess.run([sys.executable, str(ROOT / "extract_lora_weights.py"),
+                                str(out / "checkpoints/step_000002"), "-o", str(tmp_path / "lora.safetensors"),
+                                "--format", "diffusers"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert extracted.returncode == 0, extracted.stderr
+    ours, theirs = load_file(tmp_path / "lora.safetensors"), load_file(fixture / "step_000002/lora.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours if ".lora_A." in k)

@@ -9,7 +9,6 @@ import torch
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling
 
-from common.runtime import World
 from diffusion.ddpm import DDPMObjective, add_noise, alphas_cumprod, debiased_weights
 from sdxl.configs import SDXL_SCHEDULER_CONFIG
 from training.flags import NoiseSettings
@@ -93,14 +92,19 @@ def test_input_perturbation_changes_only_the_input():
     torch.testing.assert_close(loss, ((0.5 * x_t - noise) ** 2).mean(dim=(1, 2, 3)), rtol=1e-6, atol=0)
 
 
-def test_two_processes_draw_what_one_draws():
+def test_each_image_draws_from_its_own_key_whatever_the_batch():
+    """An image's time and noise depend on its noise key alone: a step's 4 images drawn as one micro-batch equal
+    them drawn 2 by 2 (two processes, or two micro-batches), with every noise variant on."""
     recipe = NoiseSettings(timestep_sampling="mode", noise_offset=0.05, multires_noise_iterations=4,
                            input_perturbation=0.1)
     ddpm = objective(sampling="mode")
-    whole = draw_times_and_noise(0, 7, (4, 4, 8, 8), World(0, 1), ddpm, recipe)
-    parts = [draw_times_and_noise(0, 7, (2, 4, 8, 8), World(r, 2), ddpm, recipe) for r in (0, 1)]
+    keys = torch.tensor([[0, 7, p] for p in range(4)])
+    whole = draw_times_and_noise(0, keys, (4, 4, 8, 8), ddpm, recipe)
+    parts = [draw_times_and_noise(0, keys[i : i + 2], (2, 4, 8, 8), ddpm, recipe) for i in (0, 2)]
     for k in range(3):
         assert torch.equal(whole[k], torch.cat([parts[0][k], parts[1][k]]))
+    other = draw_times_and_noise(1, keys, (4, 4, 8, 8), ddpm, recipe)  # another seed: other draws
+    assert not torch.equal(whole[1], other[1])
 
 
 def test_debiased_weights_are_one_over_sqrt_snr_and_the_same_objective_for_v():

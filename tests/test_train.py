@@ -270,28 +270,22 @@ def test_trains_on_cuda_in_half_precision(tmp_path, precision):
     assert all(m["peak_mem_mib"] > 0 for m in read_metrics(tmp_path / "out") if "loss" in m)
 
 
-def test_an_epochs_short_last_step_averages_the_micro_batches_it_has(tmp_path):
-    """36 images at 64 px (one bucket), batch 4: 9 micro-batches per epoch; accumulation 4 gives steps of 4, 4 and 1
-    micro-batches. A step's loss and gradient are the mean over its own micro-batches: step 3 (one micro-batch)
-    equals step 9 of a run with accumulation 1, which trains the same micro-batch (same micro-step, so the same noise
-    and timesteps). A learning rate of 1e-30 keeps the weights unchanged in fp32, so the two runs see the same
-    weights. Dividing by --gradient_accumulation_steps instead would log a quarter of the loss and gradient."""
-    flags = ["--image_size", "64", "--batch_size", "4", "--lr_scheduler", "constant", "--warmup_steps", "0",
-             "--learning_rate", "1e-30",
-             "--validation_prompts", "--val_data_dir", "", "--save_interval", "0", "--no-random_flip"]
+def test_a_step_is_the_same_however_its_images_are_cut_into_micro_batches(tmp_path):
+    """36 images at 64 px (one bucket), 4 images per step: batch 4 without accumulation and batch 1 with
+    accumulation 4 train the same images in the same steps, each image with the same noise and time (its own key),
+    so their losses and gradient norms agree up to the order of sums; every step is whole (9 per epoch)."""
+    flags = ["--image_size", "64", "--lr_scheduler", "constant", "--warmup_steps", "0", "--learning_rate", "1e-3",
+             "--validation_prompts", "--val_data_dir", "", "--save_interval", "0", "--max_train_steps", "3"]
     runs = {}
-    for accumulation, steps in ((4, 3), (1, 9)):
-        out = tmp_path / f"accumulation{accumulation}"
-        run = run_train(out, *flags, "--gradient_accumulation_steps", str(accumulation),
-                        "--max_train_steps", str(steps))
+    for batch, accumulation in ((4, 1), (1, 4)):
+        out = tmp_path / f"b{batch}a{accumulation}"
+        run = run_train(out, *flags, "--batch_size", str(batch), "--gradient_accumulation_steps", str(accumulation))
         assert run.returncode == 0, run.stderr[-3000:]
-        runs[accumulation] = [m for m in read_metrics(out / "out") if "loss" in m]
-    short, single = runs[4][2], runs[1][8]
-    assert (short["step"], short["epoch"], single["step"]) == (3, 0, 9)
-    # the same fp32 operations on the same inputs: equal up to summation order (measured: identical)
-    assert abs(short["loss"] - single["loss"]) <= 1e-6 * single["loss"]
-    assert abs(short["grad_norm"] - single["grad_norm"]) <= 1e-5 * single["grad_norm"]
-    assert abs(runs[4][0]["loss"] - sum(m["loss"] for m in runs[1][:4]) / 4) <= 1e-5 * runs[4][0]["loss"]
+        runs[batch] = [m for m in read_metrics(out / "out") if "loss" in m]
+    assert [m["step"] for m in runs[4]] == [m["step"] for m in runs[1]] == [1, 2, 3]
+    for whole, cut in zip(runs[4], runs[1], strict=True):  # fp32, summation order only: measured ~1e-7
+        assert abs(whole["loss"] - cut["loss"]) <= 1e-5 * whole["loss"]
+        assert abs(whole["grad_norm"] - cut["grad_norm"]) <= 1e-4 * whole["grad_norm"]
 
 
 @pytest.fixture(scope="module")

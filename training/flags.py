@@ -153,9 +153,11 @@ class LoRASettings:
 class OptimizerSettings:
     """Batches, steps, the optimizer, its learning-rate schedule and the EMA (training/loop/optim.py)."""
 
-    batch_size: int = flag(1, 'images per step and device (default: 1)', metavar='N', rule=AT_LEAST_1, must_match=True)
-    gradient_accumulation_steps: int = flag(1, 'micro-batches per step (default: 1)',
-        metavar='N', rule=AT_LEAST_1, must_match=True)
+    batch_size: int = flag(1, 'images per micro-batch and process; an optimizer step trains batch_size x '
+        'gradient_accumulation_steps x processes images (the effective batch, which a resumed run keeps; how it is '
+        'split may change) (default: 1)', metavar='N', rule=AT_LEAST_1)
+    gradient_accumulation_steps: int = flag(1, 'micro-batches per optimizer step (default: 1)',
+        metavar='N', rule=AT_LEAST_1)
     num_epochs: int = flag(1, 'passes over the data (default: 1)', metavar='N', rule=AT_LEAST_1)
     max_train_steps: int | None = flag(None, 'optimizer steps; overrides --num_epochs (default: none)',
         metavar='N', rule=STEPS)

@@ -96,31 +96,38 @@ def crop_to_bucket(
     return image.crop((left, top, left + bucket[1], top + bucket[0])), (top, left), flipped
 
 
-def plan_global_batches(
-    bucket_of: Sequence[int], global_batch: int, world_size: int, rng: np.random.Generator
-) -> list[list[int]]:
-    """One epoch's global batches: lists of sample indices, each list from a single bucket.
+def plan_steps(bucket_of: Sequence[int], step_images: int, rng: np.random.Generator, keep_partial: bool = False
+               ) -> list[list[int]]:
+    """One epoch's optimizer steps: lists of `step_images` sample indices (the effective batch: batch_size x
+    accumulation x processes), each from a single bucket.
 
-    Within each bucket (in bucket-index order) the samples are shuffled and cut into batches of
-    `global_batch`; the last one of a bucket may be smaller (kept, not dropped), but it is trimmed to a
-    multiple of `world_size` so that every rank gets an equal share of it (at most world_size - 1 samples
-    of a bucket sit out an epoch, different ones each epoch). Then the order of all batches is shuffled.
-    """
+    Within each bucket (in bucket-index order) the samples are shuffled and cut into steps; the images of a bucket
+    that do not fill a step sit out the epoch (fewer than `step_images`, different ones each epoch), so that every
+    step is whole and can be cut the same way into any micro-batches and processes: a run's steps depend on the
+    effective batch alone, not on how it is split (docs/ARCHITECTURE.md, "Seeds"). `keep_partial` keeps them as a
+    smaller last step (validation: every image once). Then the order of all steps is shuffled."""
     members = defaultdict(list)
     for index, bucket in enumerate(bucket_of):
         members[bucket].append(index)
-    batches = []
+    steps = []
     for bucket in sorted(members):
         shuffled = np.asarray(members[bucket])[rng.permutation(len(members[bucket]))]
-        usable = len(shuffled) - (len(shuffled) % global_batch) % world_size
-        batches += [shuffled[i : min(i + global_batch, usable)].tolist() for i in range(0, usable, global_batch)]
-    return [batches[i] for i in rng.permutation(len(batches))]
+        end = len(shuffled) if keep_partial else len(shuffled) - len(shuffled) % step_images
+        steps += [shuffled[i : min(i + step_images, end)].tolist() for i in range(0, end, step_images)]
+    return [steps[i] for i in rng.permutation(len(steps))]
 
 
-def rank_share(global_batch: Sequence[int], rank: int, world_size: int) -> list[int]:
-    """Rank `rank`'s contiguous, equal slice of one global batch (its length is a multiple of world_size)."""
-    share = len(global_batch) // world_size
-    return list(global_batch[rank * share : (rank + 1) * share])
+def micro_batches(step: Sequence[int], accumulation: int, batch_size: int, rank: int, world_size: int
+                  ) -> list[list[tuple[int, int]]]:
+    """This rank's micro-batches of one step: [(sample index, its position in the step)], `accumulation` of them.
+    Micro-batch k of rank r holds positions [(k W + r) B, (k W + r + 1) B) (W processes, B = batch_size): the
+    union over ranks of each k is the same slice of the step whatever W, so one process with batch W B sees what
+    W processes see together. A partial (validation) step is cut into the same slices, the last ones shorter."""
+    out = []
+    for k in range(accumulation):
+        first = (k * world_size + rank) * batch_size
+        out.append([(step[p], p) for p in range(first, min(first + batch_size, len(step)))])
+    return [mb for mb in out if mb]
 
 
 def group_by_bucket(items: Iterable, bucket_of: Callable[[object], Hashable], batch_size: int) -> Iterator[list]:
@@ -138,15 +145,15 @@ def group_by_bucket(items: Iterable, bucket_of: Callable[[object], Hashable], ba
         yield pending[bucket]
 
 
-def merge_small_buckets(bucket_of: Sequence[int], buckets: Sequence[Size], global_batch: int) -> tuple[list[int], dict]:
-    """Buckets holding fewer images than one global batch give their images to the nearest bucket (in log aspect
-    ratio) that holds at least that many (to the fullest bucket if none does), so that no bucket's few images are
-    trained only in small batches or, trimmed to a multiple of the processes, never at all.
+def merge_small_buckets(bucket_of: Sequence[int], buckets: Sequence[Size], step_images: int) -> tuple[list[int], dict]:
+    """Buckets holding fewer images than one step (the effective batch) give their images to the nearest bucket (in
+    log aspect ratio) that holds at least that many (to the fullest bucket if none does), so that no bucket's few
+    images sit out every epoch.
     Returns the new bucket of each image and {small bucket: (its images, the bucket they went to)}."""
     counts = defaultdict(int)
     for bucket in bucket_of:
         counts[bucket] += 1
-    full = [b for b, n in counts.items() if n >= global_batch] or [max(counts, key=lambda b: (counts[b], -b))]
+    full = [b for b, n in counts.items() if n >= step_images] or [max(counts, key=lambda b: (counts[b], -b))]
 
     def log_ratio(b: int) -> float:
         return math.log(buckets[b][0] / buckets[b][1])

@@ -2,14 +2,17 @@
 WebDataset shards (`ShardDataset`, training/data/shards.py), both yielding aspect-bucketed batches
 (training/data/images.py), and `build_dataset`, which picks one for a `data_dir`.
 
-Determinism and exact resume (folder sources): the batches of epoch e are a pure function of
-(seed, epoch, the scanned file list, batch_size, world_size), and each sample's augmentation a pure
-function of (seed, epoch, sample index). So `iter_epoch(e, start=k)` reproduces batches k, k+1, ... of
-epoch e exactly, with any number of DataLoader workers; a checkpoint needs only (epoch, k).
+Determinism and exact resume (folder sources): the optimizer steps of epoch e are a pure function of (seed, epoch,
+the scanned file list, the effective batch = batch_size x accumulation x processes), each step's images are cut
+into micro-batches and processes in a fixed way (training/data/buckets.py `micro_batches`), and each sample's
+augmentation is a pure function of (seed, epoch, sample index). So `iter_epoch(e, start=k)` reproduces micro-batches
+k, k+1, ... of epoch e exactly, with any number of DataLoader workers; a checkpoint needs only (epoch, step); and
+1, 2 or 3 processes with the same effective batch train on the same images in the same steps.
 
-Batches: a bucket's last batch of an epoch may be smaller than batch_size (kept, not dropped). With
-world_size > 1 each global batch is shared equally by the ranks (see `FolderDataset`). Shards stream,
-so their order is reproducible only for the same num_workers, and their epochs have no fixed length.
+Steps are whole: a bucket's images that do not fill a step sit out the epoch (different ones each epoch). Every
+sample carries its noise key (epoch, step, position in the step), from which the loop draws its noise and time
+(training/loop/loss.py). Shards stream, so their order is reproducible only for the same num_workers and
+processes, and their epochs have no fixed length.
 """
 
 import hashlib
@@ -31,8 +34,8 @@ from training.data.buckets import (
     cover_size,
     make_buckets,
     merge_small_buckets,
-    plan_global_batches,
-    rank_share,
+    micro_batches,
+    plan_steps,
 )
 from training.data.captions import CaptionStyle, finish_caption
 from training.data.checks import warn_about_images
@@ -71,20 +74,22 @@ class EpochBatches:
 
     def __iter__(self):
         for batch in self.dataset.batches_for_epoch(self.epoch)[self.start:]:
-            yield [(self.epoch, i) for i in batch]
+            yield [(self.epoch, *item) for item in batch]
 
     def __len__(self) -> int:
         return len(self.dataset) - self.start
 
 
 class FolderDataset(torch.utils.data.Dataset):
-    """Scanned images, bucketed; batches of epoch e are `batches_for_epoch(e)`, loaded by `iter_epoch`.
+    """Scanned images, bucketed; this rank's micro-batches of epoch e are `batches_for_epoch(e)`, loaded by
+    `iter_epoch`.
 
-    With world_size > 1, each global batch of batch_size * world_size samples (one bucket) is split into
-    equal contiguous shares, one per rank: every rank runs the same number of batches of the same size,
-    the ranks' samples are disjoint, and together they are exactly the batch a single process with
-    batch_size * world_size would see (so N processes match one big-batch process; docs/ARCHITECTURE.md, "Seeds").
-    Items are (epoch, index) pairs, since a sample's augmentation depends on the epoch.
+    An epoch is a list of optimizer steps of batch_size * accumulation * world_size images (one bucket each,
+    `plan_steps`); each step is cut into `accumulation` micro-batches per rank, batch_size images each
+    (`micro_batches`). Every rank runs the same number of micro-batches of the same size, the ranks' samples are
+    disjoint, and the steps are the same for any split of the same effective batch (docs/ARCHITECTURE.md, "Seeds").
+    Items are (epoch, index, step, position), since a sample's augmentation depends on the epoch and its noise on
+    its place in the step.
     """
 
     def __init__(
@@ -95,12 +100,15 @@ class FolderDataset(torch.utils.data.Dataset):
         aug: Augmentation,
         rank: int = 0,
         world_size: int = 1,
+        accumulation: int = 1,
+        whole_steps: bool = True,
     ):
         self.scan, self.buckets, self.batch_size, self.aug = scan, buckets, batch_size, aug
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.accumulation, self.whole_steps = rank, world_size, accumulation, whole_steps
+        self.step_images = batch_size * accumulation * world_size  # the effective batch
         self.records = scan.records
         self.bucket_of = [closest_bucket(r.height, r.width, buckets) for r in self.records]
-        self.bucket_of, self.merged_buckets = merge_small_buckets(self.bucket_of, buckets, batch_size * world_size)
+        self.bucket_of, self.merged_buckets = merge_small_buckets(self.bucket_of, buckets, self.step_images)
         self._same_bucket = {b: [] for b in set(self.bucket_of)}  # bucket -> its sample indices, ascending
         for index, bucket in enumerate(self.bucket_of):
             self._same_bucket[bucket].append(index)
@@ -110,14 +118,17 @@ class FolderDataset(torch.utils.data.Dataset):
         self.masks: MaskSource | None = None  # --masked_loss: where each image's mask comes from
         self._num_batches = len(self.batches_for_epoch(0))  # the same for every epoch
 
-    def global_batches_for_epoch(self, epoch: int) -> list[list[int]]:
-        """All ranks' batches of the epoch, batch_size * world_size samples each (fewer at a bucket's end)."""
+    def steps_for_epoch(self, epoch: int) -> list[list[int]]:
+        """The epoch's optimizer steps (every rank's images, `step_images` each; see `plan_steps`)."""
         rng = np.random.default_rng([self.aug.seed % 2**64, epoch, ORDER_STREAM])
-        return plan_global_batches(self.bucket_of, self.batch_size * self.world_size, self.world_size, rng)
+        return plan_steps(self.bucket_of, self.step_images, rng, keep_partial=not self.whole_steps)
 
-    def batches_for_epoch(self, epoch: int) -> list[list[int]]:
-        """This rank's batches of the epoch (sample indices), a pure function of (seed, epoch, data, sizes)."""
-        return [rank_share(b, self.rank, self.world_size) for b in self.global_batches_for_epoch(epoch)]
+    def batches_for_epoch(self, epoch: int) -> list[list[tuple[int, int, int]]]:
+        """This rank's micro-batches of the epoch, [(sample index, step, position in the step)] each: a pure function
+        of (seed, epoch, data, effective batch) and the split (batch_size, accumulation, rank, world_size)."""
+        return [[(index, s, position) for index, position in mb]
+                for s, step in enumerate(self.steps_for_epoch(epoch))
+                for mb in micro_batches(step, self.accumulation, self.batch_size, self.rank, self.world_size)]
 
     def batches_per_epoch(self) -> int:
         return len(self)
@@ -166,9 +177,9 @@ class FolderDataset(torch.utils.data.Dataset):
                                      example.crop_top_left)
         return example
 
-    def __getitem__(self, item: tuple[int, int]) -> dict:
-        epoch, index = item
-        return self.load_example(index, epoch).to_sample()
+    def __getitem__(self, item: tuple[int, int, int, int]) -> dict:
+        epoch, index, step, position = item
+        return {**self.load_example(index, epoch).to_sample(), "noise_key": (epoch, step, position)}
 
     def dataloader(self, epoch: int, start: int = 0, num_workers: int = 0, **kwargs) -> torch.utils.data.DataLoader:
         """A DataLoader over batches start, start + 1, ... of the epoch (kwargs: pin_memory, prefetch_factor...)."""
@@ -239,9 +250,12 @@ def build_dataset(
     captions: CaptionStyle | None = None,
     dataset_config: str | Path | None = None,
     masks: MaskSource | None = None,
+    accumulation: int = 1,
+    whole_steps: bool = True,
 ) -> FolderDataset | ShardDataset:
     """The training dataset for data_dir (a folder, a metadata.jsonl folder, or .tar shards), or for the subsets of
-    a dataset_config file (training/data/dataset_config.py); see the module doc.
+    a dataset_config file (training/data/dataset_config.py); see the module doc. `accumulation`: micro-batches per
+    optimizer step; `whole_steps` False keeps every image (the last step of a bucket smaller: validation).
 
     bucketing=False trains at a fixed resolution x resolution: short side resized to it, then cropped.
     """
@@ -258,7 +272,8 @@ def build_dataset(
     if dataset_config is not None:
         scan = scan_subsets(dataset_config, read_dataset_config(dataset_config, captions), max_bad_fraction,
                             shuffle_tags)
-        return _folder_dataset(scan, buckets, batch_size, aug, rank, world_size, masks, resolution, bucketing)
+        return _folder_dataset(scan, buckets, (batch_size, accumulation, whole_steps), aug, rank, world_size, masks,
+                               resolution, bucketing)
     shards = find_shards(data_dir)
     if shards is not None and masks is not None:
         raise DataError(f"--masked_loss needs a folder of images; {data_dir} is .tar shards")
@@ -268,16 +283,22 @@ def build_dataset(
         return dataset
     scan = scan_folder(data_dir, max_bad_fraction, captions.extension)
     scan.records = [replace(r, caption=finish_caption(r.caption, captions, shuffle_tags)) for r in scan.records]
-    return _folder_dataset(scan, buckets, batch_size, aug, rank, world_size, masks, resolution, bucketing)
+    return _folder_dataset(scan, buckets, (batch_size, accumulation, whole_steps), aug, rank, world_size, masks,
+                           resolution, bucketing)
 
 
-def _folder_dataset(scan: ScanResult, buckets, batch_size: int, aug: Augmentation, rank: int,
+def _folder_dataset(scan: ScanResult, buckets, batching: tuple[int, int, bool], aug: Augmentation, rank: int,
                     world_size: int, masks: MaskSource | None, resolution: int, bucketing: bool) -> FolderDataset:
     scan.records = [r for r in scan.records if not is_mask_file(r.path, masks)]
     scan.missing_captions = [p for p in scan.missing_captions if not is_mask_file(p, masks)]
     if masks is not None:
         check_masks(scan.records, masks)
-    dataset = FolderDataset(scan, buckets, batch_size, aug, rank, world_size)
+    batch_size, accumulation, whole_steps = batching
+    dataset = FolderDataset(scan, buckets, batch_size, aug, rank, world_size, accumulation, whole_steps)
+    if len(dataset) == 0:
+        raise DataError(f"{scan.root} has {len(scan.records)} usable images, fewer than one optimizer step of "
+                        f"{dataset.step_images} (batch_size {batch_size} x accumulation {accumulation} x {world_size} "
+                        "process(es)); lower --batch_size or --gradient_accumulation_steps, or add images")
     dataset.masks = masks
     warn_about_images(dataset.scan.records, resolution, bucketing)  # odd images and captions, named
     summary = dataset.summary()

@@ -154,6 +154,9 @@ def collate(samples: list[dict]) -> dict:
         "keys": [s["key"] for s in samples],
         "flipped": torch.tensor([s["flipped"] for s in samples], dtype=torch.bool),  # (B,)
         **({"masks": torch.stack([s["mask"] for s in samples])} if "mask" in samples[0] else {}),  # uint8 (B, 1, H, W)
+        # (epoch, step, position in the step) of each sample (folder data): what its noise and time are drawn from
+        **({"noise_keys": torch.tensor([s["noise_key"] for s in samples], dtype=torch.long)}  # (B, 3)
+           if "noise_key" in samples[0] else {}),
     }
 
 

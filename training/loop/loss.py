@@ -8,9 +8,9 @@ makes the noisy input and the target, the family's `predict` calls its denoiser,
 weighted per sample by the objective's weights (Min-SNR, debiased, SD3's). The noise and times are drawn here,
 the validation loss computed here.
 
-Every micro-batch draws its times and noise from a CPU generator seeded by (seed, micro-step) for the whole
-global batch and keeps this rank's rows: so a resumed run draws the same, and N processes draw what one process
-with the global batch draws (docs/ARCHITECTURE.md, "Seeds").
+Every image draws its time and noise from its own CPU generator, seeded by (seed, epoch, step, its position in
+the step) (`noise_keys`, training/data/datasets.py): so a resumed run draws the same, and however a step's images
+are cut into micro-batches and processes, each image gets the same noise (docs/ARCHITECTURE.md, "Seeds").
 """
 
 import numpy as np
@@ -30,16 +30,28 @@ def step_generator(seed: int, *stream: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
-def draw_times_and_noise(seed: int, micro_step: int, shape, world: World, objective, noise
+def draw_times_and_noise(seed: int, keys: torch.Tensor, shape, objective, noise
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """This rank's rows of micro-batch `micro_step`'s times (B,), noise (B, C, h, w) and the noise x_t is made
-    with (differs from `noise` only with --input_perturbation), CPU. `noise`: the run's NoiseSettings."""
-    g = step_generator(seed, micro_step)
-    b = shape[0]
-    n, mine = b * world.size, slice(world.rank * b, (world.rank + 1) * b)
-    t = objective.draw_times(n, g, (n, *shape[1:]))[mine]
-    noise, input_noise = draw_noise((n, *shape[1:]), noise, g)
-    return t, noise[mine], input_noise[mine]
+    """A micro-batch's times (B,), noise (B, C, h, w) and the noise x_t is made with (differs from `noise` only
+    with --input_perturbation), CPU: image i's from the generator of (seed, *keys[i]) alone. `keys`: (B, k) noise
+    keys; `noise`: the run's NoiseSettings."""
+    times, noises, inputs = [], [], []
+    for key in keys.tolist():
+        g = step_generator(seed, *key)
+        times.append(objective.draw_times(1, g, (1, *shape[1:])))
+        image_noise, input_noise = draw_noise((1, *shape[1:]), noise, g)
+        noises.append(image_noise)
+        inputs.append(input_noise)
+    return torch.cat(times), torch.cat(noises), torch.cat(inputs)
+
+
+def noise_keys(batch: dict, micro_step: int, world: World) -> torch.Tensor:
+    """The batch's noise keys: a folder dataset's (epoch, step, position) per sample; streamed shards, which have no
+    steps, (micro-step, rank's position) (the same for the same processes and workers only)."""
+    if "noise_keys" in batch:
+        return batch["noise_keys"]
+    b = len(batch["captions"])
+    return torch.tensor([[0x5A4D, micro_step, world.rank * b + i] for i in range(b)])
 
 
 def diffusion_loss(predict, objective, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, *,

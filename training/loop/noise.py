@@ -6,8 +6,9 @@ diffusion/flow.py, with the densities of diffusion/timesteps.py):
   input perturbation  the denoiser sees x_t made with noise + gamma * extra noise while the target stays the plain
                       noise (Ning et al. 2023).
 
-Every draw comes from the one generator of its micro-batch, for the whole global batch, so a resumed run and N
-processes draw exactly what one uninterrupted process draws (training/loop/loss.py).
+Each image's draws come from its own generator (training/loop/loss.py), so a resumed run, and any split of a step
+into micro-batches and processes, draws exactly what one uninterrupted process draws; multi-resolution noise is
+renormalised to unit std per image.
 """
 
 

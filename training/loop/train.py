@@ -44,7 +44,7 @@ from training.data.masks import MaskSource, latent_mask
 from training.flags import Settings, model_options
 from training.loop.caching import LatentCache, TextEmbeddingCache
 from training.loop.ema import EMA
-from training.loop.loss import diffusion_loss, draw_times_and_noise, weighted
+from training.loop.loss import diffusion_loss, draw_times_and_noise, noise_keys, weighted
 from training.loop.optim import eval_weights, lr_schedule, make_optimizer
 from training.loop.side_tasks import SideTasks
 from training.loop.signals import StopRequest
@@ -139,7 +139,8 @@ def build_models(settings: Settings, family: ModuleType, device: torch.device) -
 def load_data(settings: Settings, world) -> tuple[TrainingData, TrainingData | None]:
     """The training data of this rank (and the validation data, on rank 0); a bad dataset is an error here,
     before any model loads."""
-    data, batch_size = settings.data, settings.optimizer.batch_size
+    data, batch_size, accumulation = settings.data, settings.optimizer.batch_size, \
+        settings.optimizer.gradient_accumulation_steps
     kwargs = dict(resolution=data.image_size, batch_size=batch_size, bucketing=data.bucketing,
                   seed=settings.runtime.seed, captions=CaptionStyle(data.caption_extension, data.caption_prefix,
                                                                     data.caption_suffix, data.keep_tokens_separator))
@@ -147,10 +148,11 @@ def load_data(settings: Settings, world) -> tuple[TrainingData, TrainingData | N
     train = build_dataset(data.data_dir, center_crop=data.center_crop, random_flip=data.random_flip,
                           caption_dropout=data.caption_dropout, shuffle_tags=data.shuffle_tags,
                           keep_tokens=data.keep_tokens, max_bad_fraction=data.max_bad_fraction, rank=world.rank,
-                          world_size=world.size, dataset_config=data.dataset_config, masks=masks, **kwargs)
+                          world_size=world.size, dataset_config=data.dataset_config, masks=masks,
+                          accumulation=accumulation, **kwargs)
     if not (data.val_data_dir and world.main):
         return train, None
-    return train, build_dataset(data.val_data_dir, center_crop=True, **kwargs)
+    return train, build_dataset(data.val_data_dir, center_crop=True, whole_steps=False, **kwargs)
 
 
 def data_parallel(module: torch.nn.Module, world) -> torch.nn.Module:
@@ -166,12 +168,13 @@ def data_parallel(module: torch.nn.Module, world) -> torch.nn.Module:
 
 
 def run_length(opt, data: TrainingData, data_dir) -> tuple[int, int | None]:
-    """(optimizer steps of the run, batches per epoch or None for streamed shards, whose epochs end when they do);
-    `opt`: the OptimizerSettings."""
+    """(optimizer steps of the run, steps per epoch or None for streamed shards, whose epochs end when they do);
+    `opt`: the OptimizerSettings. A folder's epoch is whole steps of `gradient_accumulation_steps` micro-batches."""
     batches = data.batches_per_epoch()
     if batches is None and not opt.max_train_steps:
         raise ValueError(f"{data_dir} is streamed from .tar shards: give --max_train_steps")
-    return opt.max_train_steps or opt.num_epochs * math.ceil(batches / opt.gradient_accumulation_steps), batches
+    steps = None if batches is None else math.ceil(batches / opt.gradient_accumulation_steps)
+    return opt.max_train_steps or opt.num_epochs * steps, steps
 
 
 def optimizer_steps(batches, accumulation: int):
@@ -218,16 +221,16 @@ def skip_step(loop: LoopState, optimizer, scaler, nonfinite_run: int, max_nonfin
 
 
 def resumed_loop(resume, settings: Settings, world, models: Models, parts, schedule, lr_total: int,
-                 batches_per_epoch) -> LoopState:
+                 steps_per_epoch) -> LoopState:
     """A checkpoint put back into this run's models and optimizer `parts` (optimizer, scheduler, scaler, EMA):
     where its loop stood. metrics.jsonl loses the records after the checkpoint's step."""
     optimizer, scheduler, scaler, ema = parts
-    loop = restore(resume, models.denoiser, optimizer, scheduler, scaler, ema, schedule, batches_per_epoch,
+    loop = restore(resume, models.denoiser, optimizer, scheduler, scaler, ema, schedule, steps_per_epoch,
                    models.text_encoder if models.train_text_encoder else None)
     if world.main:
         rewind_metrics(Path(settings.checkpoints.output_dir), loop.step)
-        print(f"resuming from {resume.path} at step {loop.step} (epoch {loop.epoch}, batch {loop.position})")
-        if note := schedule_note(resume, settings.optimizer, lr_total, batches_per_epoch):
+        print(f"resuming from {resume.path} at step {loop.step} (epoch {loop.epoch}, step {loop.position} of it)")
+        if note := schedule_note(resume, settings.optimizer, lr_total, steps_per_epoch):
             print(note)
     return loop
 
@@ -243,9 +246,9 @@ def train(settings: Settings, family: str = "sdxl") -> dict:
     resume = start_or_resume(ckpt, clear=world.main)  # before anything is written: never clobbers a previous run
     data, val_data = load_data(settings, world)
     fingerprint = data.summary().get("fingerprint", "")
-    total_steps, batches_per_epoch = run_length(opt, data, data_s.data_dir)
+    total_steps, steps_per_epoch = run_length(opt, data, data_s.data_dir)
     if resume is not None:
-        check_resumable(resume, settings.flat(), fingerprint, data_s.data_dir)
+        check_resumable(resume, settings.flat(), fingerprint, data_s.data_dir, world.size)
         check_not_finished(resume, total_steps)  # a finished run: say so, write nothing
     if world.main:
         save_resolved_config(settings.flat(), output_dir)
@@ -259,7 +262,7 @@ def train(settings: Settings, family: str = "sdxl") -> dict:
     lr_total = schedule_total(opt, total_steps)
     optimizer, schedule, scheduler, scaler, ema = optimization(settings, models, lr_total, device)
     loop = resumed_loop(resume, settings, world, models, (optimizer, scheduler, scaler, ema), schedule, lr_total,
-                        batches_per_epoch) if resume is not None else LoopState()
+                        steps_per_epoch) if resume is not None else LoopState()
     evaluation = settings.evaluation
     log = MetricsLog(output_dir, evaluation.wandb_project, evaluation.wandb_run_name,
                      config=settings.flat()) if world.main else None
@@ -286,14 +289,15 @@ def train(settings: Settings, family: str = "sdxl") -> dict:
     try:
         with StopRequest() as stop:
             while loop.step < total_steps:
-                batches = epoch_batches(loop.epoch, loop.position)
+                batches = epoch_batches(loop.epoch, loop.position * accumulation)  # position: steps of the epoch
                 for micro_batches in islice(optimizer_steps(batches, accumulation), total_steps - loop.step):
                     # --- one optimizer step ---------------------------------------------------------------
                     step_loss = torch.zeros(2, device=device)  # [mean loss, stop requested]: one all-reduce
                     for i, batch in enumerate(micro_batches):
                         x0, embeds, pooled = models.encode(batch, device)
-                        t, noise, input_noise = draw_times_and_noise(runtime.seed, loop.micro_step, x0.shape, world,
-                                                                     models.objective, settings.noise)
+                        keys = noise_keys(batch, loop.micro_step, world)  # each image's own (epoch, step, position)
+                        t, noise, input_noise = draw_times_and_noise(runtime.seed, keys, x0.shape, models.objective,
+                                                                     settings.noise)
                         t = t.to(device)
                         mask = latent_mask(batch["masks"]).to(device) if "masks" in batch else None  # (B, 1, h, w)
                         last = i == len(micro_batches) - 1  # DDP all-reduces the gradients in its backward
@@ -312,7 +316,7 @@ def train(settings: Settings, family: str = "sdxl") -> dict:
                     scaler.unscale_(optimizer)
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
                     step_loss, stopping, grad_norm = torch.cat([step_loss, grad_norm.reshape(1)]).tolist()  # one sync
-                    loop.position += len(micro_batches)
+                    loop.position += 1
                     if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
                         nonfinite_run += 1
                         skip_step(loop, optimizer, scaler, nonfinite_run, opt.max_nonfinite_steps)
@@ -338,7 +342,7 @@ def train(settings: Settings, family: str = "sdxl") -> dict:
                     if side.due(loop.step) and loop.step < total_steps:  # the last step validates after the loop
                         with eval_weights(optimizer):  # schedule-free: validate and save its eval weights
                             side.validate(loop)
-                    epoch_end = loop.position == batches_per_epoch
+                    epoch_end = loop.position == steps_per_epoch
                     due = (ckpt.save_interval and loop.step % ckpt.save_interval == 0) or (
                         epoch_end and ckpt.save_every_n_epochs and (loop.epoch + 1) % ckpt.save_every_n_epochs == 0)
                     if due or stopping:

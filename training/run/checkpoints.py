@@ -36,7 +36,8 @@ from training.run.metadata import is_run_key
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2  # 1: LoRA under our own key names, RNG states partly saved (upgraded on load)
+SCHEMA_VERSION = 3  # 1: LoRA under our own key names, RNG states partly saved; 2: batches planned per process
+RESUMABLE_FROM = 3  # older checkpoints still give their LoRA (extract_lora_weights.py), but cannot continue exactly
 MARKER = "COMPLETE"
 FILES = {"lora": "lora.safetensors", "ema": "ema.safetensors", "state": "training_state.pt", "config": "config.yaml"}
 # Settings that change what a resumed run computes must equal the checkpoint's: the flags marked `must_match` in
@@ -140,7 +141,8 @@ def upgrade(state: dict, config: dict, tensors: dict, metadata: dict, path: Path
 
     Version 1 stored the LoRA under `lora_state_dict` names without metadata (rank/alpha are in config.yaml)
     and only the key arrays of numpy's and python's RNGs, which the loop never draws from (its own noise,
-    data and dropout RNGs were saved whole)."""
+    data and dropout RNGs were saved whole). Version 2 planned batches per process and drew noise per micro-batch:
+    its LoRA and state load, but `check_resumable` refuses to continue it (the new plan would change the run)."""
     version = state.get("schema_version")
     if version == 1:
         rng = state["rng"]
@@ -152,9 +154,11 @@ def upgrade(state: dict, config: dict, tensors: dict, metadata: dict, path: Path
                              config["lora_target_mode"])
         tensors, metadata = peft_tensors(tensors, config_)
         state["schema_version"] = version = 2
-    if version != SCHEMA_VERSION:
+    if version not in range(2, SCHEMA_VERSION + 1):
         raise CheckpointError(f"{path} has schema version {version}; this trainer reads versions 1 to "
                               f"{SCHEMA_VERSION}: update sdxl-lora")
+    state["written_as"] = version  # version 2: loads (its LoRA, --inspect), but a run cannot continue it exactly
+    state["schema_version"] = SCHEMA_VERSION
     return state, tensors, metadata
 
 
@@ -265,15 +269,35 @@ def with_later_settings(config: dict) -> dict:
     return {**later_defaults(config), **config}
 
 
-def check_resumable(checkpoint: Checkpoint, config: dict, data_fingerprint: str, data_dir) -> None:
+def check_resumable(checkpoint: Checkpoint, config: dict, data_fingerprint: str, data_dir, processes: int = 1
+                    ) -> None:
     """Refuse to resume with settings (`config`: the run's flags, flat) or data that would change the result; the
-    message lists every difference."""
+    message lists every difference. The number of processes may change, with batch_size and accumulation, as long
+    as the effective batch (images per optimizer step) stays: the steps, and each image's noise, are the same."""
+    if checkpoint.state.get("written_as", SCHEMA_VERSION) < RESUMABLE_FROM:
+        raise CheckpointError(f"cannot resume from {checkpoint.path} exactly: it was written by an earlier sdxl-lora "
+                              "whose batches and noise depended on the number of processes; start a new run (the "
+                              "same settings with --overwrite_output_dir), or keep its LoRA: python "
+                              f"extract_lora_weights.py {checkpoint.path} -o lora.safetensors")
     diffs = settings_differences(checkpoint.config, config)
+    saved = effective_batch_of(checkpoint.config, checkpoint.state.get("world_size", 1))
+    now = effective_batch_of(config, processes)
+    if saved != now:
+        diffs.append(f"images per optimizer step: checkpoint {saved}, now {now} (batch_size x "
+                     f"gradient_accumulation_steps x {processes} process{'es' * (processes != 1)}; keep their "
+                     f"product {saved}" + (f", e.g. --batch_size {saved // processes} --gradient_accumulation_steps 1"
+                                           if saved % processes == 0 else
+                                           f": {saved} images cannot be split over {processes} processes") + ")")
     if checkpoint.state.get("data_fingerprint", "") != data_fingerprint:
         diffs.append(f"the images or captions in {data_dir} changed since the checkpoint")
     if diffs:
         raise CheckpointError(f"cannot resume from {checkpoint.path} exactly: " + "; ".join(diffs) + " (use the "
                               f"checkpoint's settings: --config {checkpoint.path / FILES['config']})")
+
+
+def effective_batch_of(config: dict, processes: int) -> int:
+    """Images per optimizer step of a run's flags: batch_size x gradient_accumulation_steps x processes."""
+    return int(config.get("batch_size", 1)) * int(config.get("gradient_accumulation_steps", 1)) * int(processes)
 
 
 def lora_file_of(path) -> Path:

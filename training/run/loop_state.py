@@ -21,8 +21,8 @@ class LoopState:
 
     step: int = 0  # optimizer steps done
     epoch: int = 0
-    position: int = 0  # batches of `epoch` already trained
-    micro_step: int = 0  # micro-batches done in all (each one's noise is seeded by it)
+    position: int = 0  # optimizer steps of `epoch` already trained
+    micro_step: int = 0  # micro-batches done in all (streamed shards' noise is keyed by it)
     last_loss: float = math.nan
     nonfinite_steps: int = 0  # skipped steps in all
     best_score: float = math.inf  # --keep_best: the lowest score so far, and its step (-1: none yet)
@@ -37,7 +37,7 @@ def training_state(loop: LoopState, optimizer, scheduler, scaler, data_fingerpri
 
 
 def restore(checkpoint: Checkpoint, denoiser, optimizer, scheduler, scaler, ema, schedule,
-            batches_per_epoch: int | None, text_encoder=None) -> LoopState:
+            steps_per_epoch: int | None, text_encoder=None) -> LoopState:
     """Put a checkpoint's LoRA (and EMA) weights, optimizer, LR schedule, grad scaler and RNG states back;
     return where its loop stood. `schedule(step)` is this run's LR multiplier (--max_train_steps may differ).
     `text_encoder`: the run's text encoder when its LoRA trains (--train_text_encoder; it is in the checkpoint
@@ -57,7 +57,7 @@ def restore(checkpoint: Checkpoint, denoiser, optimizer, scheduler, scaler, ema,
     restore_rng(st["rng"])
     loop = LoopState(st["step"], st["epoch"], st["position"], st["micro_step"], st["last_loss"], st["nonfinite_steps"],
                      st.get("best_score", math.inf), st.get("best_step", -1))
-    if batches_per_epoch is not None and loop.position >= batches_per_epoch:  # saved at an epoch's end
+    if steps_per_epoch is not None and loop.position >= steps_per_epoch:  # saved at an epoch's end
         loop.epoch, loop.position = loop.epoch + 1, 0
     return loop
 

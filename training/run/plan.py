@@ -12,7 +12,6 @@ To keep one curve across extensions, give `--lr_schedule_total` the longest leng
 the first run on: every stop and extension up to it then follows the same schedule.
 """
 
-import math
 
 from common.errors import AlreadyFinished
 from training.loop.optim import lr_multiplier
@@ -33,19 +32,19 @@ def schedule_total(opt, total_steps: int) -> int:
     return opt.lr_schedule_total or total_steps
 
 
-def checkpoint_schedule_total(config: dict, batches_per_epoch: int | None) -> int | None:
+def checkpoint_schedule_total(config: dict, steps_per_epoch: int | None) -> int | None:
     """The schedule length of the run that wrote a checkpoint (its config.yaml); None if it cannot be told."""
     if config.get("lr_schedule_total") or config.get("max_train_steps"):
         return config.get("lr_schedule_total") or config["max_train_steps"]
-    if batches_per_epoch is None or not config.get("num_epochs"):
+    if steps_per_epoch is None or not config.get("num_epochs"):
         return None
-    return config["num_epochs"] * math.ceil(batches_per_epoch / config.get("gradient_accumulation_steps", 1))
+    return config["num_epochs"] * steps_per_epoch
 
 
-def schedule_note(checkpoint, opt, total: int, batches_per_epoch: int | None) -> str | None:
+def schedule_note(checkpoint, opt, total: int, steps_per_epoch: int | None) -> str | None:
     """What resuming does to a decaying LR schedule whose length differs from the checkpoint's, or None (`opt`:
     the run's OptimizerSettings)."""
-    old = checkpoint_schedule_total(checkpoint.config, batches_per_epoch)
+    old = checkpoint_schedule_total(checkpoint.config, steps_per_epoch)
     if opt.lr_scheduler == "constant" or old is None or old == total:
         return None
     step, lr = checkpoint.state["step"], opt.learning_rate
