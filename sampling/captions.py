@@ -9,8 +9,8 @@ It lists exactly the complete groups of the folder (a .png with its .txt, the ma
 in index order, with id = image_id = the image index and the caption = the .txt. It is only ever rewritten whole
 (`atomic_write`), by one process (rank 0 under torchrun): at the start of a run from the complete groups on disk
 less those the run is about to remake, as batches complete (every batch while the file is small, then once
-5% more images are done, so a long run rewrites it about a hundred times in all), and at the end from the
-groups on disk, every rank's. So after a kill -9 it lists only complete images, perhaps not yet the last few,
+the set has grown by 5%: a few hundred rewrites even for 100,000 images), and at the end from the groups on
+disk, every rank's. So after a kill -9 it lists only complete images, perhaps not yet the last few,
 and the next run of the folder (even one with nothing to make) brings it up to date.
 """
 

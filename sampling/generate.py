@@ -4,6 +4,9 @@ folder (sampling/writer.py).
 Under `torchrun` (RANK/WORLD_SIZE/LOCAL_RANK set) the missing images are cut into batches in index order,
 exactly as one process would, and batch k goes to rank k % WORLD_SIZE: each index is made once, by a batch
 of the same composition as in a one-process run, so the files are the same bytes.
+
+Rank 0 locks the folder first (common/lock.py: a second run on it stops before reading or writing it) and keeps
+its captions.json (sampling/captions.py): its own images as their groups complete, every rank's at the end.
 """
 
 import argparse
