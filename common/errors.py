@@ -22,6 +22,11 @@ class WriteError(OSError):
         self.reason = reason or message
 
 
+class FolderInUse(ValueError):
+    """An output folder locked by another living run (common/lock.py); the message names its pid, host, start
+    time and command."""
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be written or used; the message names the path and what to do."""
 

@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 METADATA_FILE = "metadata.jsonl"
+CAPTIONS_FILE = "captions.json"  # COCO captions, as generate_images.py writes (sampling/captions.py)
 
 
 def find_images(root: Path) -> list[Path]:
@@ -59,6 +60,28 @@ def read_metadata(root: Path) -> dict[str, str | None] | None:
             ) from None
         caption = entry.get("text", entry.get("caption"))
         captions[PurePosixPath(file_name.replace("\\", "/")).as_posix()] = None if caption is None else str(caption)
+    return captions
+
+
+def read_coco_captions(folder: Path) -> dict[str, str] | None:
+    """Captions from folder/captions.json (COCO: `images` with id and file_name, `annotations` with image_id and
+    caption), keyed by file_name (relative to the folder; an image's first caption); None without such a file, or
+    when it is not a COCO captions file (a warning)."""
+    path = Path(folder) / CAPTIONS_FILE
+    if not path.is_file():
+        return None
+    try:
+        coco = json.loads(path.read_text(encoding="utf-8"))
+        names = {image["id"]: PurePosixPath(str(image["file_name"]).replace("\\", "/")).as_posix()
+                 for image in coco["images"]}
+        captions: dict[str, str] = {}
+        for annotation in coco["annotations"]:
+            name = names.get(annotation["image_id"])
+            if name is not None and isinstance(annotation.get("caption"), str):
+                captions.setdefault(name, annotation["caption"].strip())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+        logger.warning("ignoring %s: not a COCO captions file (%s: %s)", path, type(error).__name__, error)
+        return None
     return captions
 
 

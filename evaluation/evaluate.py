@@ -11,7 +11,9 @@ From Python (what training calls: the networks are loaded once, the real feature
 
 evaluate_images.py runs `evaluate_folders`: `extract_folder` on both folders, then `evaluate_groups`.
 Each result is a row {"group", "metric", "value", "n_real", "n_generated", ...}: value None with a "note"
-when the group cannot have that metric (too few images, no prompts, no matching real subfolder).
+when the group cannot have that metric (too few images, no prompts, no matching real subfolder); "set_wide": true
+on a real-only metric (MS-SSIM/LPIPS of real pairs) of a group compared with all real images: the value is the
+whole set's, so the table shows it in the row "all" only.
 """
 
 from collections.abc import Sequence
@@ -124,8 +126,11 @@ def evaluate_groups(real: Side, gen: Side, groups: list[Group], settings: Settin
     rows, nearest_pairs, cache, pair_cache = [], [], _Nearest(), {}
     wanted = set(settings.metrics)
 
-    def pairs_row(group_name: str, metric: str, function, side: Side, indices: list[int]) -> dict:
-        return _pairs_row(group_name, metric, function, side, indices, settings, pair_cache)
+    def pairs_row(group: Group, metric: str, function, side: Side, indices: list[int]) -> dict:
+        found = _pairs_row(group.name, metric, function, side, indices, settings, pair_cache)
+        if side is real and group.whole_real_set:  # the whole real set's value, not the group's
+            found["set_wide"] = True
+        return found
 
     for group in groups:
         name, ng = group.name, len(group.generated)
@@ -149,16 +154,16 @@ def evaluate_groups(real: Side, gen: Side, groups: list[Group], settings: Settin
                 rows.append(row(name, "ssim_nearest_real", None, 0, ng, note="no real images to compare with"))
         if "ms_ssim" in wanted:
             function = metrics.ms_ssim_function(settings.thumbnail_size)
-            rows.append(pairs_row(name, "ms_ssim_generated_pairs", function, gen, group.generated))
-            rows.append(pairs_row(name, "ms_ssim_real_pairs", function, real, group.real))
+            rows.append(pairs_row(group, "ms_ssim_generated_pairs", function, gen, group.generated))
+            rows.append(pairs_row(group, "ms_ssim_real_pairs", function, real, group.real))
         if "lpips" in wanted and lpips is not None:
             if pool:
                 found = cache.get("lpips", lpips, gen, real, group.generated, pool, False, settings)
                 rows.append(row(name, "lpips_nearest_real", _mean(v for v, _ in found), len(pool), ng))
             else:
                 rows.append(row(name, "lpips_nearest_real", None, 0, ng, note="no real images to compare with"))
-            rows.append(pairs_row(name, "lpips_generated_pairs", lpips, gen, group.generated))
-            rows.append(pairs_row(name, "lpips_real_pairs", lpips, real, group.real))
+            rows.append(pairs_row(group, "lpips_generated_pairs", lpips, gen, group.generated))
+            rows.append(pairs_row(group, "lpips_real_pairs", lpips, real, group.real))
     return rows, nearest_pairs
 
 
@@ -298,7 +303,8 @@ def evaluate_folders(args) -> int:
                      "not: trust KID for small sets")
 
     group_rows = [{"name": g.name, "n_real": len(g.real), "n_generated": len(g.generated),
-                   "compared_with": g.compared_with} for g in groups]
+                   "compared_with": g.compared_with, "whole_real_set": g.whole_real_set}
+                  for g in groups]
     print(format_table(group_rows, rows))
     for line in [format_targets(rows), *notes, *(f"{k}: {v}" for k, v in unavailable.items())]:
         if line:

@@ -5,8 +5,9 @@ skipped: the same scan as training, `common.images.find_images`), for example ou
 (00000.png + 00000.txt prompt + 00000.json sidecar, see `sampling/writer.py`) or a class-folder dataset
 (`real/wound/a.png`, `real/healthy/b.png`).
 
-The prompt of an image is, in this order: the "prompt" of its same-stem .json sidecar, its caption in the
-folder's metadata.jsonl, its same-stem .txt file; None if it has none.
+The prompt of an image is, in this order: its caption in a captions.json (COCO captions, as generate_images.py
+writes; the nearest one in its folder or above it that lists the image), the "prompt" of its same-stem .json
+sidecar, its caption in the folder's metadata.jsonl, its same-stem .txt file; None if it has none.
 
 Decoding is training's (`common.images.open_rgb`): EXIF rotation applied, then 8-bit RGB
 (16-bit scaled down, transparency composited on white, CMYK/gray/palette converted). A file that cannot be
@@ -27,7 +28,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from common.errors import EvalError
-from common.images import IMAGE_EXTENSIONS, find_images, open_rgb, read_caption, read_metadata
+from common.images import IMAGE_EXTENSIONS, find_images, open_rgb, read_caption, read_coco_captions, read_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +59,11 @@ class ImageFolder:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
-def read_prompt(path: Path, metadata: dict[str, str | None] | None, key: str) -> str | None:
-    """The prompt of one image: .json sidecar "prompt", then metadata.jsonl, then the .txt file."""
+def read_prompt(path: Path, metadata: dict[str, str | None] | None, key: str, coco: str | None = None) -> str | None:
+    """The prompt of one image: `coco` (its caption in a captions.json), else the .json sidecar's "prompt", then
+    metadata.jsonl, then the .txt file."""
+    if coco is not None:
+        return coco
     sidecar = path.with_suffix(".json")
     if sidecar.is_file():
         try:
@@ -81,12 +85,26 @@ def scan_folder(path: str | Path, flag: str) -> ImageFolder:
     if not paths:
         raise EvalError(f"{flag} {root} holds no images ({', '.join(IMAGE_EXTENSIONS)}, searched recursively); "
                         "check the path")
-    metadata = read_metadata(root)
+    metadata, coco = read_metadata(root), {}
     files = []
     for p in paths:
         key = p.relative_to(root).as_posix()
-        files.append(ImageFile(p, key, read_prompt(p, metadata, key)))
+        files.append(ImageFile(p, key, read_prompt(p, metadata, key, _coco_caption(p, root, coco))))
     return ImageFolder(root, files)
+
+
+def _coco_caption(path: Path, root: Path, found: dict[Path, dict[str, str] | None]) -> str | None:
+    """The caption of `path` in the nearest captions.json from its folder up to `root` that lists it (`found`:
+    the files read so far)."""
+    for folder in [path.parent, *path.parent.parents]:
+        if folder not in found:
+            found[folder] = read_coco_captions(folder)
+        name = path.relative_to(folder).as_posix()
+        if found[folder] is not None and name in found[folder]:
+            return found[folder][name]
+        if folder == root:
+            return None
+    return None
 
 
 def decode(path: Path) -> Image.Image | str:
@@ -117,6 +135,7 @@ class Group:
     real: list[int]
     generated: list[int]
     compared_with: str  # which real images, in words
+    whole_real_set: bool = False  # compared with all real images for want of its own (a prompt REAL lacks)
 
 
 def make_groups(real: list[ImageFile], generated: list[ImageFile], by: str) -> tuple[list[Group], list[str]]:
@@ -133,13 +152,15 @@ def make_groups(real: list[ImageFile], generated: list[ImageFile], by: str) -> t
     real_by, gen_by = _index_by(real, key), _index_by(generated, key)
     groups, notes = [everything], []
     for name in sorted(gen_by):
+        shown = name if name != ALL else f"{name} ({by})"  # the row "all" is the whole set's
         if name in real_by:
             same = "real subfolder of the same name" if by == "folder" else "real images of the same prompt"
-            groups.append(Group(name, real_by[name], gen_by[name], same))
+            groups.append(Group(shown, real_by[name], gen_by[name], same))
         elif by == "folder":
-            groups.append(Group(name, [], gen_by[name], "none: REAL has no subfolder of this name"))
+            groups.append(Group(shown, [], gen_by[name], "none: REAL has no subfolder of this name"))
         else:
-            groups.append(Group(name, everything.real, gen_by[name], "all real images (none has this prompt)"))
+            groups.append(Group(shown, everything.real, gen_by[name], "all real images (none has this prompt)",
+                                whole_real_set=True))
     if by == "folder":
         missing = sorted(set(real_by) - set(gen_by))
         if missing:

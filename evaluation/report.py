@@ -6,7 +6,8 @@ The JSON report (FORMAT_VERSION 1):
      "real":      {"folder": "/data/real", "n_found": 120, "n_used": 119, "skipped": [{"path": ..., "reason": ...}]},
      "generated": {"folder": "/data/synthetic", "n_found": 200, "n_used": 200, "skipped": []},
      "groups_by": "folder",
-     "groups":  [{"name": "all", "n_real": 119, "n_generated": 200, "compared_with": "all real images"}, ...],
+     "groups":  [{"name": "all", "n_real": 119, "n_generated": 200, "compared_with": "all real images",
+                  "whole_real_set": false}, ...],
      "results": [{"group": "all", "metric": "fid", "value": 35.2, "n_real": 119, "n_generated": 200,
                   "target": "<40", "passed": true},
                  {"group": "all", "metric": "kid_mean", "value": 0.0041, "n_real": 119, "n_generated": 200,
@@ -18,7 +19,9 @@ The JSON report (FORMAT_VERSION 1):
      "versions": {"python": ..., "torch": ..., "torchmetrics": ..., "transformers": ..., "sdxl-lora": ...}}
 
 n_real / n_generated of a row are the images that entered that metric (the real pool of a nearest-real
-metric, the images with a prompt for the CLIP score).
+metric, the images with a prompt for the CLIP score); those of a group are its sizes. A group compared with
+the whole real set (a prompt REAL does not have) has "whole_real_set": true, and its real-only rows
+(`ms_ssim_real_pairs`, `lpips_real_pairs`) "set_wide": true: their value is the whole set's.
 """
 
 import datetime
@@ -40,7 +43,9 @@ COLUMNS = [("fid", "FID"), ("kid_mean", "KID ± std"), ("clip_score", "CLIP"), (
            ("lpips_real_pairs", "LPIPS real")]
 METRIC_NAMES = ["fid", "kid_mean", "kid_std", "clip_score", "ssim_nearest_real", "ms_ssim_generated_pairs",
                 "ms_ssim_real_pairs", "lpips_nearest_real", "lpips_generated_pairs", "lpips_real_pairs"]
+REAL_ONLY = ("ms_ssim_real_pairs", "lpips_real_pairs")  # values of the real images alone
 MAX_GROUP_WIDTH = 32
+ALL = "all"  # the whole set's group (evaluation/folders.py)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -61,8 +66,8 @@ def apply_targets(rows: list[dict], targets: list[tuple[str, str, float]]) -> bo
     compare = {"<": float.__lt__, ">": float.__gt__, "<=": float.__le__, ">=": float.__ge__}
     ok = True
     for metric, op, bound in targets:
-        for r in rows:
-            if r["metric"] == metric and r["value"] is not None:
+        for r in rows:  # a set-wide value is checked in the row "all"
+            if r["metric"] == metric and r["value"] is not None and not r.get("set_wide"):
                 r["target"], r["passed"] = f"{op}{bound:g}", bool(compare[op](float(r["value"]), bound))
                 ok &= r["passed"]
     return ok
@@ -73,14 +78,18 @@ def apply_targets(rows: list[dict], targets: list[tuple[str, str, float]]) -> bo
 
 
 def format_table(groups: list[dict], rows: list[dict]) -> str:
-    """One line per group, one column per metric present; '-' where a group has no value."""
-    values = {(r["group"], r["metric"]): r["value"] for r in rows}
+    """One line per group, the whole set first, with its sizes (real and generated images), one column per metric
+    present; '-' where a group has no value of its own. A group compared with the whole real set is starred: its
+    real-only values (`set_wide` rows) are the whole set's and appear in the row "all" only (a footnote says so)."""
+    values = {(r["group"], r["metric"]): r["value"] for r in rows if not r.get("set_wide")}
     present = {r["metric"] for r in rows}
     columns = [(m, title) for m, title in COLUMNS if m in present]
     header = ["group", "n_real", "n_gen"] + [title for _, title in columns]
-    lines = []
-    for g in groups:
-        cells = [_short(g["name"]), str(g["n_real"]), str(g["n_generated"])]
+    lines, starred = [], False
+    for g in sorted(groups, key=lambda g: g["name"] != ALL):  # stable: the whole set first, the rest in order
+        star = g.get("whole_real_set", False)
+        starred |= star
+        cells = [_short(g["name"]), f"{g['n_real']}{'*' if star else ''}", str(g["n_generated"])]
         for metric, _ in columns:
             value = values.get((g["name"], metric))
             text = "-" if value is None else f"{value:.4g}"
@@ -94,7 +103,13 @@ def format_table(groups: list[dict], rows: list[dict]) -> str:
         return "  ".join(c.ljust(w) if k == 0 else c.rjust(w) for k, (c, w) in enumerate(zip(cells, widths,
                                                                                              strict=True)))
 
-    return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *map(fmt, lines)])
+    table = [fmt(header), "  ".join("-" * w for w in widths), *map(fmt, lines)]
+    if starred:
+        real_only = [title for m, title in columns if m in REAL_ONLY]
+        n_all = next((g["n_real"] for g in groups if g["name"] == ALL), "all")
+        table.append(f"* REAL has no image of this prompt: compared with all {n_all} real images"
+                     + (f" ({', '.join(real_only)}: see the row {ALL})" if real_only else ""))
+    return "\n".join(table)
 
 
 def format_targets(rows: list[dict]) -> str:

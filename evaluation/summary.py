@@ -51,7 +51,7 @@ def write_summary(path: Path, groups: list[dict], rows: list[dict], grid: Image.
     bar_rows = (len(metrics) + cols - 1) // cols
     fig = Figure(figsize=(4 * cols, 3 * bar_rows + (3.5 if grid is not None else 0)), layout="constrained")
     spec = fig.add_gridspec(bar_rows + (1 if grid is not None else 0), cols)
-    values = {(r["group"], r["metric"]): r["value"] for r in rows}
+    values = {(r["group"], r["metric"]): r["value"] for r in rows if not r.get("set_wide")}  # the group's own
     for k, metric in enumerate(metrics):
         ax = fig.add_subplot(spec[k // cols, k % cols])
         heights = [values.get((n, metric)) for n in names]

@@ -5,6 +5,7 @@
                             width, height, base_model, vae_model, loras [{path, scale}], precision
                             (left out with --no-save-metadata)
     OUTPUT_DIR/00000.txt    the prompt; written last, it marks the group complete
+    OUTPUT_DIR/captions.json  every complete group as COCO captions (sampling/captions.py)
 
 Every file is first written under a hidden temporary name (`.00000.png.tmp-PID`) and fsync'd, then renamed
 into place (common/files.py) in the order png, json, txt, the old `.txt` removed first. A crash at any point

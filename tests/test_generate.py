@@ -127,7 +127,10 @@ def test_writes_coco_folder_and_resumes(tmp_path, capsys, lora):
     assert status == 0, err
     assert "done: 5 images" in stdout and "img/s" in err  # the summary and tqdm's rate
     names = sorted(p.name for p in out.iterdir())
-    assert names == [f"{i:05d}.{ext}" for i in range(5) for ext in ("json", "png", "txt")]  # no temporary files
+    assert names == [f"{i:05d}.{ext}" for i in range(5) for ext in ("json", "png", "txt")] + ["captions.json"]
+    coco = json.loads((out / "captions.json").read_text())  # no temporary files, no lock file; COCO captions:
+    assert coco["images"][3] == {"id": 3, "file_name": "00003.png", "width": 64, "height": 48}
+    assert [a["caption"] for a in coco["annotations"]] == ["a red circle", "a blue square"] * 2 + ["a red circle"]
     meta = json.loads((out / "00003.json").read_text())
     assert meta == {"format_version": 1, "index": 3, "file_name": "00003.png", "prompt": "a blue square",
                     "negative_prompt": "blurry", "seed": 103, "num_inference_steps": 3, "guidance_scale": 5.0,
@@ -153,7 +156,8 @@ def test_writes_coco_folder_and_resumes(tmp_path, capsys, lora):
     assert "done: 2 images" in stdout and "3 already there" in stdout
     after = snapshot(out)
     assert sorted(after) == sorted([*before, "00001.txt", "00003.json", "00003.png", "00003.txt"])
-    assert all(after[name] == before[name] for name in before if not name.startswith(("00001", "00003")))
+    assert all(after[name] == before[name] for name in before if not name.startswith(("00001", "00003", "cap")))
+    assert json.loads((out / "captions.json").read_text()) == coco  # listed again once complete
     with Image.open(out / "00003.png") as png:  # same seed and prompt; another batch: rounding at most
         assert np.abs(np.asarray(png).astype(int) - np.asarray(images[1]).astype(int)).max() <= 1
 
@@ -190,7 +194,8 @@ def test_jsonl_prompts_without_metadata(tmp_path, capsys):
     status, _, err = run(capsys, "--prompt_file", prompts, "--num_images", 3, "--no-save-metadata",
                          "--output_dir", out, "--batch_size", 3)
     assert status == 0, err
-    assert sorted(p.name for p in out.iterdir()) == [f"{i:05d}.{e}" for i in range(3) for e in ("png", "txt")]
+    assert sorted(p.name for p in out.iterdir()) == [f"{i:05d}.{e}" for i in range(3) for e in ("png", "txt")] + [
+        "captions.json"]
     gen = ImageGenerator.from_pretrained("tiny")
     images = gen.generate_unique_batch(["a cat", "a dog", "a cat"], [7, 1, 8], ["dark", "", "dark"],
                                        width=64, height=48, steps=3)
@@ -284,8 +289,9 @@ def free_port() -> int:
 
 def test_torchrun_two_gloo_processes_equal_one_process(tmp_path):
     """Batches are formed in index order and dealt to ranks whole, so each image comes from a batch of the
-    same composition as in one process: identical bytes. OMP_NUM_THREADS=1 in both runs, since the float
-    summation order of a CPU matmul may depend on the thread count (torchrun sets 1 per process anyway)."""
+    same composition as in one process: identical bytes (captions.json too: rank 0 lists every rank's images).
+    OMP_NUM_THREADS=1 in both runs, since the float summation order of a CPU matmul may depend on the thread
+    count (torchrun sets 1 per process anyway)."""
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\na blue square\na green star\n")
     argv = [*FAST, "--prompt-file", str(prompts), "--num-images", "5", "--batch-size", "2", "--scheduler", "euler_a"]
@@ -301,6 +307,6 @@ def test_torchrun_two_gloo_processes_equal_one_process(tmp_path):
                           str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
     files = sorted(p.name for p in (tmp_path / "one").iterdir())
-    assert len(files) == 15 and files == sorted(p.name for p in (tmp_path / "two").iterdir())
+    assert len(files) == 16 and files == sorted(p.name for p in (tmp_path / "two").iterdir())  # + captions.json
     for name in files:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name

@@ -14,7 +14,7 @@ from training.config import SCRIPTS, parse_or_exit
 def main(argv=None, family: str = "sdxl") -> int:
     args = parse_or_exit(argv, family)
     from common.cli import print_error  # here, so that --help and flag errors answer before torch imports
-    from common.errors import AlreadyFinished, DataError, Stopped, TrainingError, WriteError
+    from common.errors import AlreadyFinished, DataError, FolderInUse, Stopped, TrainingError, WriteError
     from training.flags import Settings
     from training.loop.train import train
     from training.run.checkpoints import what_is_intact
@@ -35,6 +35,8 @@ def main(argv=None, family: str = "sdxl") -> int:
         print(f"{e}\ncontinue with: python {script} --config {args.output_dir}/config.yaml --resume_from latest",
               file=sys.stderr)
         return e.exit_code
+    except FolderInUse as e:  # another run holds --output_dir: rank 0 says who
+        return print_error(str(e)) if os.environ.get("RANK", "0") == "0" else 2
     except (DataError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 import families
 from common.errors import Stopped, TrainingError
+from common.lock import lock_run_folder
 from common.runtime import DTYPES, close_world, init_world
 from diffusion.compile import compile_blocks
 from lora.layer import LoRAConfig, add_lora, lora_parameters
@@ -238,10 +239,22 @@ def resumed_loop(resume, settings: Settings, world, models: Models, parts, sched
 def train(settings: Settings, family: str = "sdxl") -> dict:
     """Run a whole training job of a family's model from validated settings (training/config.py). Returns a summary.
 
-    Raises `Stopped` after saving a checkpoint when SIGTERM/SIGINT arrive (training/loop/signals.py)."""
+    Raises `Stopped` after saving a checkpoint when SIGTERM/SIGINT arrive (training/loop/signals.py), and
+    `FolderInUse` when another run holds the output folder (common/lock.py)."""
     t_start = time.time()
+    world = init_world(settings.runtime.device)  # one process, or one rank of torchrun
+    # Before the folder is read, cleared or written: a second run on it stops here (rank 0 holds the lock).
+    lock = lock_run_folder(settings.checkpoints.output_dir, "output_dir", world)
+    try:
+        return run(settings, family, world, t_start)
+    finally:  # any exit; a killed process's lock goes with it
+        if lock is not None:
+            lock.release()
+
+
+def run(settings: Settings, family: str, world, t_start: float) -> dict:
+    """`train` in `world`, with the output folder locked."""
     data_s, opt, runtime, ckpt = settings.data, settings.optimizer, settings.runtime, settings.checkpoints
-    world = init_world(runtime.device)  # one process, or one rank of torchrun
     device, output_dir = world.device, Path(ckpt.output_dir)
     resume = start_or_resume(ckpt, clear=world.main)  # before anything is written: never clobbers a previous run
     data, val_data = load_data(settings, world)
