@@ -2,7 +2,9 @@
 
 Each picture is one shape (circle, square, triangle, star, ring) of one colour and size at one of five
 positions, on a plain or two-tone (top half / bottom half) grey-scale background, captioned like
-`a small red circle on a white background, top left`. Everything follows from a seed. One colour,
+`a small red circle on a white background, top left`, or, as people write prompts, with some of the size,
+background and position left out (`a red circle`, `a blue square on a white background`: `partial_caption`;
+what is left out then varies freely in the pictures). Everything follows from a seed. One colour,
 `HELD_BACK` (purple), never appears unless asked for: the base model never sees it, so a LoRA has
 something new to teach.
 
@@ -97,8 +99,24 @@ def sample_specs(n: int, seed: int, *, include_held_back: bool = False, only: di
     return specs
 
 
-def caption(spec: ShapeSpec) -> str:
-    return f"a {spec.size} {spec.colour} {spec.shape} on a {spec.background} background, {spec.position}"
+OPTIONAL_PARTS = ("size", "background", "position")  # what a partial caption may leave out
+
+
+def caption(spec: ShapeSpec, parts=OPTIONAL_PARTS) -> str:
+    """`a small red circle on a white background, top left`, with only the optional `parts` given: `a red
+    circle` names colour and shape alone (`an` before a vowel)."""
+    words = [spec.size if "size" in parts else "", spec.colour, spec.shape]
+    text = " ".join(w for w in words if w)
+    text = ("an " if text[0] in "aeiou" else "a ") + text
+    if "background" in parts:
+        text += f" on a {spec.background} background"
+    return text + (f", {spec.position}" if "position" in parts else "")
+
+
+def partial_caption(spec: ShapeSpec, rng: random.Random, keep: float = 0.5) -> str:
+    """The caption with each optional part (size, background, position) kept with probability `keep`: so a
+    model trained on them answers short prompts, and varies what they leave out."""
+    return caption(spec, tuple(part for part in OPTIONAL_PARTS if rng.random() < keep))
 
 
 def geometry(spec: ShapeSpec) -> tuple[float, float, float]:
