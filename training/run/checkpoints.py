@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 import families
 from common.errors import CheckpointError, WriteError
 from common.files import atomic_write, reason_of, remove_stale_temporaries, write_text
-from lora.files import LoRANames, LoRAWeights, check_fits, peft_tensors, state_dict_from_peft
+from lora.files import LoRANames, LoRAWeights, check_fits, nonfinite, peft_tensors, state_dict_from_peft
 from lora.layer import LoRAConfig
 from training.flags import later_defaults, must_match
 from training.run.metadata import is_run_key
@@ -171,6 +171,9 @@ def load_checkpoint(path) -> Checkpoint:
             raise CheckpointError(f"checkpoint {path} lacks {FILES[name]}; use an earlier checkpoint")
     lora, metadata = _read_safetensors(path / FILES["lora"])
     ema = _read_safetensors(path / FILES["ema"])[0] if (path / FILES["ema"]).is_file() else None
+    for name, tensors in (("lora", lora), ("ema", ema or {})):
+        if problem := nonfinite(tensors):  # never saved so (save_checkpoint refuses): damaged on disk
+            raise CheckpointError(f"{path / FILES[name]}: {problem}; the file is damaged: use an earlier checkpoint")
     try:
         with warnings.catch_warnings():  # torch warns on stderr before raising for an unsafe pickle
             warnings.simplefilter("ignore")
