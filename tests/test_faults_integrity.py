@@ -5,23 +5,29 @@ processes; the full disk is a real small tmpfs in a user namespace where the mac
 
 import json
 import os
+import shlex
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import extract_lora_weights
 import families
 import generate_images
+import resume_training
 from common.errors import CheckpointError
 from lora.layer import LoRAConfig, lora_parameters, lora_state_dict
 from lora.reading import read_lora
 from sdxl.lora import apply_lora, load_lora, read_lora_file, save_lora
 from sdxl.tiny import TINY_UNET_CONFIG
 from sdxl.unet import SDXLUNet
-from training.run.checkpoints import MARKER, load_checkpoint, save_checkpoint
+from training.run.checkpoints import MARKER, find_latest, load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ["--config", str(ROOT / "configs/tiny_demo.yaml"), "--image_size", "64", "--batch_size", "4",
@@ -153,3 +159,209 @@ def test_a_pt_lora_and_a_checkpoint_with_nan_are_refused(tmp_path, capsys):
         load_checkpoint(folder)
     assert extract_lora_weights.main([str(folder), "-o", str(tmp_path / "y.safetensors")]) == 2
     assert f"key {name} holds 1 NaN value" in one_line_error(capsys.readouterr().err)
+
+
+# --- Items 12 and 13: one short real run, the reference. ----------------------------------------------------------
+
+RUN = [*TRAIN, "--max_train_steps", "2", "--save_interval", "1", "--use_ema", "--ema_decay", "0.9"]
+
+
+def train(out: Path, *extra, cwd=ROOT) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "train_sdxl.py"), *RUN, "--output_dir", str(out), *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=ENV, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """A 2-step tiny run with EMA and a checkpoint after each step (never changed: tests copy it)."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    done = train(out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def same_tensors(a: Path, b: Path) -> bool:
+    x, y = load_file(a), load_file(b)
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def flip_a_tensor_byte(path: Path) -> None:
+    """One byte in the middle of a file's tensor data changed (after a safetensors header: the file still loads)."""
+    data = bytearray(path.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little") if path.suffix == ".safetensors" else len(data) // 4
+    data[(start + len(data)) // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+# --- Item 12: a checkpoint file changed on disk is found by its SHA-256 and skipped. -------------------------------
+
+
+def small_run(folder: Path, steps: int = 2) -> list[Path]:
+    """Checkpoints of a LoRA at steps 1..steps (in-process, no training), with EMA."""
+    for step in range(1, steps + 1):
+        state = {"step": step, "epoch": 0, "position": step, "micro_step": step, "last_loss": 0.5}
+        save_checkpoint(folder, step, lora_state_dict(trained_lora(step)), state, "pretrained_model: tiny\n", CONFIG,
+                        ema=lora_state_dict(trained_lora(10 + step)))
+    return sorted((folder / "checkpoints").iterdir())
+
+
+@pytest.mark.parametrize("name", ["lora.safetensors", "ema.safetensors", "training_state.pt", "config.yaml"])
+def test_a_changed_byte_in_the_newest_checkpoint_is_found_and_skipped(tmp_path, caplog, capsys, name):
+    first, newest = small_run(tmp_path)
+    assert yaml.safe_load((newest / MARKER).read_text())["sha256"].keys() == {
+        "lora.safetensors", "ema.safetensors", "training_state.pt", "config.yaml"}
+    assert load_checkpoint(newest).checksums  # verified
+    if name == "config.yaml":
+        (newest / name).write_text((newest / name).read_text().replace("tiny", "tinY"))
+    else:
+        flip_a_tensor_byte(newest / name)
+    if name.endswith(".safetensors"):
+        load_file(newest / name)  # still a loadable file: only the checksum tells
+    with caplog.at_level("WARNING"):
+        latest = find_latest(tmp_path)
+    assert latest.path == first and latest.state["step"] == 1
+    assert f"skipping step_000002: {newest / name} is not the file that was written (its SHA-256 differs" in caplog.text
+    with pytest.raises(CheckpointError, match=f"{newest / name} is not the file that was written"):
+        load_checkpoint(newest)
+    # resume_training.py: --inspect of the run (its latest) and --find-latest take step 1; of the folder: exit 2
+    assert resume_training.main(["--inspect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].endswith(str(first)) and "checksums    SHA-256 of 4 files verified" in out
+    assert resume_training.main(["--find-latest", str(tmp_path)]) == 0 and capsys.readouterr().out == f"{first}\n"
+    assert resume_training.main(["--inspect", str(newest)]) == 2
+    assert f"{newest / name} is not the file that was written" in one_line_error(capsys.readouterr().err)
+    if name in ("lora.safetensors", "ema.safetensors"):  # generate_images/load_lora(folder) use the EMA file
+        ok = name == "lora.safetensors"
+        from training.run.checkpoints import lora_file_of
+
+        if ok:
+            assert lora_file_of(newest) == newest / "ema.safetensors"
+        else:
+            with pytest.raises(ValueError, match="ema.safetensors is not the file that was written"):
+                lora_file_of(newest)
+        assert extract_lora_weights.main([str(newest), "-o", str(tmp_path / "x.safetensors")]) == 2
+        assert "is not the file that was written" in one_line_error(capsys.readouterr().err)
+
+
+def test_a_checkpoint_without_checksums_still_loads_and_says_so(tmp_path, capsys):
+    _, newest = small_run(tmp_path)
+    (newest / MARKER).write_text("schema_version: 2\nstep: 2\n")  # as written before the checksums
+    flip_a_tensor_byte(newest / "lora.safetensors")  # cannot be told: loads unchecked
+    assert find_latest(tmp_path).path == newest and load_checkpoint(newest).checksums == {}
+    assert resume_training.main(["--inspect", str(newest)]) == 0
+    assert "checksums    none recorded (written before checkpoints had them)" in capsys.readouterr().out
+    (newest / MARKER).write_text("schema_version: 2\nstep: 2\nsha256: [\n")  # a damaged marker
+    with pytest.raises(CheckpointError, match=f"{newest / MARKER} is damaged"):
+        load_checkpoint(newest)
+
+
+@pytest.mark.slow
+def test_resume_after_a_flipped_byte_falls_back_and_ends_bit_exact(reference, tmp_path):
+    """A flipped LoRA value in the newest checkpoint: `--resume_from latest` warns, naming the file, resumes from the
+    one before, and ends with the uninterrupted run's LoRA bit for bit."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    (run / "lora_final.safetensors").unlink()
+    newest = run / "checkpoints/step_000002"
+    flip_a_tensor_byte(newest / "lora.safetensors")
+    done = train(run, "--resume_from", "latest")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (f"skipping step_000002: {newest / 'lora.safetensors'} is not the file that was written"
+            in done.stderr), done.stderr[-3000:]
+    assert f"resuming from {run / 'checkpoints/step_000001'} at step 1" in done.stdout
+    assert same_tensors(run / "lora_final.safetensors", reference / "lora_final.safetensors")
+    assert load_checkpoint(newest).checksums  # rewritten whole by the resumed run
+
+
+# --- Item 13: a full disk while lora_final.safetensors is written; `--resume_from latest` then writes it. ----------
+
+FULL_DISK = '''
+import json, os, subprocess, sys
+from pathlib import Path
+mnt, budget, result, cmd = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), json.loads(sys.argv[4])
+st = os.statvfs(mnt)
+with open(mnt / "filler", "wb") as f:  # leave `budget` bytes free
+    f.write(b"\\0" * (st.f_bavail * st.f_frsize - budget))
+runs = [subprocess.run(cmd, capture_output=True, text=True)]  # the disk fills while lora_final is written
+(mnt / "filler").unlink()  # "free disk space, then continue with --resume_from latest"
+final = mnt / "run" / "lora_final.safetensors"
+runs.append(subprocess.run(cmd + ["--resume_from", "latest"], capture_output=True, text=True))
+first = final.stat() if final.exists() else None
+runs.append(subprocess.run(cmd + ["--resume_from", "latest"], capture_output=True, text=True))  # nothing to do
+same = first is not None and (final.stat().st_ino, final.stat().st_mtime_ns) == (first.st_ino, first.st_mtime_ns)
+names = sorted(str(p.relative_to(mnt)) for p in mnt.rglob("*"))
+if final.exists():
+    (result.parent / "final.safetensors").write_bytes(final.read_bytes())
+result.write_text(json.dumps({"runs": [(r.returncode, r.stdout, r.stderr) for r in runs], "unchanged": same,
+                              "names": names}))
+'''
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_writing_lora_final_then_resume_writes_it(reference, tmp_path):
+    """A real tmpfs with room for the whole run but half of lora_final: one line naming lora_final (exit 2); after
+    freeing space, `--resume_from latest` writes it from the last checkpoint's EMA weights, equal to the
+    uninterrupted run's bit for bit, and says so; once more: nothing to do, nothing written."""
+    if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("cannot make a small file system here (unshare -rm: no user namespaces)")
+    page = 4096
+    used = sum(-(-p.stat().st_size // page) * page for p in reference.rglob("*")
+               if p.is_file() and p.name != "lora_final.safetensors")
+    final_size = (reference / "lora_final.safetensors").stat().st_size
+    mnt, result = tmp_path / "mnt", tmp_path / "result.json"
+    mnt.mkdir()
+    (tmp_path / "full_disk.py").write_text(FULL_DISK)
+    cmd = [sys.executable, str(ROOT / "train_sdxl.py"), *RUN, "--output_dir", str(mnt / "run")]
+    script = (f"mount -t tmpfs -o size=64m tmpfs {mnt} && {sys.executable} {tmp_path / 'full_disk.py'} {mnt} "
+              f"{used + final_size // 2} {result} {shlex.quote(json.dumps(cmd))}")
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=1800,
+                          cwd=ROOT, env=ENV)
+    assert done.returncode == 0 and result.exists(), done.stderr[-3000:]
+    report = json.loads(result.read_text())
+    (full, _, full_err), (again, again_out, again_err), (third, third_out, _) = report["runs"]
+    run = mnt / "run"
+    assert full == 2, full_err[-3000:]
+    line = full_err.strip().splitlines()[-1]
+    assert line.startswith(f"error: cannot write {run}/lora_final.safetensors: No space left on device; the latest "
+                           f"complete checkpoint {run}/checkpoints/step_000002 is intact"), line
+    assert "continue with --resume_from latest" in line and "Traceback" not in full_err
+    assert again == 0, again_err[-3000:]
+    assert (f"the run is already finished ({run}/checkpoints/step_000002 is at step 2 of 2) but lora_final.safetensors "
+            f"was missing (its write failed?): wrote {run}/lora_final.safetensors from that checkpoint's EMA weights"
+            in again_out), again_out
+    assert same_tensors(tmp_path / "final.safetensors", reference / "lora_final.safetensors")
+    assert third == 0 and "the run is already finished" in third_out and "nothing to do" in third_out
+    assert report["unchanged"]  # the third run wrote nothing
+    assert not [n for n in report["names"] if ".tmp-" in n or ".old-" in n]
+
+
+def test_final_files_of_a_finished_run_are_written_once(tmp_path, capsys):
+    """training/run/plan.py on checkpoints made in-process: without EMA the trained weights; lora_best from
+    checkpoints/best with --keep_best; with every file there, AlreadyFinished and nothing written."""
+    from common.errors import AlreadyFinished
+    from training.run.checkpoints import checkpoint_lora
+    from training.run.plan import finish_files, missing_final_files
+
+    state = {"step": 3, "epoch": 0, "position": 3, "micro_step": 3, "last_loss": 0.5}
+    lora = lora_state_dict(trained_lora(3))
+    save_checkpoint(tmp_path, 3, lora, state, "pretrained_model: tiny\n", CONFIG)
+    save_checkpoint(tmp_path, 2, lora_state_dict(trained_lora(4)), {**state, "step": 2}, "pretrained_model: tiny\n",
+                    CONFIG, name="best", metadata={"sdxl_lora.best_metric": "kid"})
+    checkpoint = load_checkpoint(tmp_path / "checkpoints/step_000003")
+    assert missing_final_files(tmp_path, "none") == ["lora_final.safetensors"]
+    assert missing_final_files(tmp_path, "kid") == ["lora_final.safetensors", "lora_best.safetensors"]
+    written = finish_files(checkpoint, 3, tmp_path, "kohya", "kid")
+    assert written == [tmp_path / "lora_final.safetensors", tmp_path / "lora_best.safetensors"]
+    out = capsys.readouterr().out
+    assert "wrote" in out and "EMA" not in out and "lora_best.safetensors was missing" in out
+    want = checkpoint_lora(checkpoint).modules
+    got = read_lora_file(tmp_path / "lora_final.safetensors", "tiny")[0]
+    assert got.keys() == want.keys() and all(torch.equal(got[k][i], want[k][i]) for k in want for i in (0, 1))
+    best = load_file(tmp_path / "lora_best.safetensors")
+    with safe_open(str(tmp_path / "lora_best.safetensors"), framework="pt") as f:
+        assert f.metadata()["sdxl_lora.best_metric"] == "kid"
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in tmp_path.glob("*.safetensors")}
+    with pytest.raises(AlreadyFinished, match="nothing to do"):
+        finish_files(checkpoint, 3, tmp_path, "kohya", "kid")
+    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in tmp_path.glob("*.safetensors")} == before
+    assert load_file(tmp_path / "lora_best.safetensors").keys() == best.keys()

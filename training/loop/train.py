@@ -53,7 +53,14 @@ from training.run.folder import effective_batch
 from training.run.loop_state import LoopState, restore, training_state
 from training.run.metadata import dataset_metadata
 from training.run.metrics import MetricsLog
-from training.run.plan import check_not_finished, schedule_note, schedule_total
+from training.run.plan import (
+    check_not_finished,
+    finish_files,
+    is_finished,
+    missing_final_files,
+    schedule_note,
+    schedule_total,
+)
 
 
 @dataclass
@@ -245,7 +252,8 @@ def train(settings: Settings, family: str = "sdxl") -> dict:
     total_steps, batches_per_epoch = run_length(opt, data, data_s.data_dir)
     if resume is not None:
         check_resumable(resume, settings.flat(), fingerprint, data_s.data_dir)
-        check_not_finished(resume, total_steps)  # a finished run: say so, write nothing
+        if is_finished(resume, total_steps):  # say so and write nothing, unless its final files are missing
+            return finished_run(resume, total_steps, settings, world)
     if world.main:
         save_resolved_config(settings.flat(), output_dir)
     models = build_models(settings, families.get(family), device)
@@ -361,6 +369,21 @@ def train(settings: Settings, family: str = "sdxl") -> dict:
     return {"steps": loop.step, "time_s": round(time.time() - t_start, 1), "final_loss": loop.last_loss,
             "nonfinite_steps": loop.nonfinite_steps, **data_problems(data), "lora": str(final),
             "metrics": str(output_dir / "metrics.jsonl"), "output_dir": str(output_dir)}
+
+
+def finished_run(resume, total_steps: int, settings: Settings, world) -> dict:
+    """A resumed run at its length: AlreadyFinished (nothing written), or, where its final files are missing (a full
+    disk while it wrote them), those files written from its last checkpoint by rank 0 (training/run/plan.py)."""
+    ckpt, keep_best = settings.checkpoints, settings.evaluation.keep_best
+    missing = world.broadcast(missing_final_files(ckpt.output_dir, keep_best) if world.main else None)  # one answer
+    if not missing:
+        check_not_finished(resume, total_steps)  # raises AlreadyFinished
+    try:
+        written = finish_files(resume, total_steps, ckpt.output_dir, ckpt.save_format, keep_best) if world.main else []
+        world.barrier()
+    finally:
+        close_world(world)
+    return {"steps": resume.state["step"], "wrote": ", ".join(map(str, written)), "output_dir": str(ckpt.output_dir)}
 
 
 def banner(settings: Settings, world, data: TrainingData, params, total_steps: int) -> str:
