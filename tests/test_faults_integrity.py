@@ -7,6 +7,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -365,3 +367,172 @@ def test_final_files_of_a_finished_run_are_written_once(tmp_path, capsys):
         finish_files(checkpoint, 3, tmp_path, "kohya", "kid")
     assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in tmp_path.glob("*.safetensors")} == before
     assert load_file(tmp_path / "lora_best.safetensors").keys() == best.keys()
+
+
+# --- Item 11: links out of the data folder are skipped, named and counted; links inside keep working. -------------
+
+SECRET = "root:x:0:0:SECRET-CONTENT:/root:/bin/bash"
+
+
+def linked_folder(tmp_path: Path) -> Path:
+    """data/ with a plain image, links inside it (image and caption), and links out: an image, a caption file (to a
+    'passwd'), metadata.jsonl, a folder; an empty caption file; a 1,200-word caption."""
+    outside, data = tmp_path / "outside", tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "passwd").write_text(SECRET + "\n")
+    Image.new("RGB", (64, 64), "purple").save(outside / "far.png")
+    (outside / "metadata.jsonl").write_text(json.dumps({"file_name": "plain.png", "text": "SECRET-METADATA"}) + "\n")
+    colours = {"plain": "red", "secret": "blue", "empty": "green", "long": "yellow", "sub/real": "white"}
+    for name, colour in colours.items():
+        Image.new("RGB", (64, 64), colour).save(data / f"{name}.png")
+    (data / "plain.txt").write_text("a red square")
+    (data / "secret.txt").symlink_to(outside / "passwd")  # the caption of a real image, a link out
+    (data / "empty.txt").write_text("")
+    (data / "long.txt").write_text(" ".join(["a yellow square"] * 400))  # 1,200 words
+    (data / "sub/real.txt").write_text("a white square")
+    (data / "inside.png").symlink_to(data / "sub/real.png")  # links that stay inside
+    (data / "inside.txt").symlink_to("sub/real.txt")
+    (data / "far.png").symlink_to(outside / "far.png")  # an image link out
+    (data / "metadata.jsonl").symlink_to(outside / "metadata.jsonl")
+    (data / "elsewhere").symlink_to(outside, target_is_directory=True)  # a folder link out (skipped before)
+    return data
+
+
+def test_links_out_of_the_data_folder_are_skipped_and_counted(tmp_path, caplog):
+    from training.data.datasets import build_dataset
+
+    data = linked_folder(tmp_path)
+    outside = tmp_path / "outside"
+    with caplog.at_level("WARNING"):
+        dataset = build_dataset(data, resolution=64, batch_size=1)
+    captions = {r.key: r.caption for r in dataset.scan.records}
+    assert sorted(captions) == ["empty.png", "inside.png", "long.png", "plain.png", "sub/real.png"]
+    assert captions["inside.png"] == captions["sub/real.png"] == "a white square"  # links inside: followed
+    assert captions["plain.png"] == "a red square"  # from plain.txt: the linked metadata.jsonl is not read
+    assert not any("SECRET" in c for c in captions.values())
+    summary = dataset.summary()
+    assert sorted(summary["links_outside"]) == sorted([
+        (str(data / "elsewhere"), str(outside)), (str(data / "far.png"), str(outside / "far.png")),
+        (str(data / "metadata.jsonl"), str(outside / "metadata.jsonl")),
+        (str(data / "secret.txt"), str(outside / "passwd"))])
+    assert summary["empty_captions"] == [str(data / "empty.png")] and summary["bad_files"] == []
+    text = caplog.text
+    for expected in (f"skipping {data / 'far.png'}: a link to {outside / 'far.png'}, outside {data}",
+                     f"skipping {data / 'metadata.jsonl'}: a link to {outside / 'metadata.jsonl'}, outside {data}",
+                     f"skipping {data / 'secret.png'}: its caption {data / 'secret.txt'} is a link to "
+                     f"{outside / 'passwd'}, outside {data}",
+                     f"skipping {data / 'elsewhere'}: a link to {outside}, outside",
+                     f"note: 1 of 5 images have an empty caption ({data / 'empty.png'}); they train with an empty "
+                     "caption"):
+        assert expected in text, (expected, text)
+    assert "SECRET" not in text
+
+
+@pytest.mark.parametrize("where", ["beside", "mask_dir"])
+def test_a_mask_linked_out_of_its_folder_skips_its_image(tmp_path, caplog, where):
+    from training.data.datasets import build_dataset
+    from training.data.masks import MaskSource
+
+    data, masks, outside = tmp_path / "data", tmp_path / "masks", tmp_path / "outside"
+    for folder in (data, masks, outside):
+        folder.mkdir()
+    for name in ("a", "b", "c"):
+        Image.new("RGB", (64, 64), "red").save(data / f"{name}.png")
+    Image.new("L", (64, 64), 255).save(outside / "mask.png")
+    Image.new("L", (64, 64), 128).save(masks / "kept.png")
+    folder, suffix = (data, "_mask.png") if where == "beside" else (masks, ".png")
+    (folder / f"a{suffix}").symlink_to(outside / "mask.png")  # out: a is skipped
+    (folder / f"b{suffix}").symlink_to(masks / "kept.png" if where == "mask_dir" else data / "c.png")  # inside
+    source = MaskSource(masks if where == "mask_dir" else None)
+    with caplog.at_level("WARNING"):
+        dataset = build_dataset(data, resolution=64, batch_size=1, masks=source)
+    assert sorted(r.key for r in dataset.scan.records) == ["b.png", "c.png"]
+    assert (str(folder / f"a{suffix}"), str(outside / "mask.png")) in dataset.summary()["links_outside"]
+    assert (f"skipping {data / 'a.png'}: its mask {folder / f'a{suffix}'} is a link to {outside / 'mask.png'}, "
+            "outside") in caplog.text
+
+
+# --- Item 14: cut prompts and captions, empty captions and cache temporaries are said or cleared. ----------------
+
+
+def test_cut_prompts_are_counted_for_clip_and_t5():
+    from diffusion.prompt_limits import cut_note, token_count
+
+    text_encoder = families.get("sd3").load_text_encoder("tiny-sd3", dtype=torch.float32, device="cpu")
+    assert [(label, n) for label, _, n in text_encoder.token_limits()] == [("CLIP", 77), ("T5", 256)]
+    prompts = ["a red circle", "a blue square " * 10, "word " * 1000, "a red circle"]
+    note = cut_note(text_encoder, prompts, ["a", "b", "c", "a"], "captions")
+    clip, t5 = (token_count(text_encoder.tokenizer, prompts[2]), token_count(text_encoder.tokenizer_3, prompts[2]))
+    assert note == (f"note: 2 of 4 captions are longer than CLIP's 77 tokens and are cut (the longest, c, has {clip} "
+                    f"tokens); 1 of 4 captions is longer than T5's 256 tokens and is cut (the longest, c, has {t5} "
+                    "tokens): the text past a limit is not read")
+    assert cut_note(text_encoder, ["a red circle"]) is None
+
+
+def test_a_long_prompt_is_noted_once_per_generation_run(tmp_path, capsys):
+    long = "a red circle on a white background, " * 140  # 5,000 characters
+    argv = [*GENERATE, "--prompt", long, "--prompt", "a blue square", "--num-images", "4"]
+    assert generate_images.main([*argv, "--output-dir", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("note: ") == 1, out
+    assert "note: 1 of 2 prompts is longer than CLIP's 77 tokens and is cut (the longest, image 00000, has " in out
+    assert generate_images.main([*GENERATE, "--prompt", "a blue square", "--num-images", "1", "--output-dir",
+                                 str(tmp_path / "short")]) == 0
+    assert "note:" not in capsys.readouterr().out
+
+
+def killed_writer_temporary(folder: Path, name: str) -> Path:
+    """The 0-byte temporary a process killed (-9) while writing `name` in `folder` leaves (common/files.py)."""
+    code = ("import os, sys, time\nfrom pathlib import Path\n"
+            f"Path({str(folder)!r}, '.{name}.tmp-' + str(os.getpid())).write_bytes(b'')\n"
+            "print('ready', flush=True)\ntime.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "ready\n"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return folder / f".{name}.tmp-{proc.pid}"
+
+
+def test_cache_temporaries_of_killed_writers_are_cleared_but_not_of_live_ones(tmp_path):
+    from training.loop.caching import clear_cache_temporaries
+
+    (tmp_path / "latents").mkdir()
+    (tmp_path / "text").mkdir()
+    dead = [killed_writer_temporary(tmp_path / part, "0123abcd.safetensors") for part in ("latents", "text")]
+    live = tmp_path / "latents" / f".feed.safetensors.tmp-{os.getpid()}"  # a writer still at work
+    live.write_bytes(b"")
+    kept = tmp_path / "latents" / "0123abcd.safetensors"
+    kept.write_bytes(b"entry")
+    assert all(p.exists() for p in dead)
+    clear_cache_temporaries(tmp_path)
+    assert not any(p.exists() for p in dead) and live.exists() and kept.exists()
+
+
+@pytest.mark.slow
+def test_training_on_a_linked_folder_publishes_nothing_from_outside_and_notes_what_is_cut(tmp_path):
+    """A real run on `linked_folder` with a disk latent cache: the links out are named and counted, nothing of the
+    linked 'passwd' reaches lora_final.safetensors (ss_tag_frequency), the long and empty captions are noted once;
+    a resume clears the 0-byte cache temporary a killed writer left."""
+    data, out = linked_folder(tmp_path), tmp_path / "run"
+    flags = [*TRAIN, "--data_dir", str(data), "--batch_size", "1", "--save_interval", "1", "--cache_latents", "disk",
+             "--output_dir", str(out)]
+    cmd = [sys.executable, str(ROOT / "train_sdxl.py"), *flags]
+    first = subprocess.run([*cmd, "--max_train_steps", "1"], capture_output=True, text=True, cwd=ROOT, env=ENV,
+                           timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert f"its caption {data / 'secret.txt'} is a link to {tmp_path / 'outside/passwd'}" in first.stderr
+    assert first.stderr.count("note: 1 of 5 images have an empty caption") == 1
+    assert first.stdout.count("note: ") == 1 and "note: 1 of 5 captions is longer than CLIP's 77 tokens and is " \
+        f"cut (the longest, {data / 'long.png'}, has " in first.stdout, first.stdout
+    assert "links_outside 4" in first.stdout and "missing_captions 0" in first.stdout
+    with safe_open(str(out / "lora_final.safetensors"), framework="pt") as f:
+        metadata = f.metadata()
+    assert not any("SECRET" in v or "root:x" in v for v in metadata.values())
+    tags = json.loads(metadata["ss_tag_frequency"])["data"]
+    assert tags["a white square"] == 2 and tags["a red square"] == 1  # the links inside the folder count
+    stale = killed_writer_temporary(out / "cache/latents", "ffff0000.safetensors")
+    again = subprocess.run([*cmd, "--max_train_steps", "2", "--resume_from", "latest"], capture_output=True,
+                           text=True, cwd=ROOT, env=ENV, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert not stale.exists() and not [p for p in (out / "cache").rglob(".*") if ".tmp-" in p.name]

@@ -35,6 +35,7 @@ import families
 from common.errors import Stopped, TrainingError
 from common.runtime import DTYPES, close_world, init_world
 from diffusion.compile import compile_blocks
+from diffusion.prompt_limits import cut_note
 from lora.layer import LoRAConfig, add_lora, lora_parameters
 from lora.text_encoders import text_encoder_lora_parameters
 from training.config import save_resolved_config
@@ -42,7 +43,7 @@ from training.data.captions import CaptionStyle
 from training.data.datasets import TrainingData, build_dataset
 from training.data.masks import MaskSource, latent_mask
 from training.flags import Settings, model_options
-from training.loop.caching import LatentCache, TextEmbeddingCache
+from training.loop.caching import LatentCache, TextEmbeddingCache, clear_cache_temporaries
 from training.loop.ema import EMA
 from training.loop.loss import diffusion_loss, draw_times_and_noise, weighted
 from training.loop.optim import eval_weights, lr_schedule, make_optimizer
@@ -256,7 +257,12 @@ def train(settings: Settings, family: str = "sdxl") -> dict:
             return finished_run(resume, total_steps, settings, world)
     if world.main:
         save_resolved_config(settings.flat(), output_dir)
+        clear_cache_temporaries(Path(runtime.cache_dir))  # a cache fill killed mid-write (kill -9) left them
+    world.barrier()  # no rank writes to the caches before they are clear
     models = build_models(settings, families.get(family), device)
+    records = {r.path: r.caption for r in data.records or []}  # once each (dataset_config repeats some)
+    if world.main and (note := cut_note(models.text_encoder, list(records.values()), list(records), "captions")):
+        print(note)  # once: captions longer than the text encoder reads
     models.fill_caches(data, device)
     denoiser, (params, text_params) = models.denoiser, trained_parameters(models)
     if runtime.compile:
@@ -399,7 +405,8 @@ def banner(settings: Settings, world, data: TrainingData, params, total_steps: i
 def data_problems(data: TrainingData) -> dict:
     summary = data.summary()
     return {"bad_files": len(summary.get("bad_files", [])),
-            "missing_captions": len(summary.get("missing_captions", []))}
+            "missing_captions": len(summary.get("missing_captions", [])),
+            "links_outside": len(summary.get("links_outside", []))}
 
 
 def peak_memory_mib(device) -> float:
