@@ -29,7 +29,7 @@ from lora.reading import read_lora
 from sdxl.lora import apply_lora, load_lora, read_lora_file, save_lora
 from sdxl.tiny import TINY_UNET_CONFIG
 from sdxl.unet import SDXLUNet
-from training.run.checkpoints import MARKER, find_latest, load_checkpoint, save_checkpoint
+from training.run.checkpoints import MARKER, find_latest, load_checkpoint, lora_file_of, save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ["--config", str(ROOT / "configs/tiny_demo.yaml"), "--image_size", "64", "--batch_size", "4",
@@ -46,7 +46,8 @@ def tiny_unet() -> SDXLUNet:
     return SDXLUNet(TINY_UNET_CONFIG).eval()
 
 
-def trained_lora(seed: int = 1) -> dict[str, torch.Tensor]:
+def lora_unet(seed: int = 1) -> SDXLUNet:
+    """The tiny UNet with a LoRA of random (trained-looking) values."""
     unet = tiny_unet()
     apply_lora(unet, CONFIG)
     g = torch.Generator().manual_seed(seed)
@@ -69,7 +70,7 @@ def one_line_error(err: str) -> str:
 def lora_files(tmp_path_factory) -> dict[str, tuple[Path, str]]:
     """Damaged LoRA files of the tiny model: name -> (file, the key the error must name)."""
     folder = tmp_path_factory.mktemp("loras")
-    unet = trained_lora()
+    unet = lora_unet()
     good = save_lora(unet, folder / "good.safetensors", CONFIG)
     tensors = load_file(good)
     with safe_open(str(good), framework="pt") as f:
@@ -135,11 +136,11 @@ def test_generate_images_refuses_a_nan_lora_with_exit_2(lora_files, tmp_path, ca
                                    str(path), "--output-dir", str(out)])
     line = one_line_error(capsys.readouterr().err)
     assert status == 2 and f"key {key} holds 1 NaN value" in line, line
-    assert not list(out.glob("*.png")) if out.exists() else True
+    assert not out.exists() or not list(out.glob("*.png"))
 
 
 def test_a_pt_lora_and_a_checkpoint_with_nan_are_refused(tmp_path, capsys):
-    sd = lora_state_dict(trained_lora())
+    sd = lora_state_dict(lora_unet())
     key = sorted(sd)[2]
     sd[key].view(-1)[0] = float("inf")
     torch.save(sd, tmp_path / "old.pt")
@@ -148,7 +149,7 @@ def test_a_pt_lora_and_a_checkpoint_with_nan_are_refused(tmp_path, capsys):
     assert f"old.pt: key {key} holds 1 Inf value" in line, line
     # a checkpoint written before checksums (COMPLETE without them) whose LoRA file was damaged on disk
     state = {"step": 1, "epoch": 0, "position": 1, "micro_step": 1, "last_loss": 0.5}
-    folder = save_checkpoint(tmp_path / "run", 1, lora_state_dict(trained_lora()), state, "pretrained_model: tiny\n",
+    folder = save_checkpoint(tmp_path / "run", 1, lora_state_dict(lora_unet()), state, "pretrained_model: tiny\n",
                              CONFIG)
     (folder / MARKER).write_text("schema_version: 2\nstep: 1\n")
     tensors = load_file(folder / "lora.safetensors")
@@ -202,8 +203,8 @@ def small_run(folder: Path, steps: int = 2) -> list[Path]:
     """Checkpoints of a LoRA at steps 1..steps (in-process, no training), with EMA."""
     for step in range(1, steps + 1):
         state = {"step": step, "epoch": 0, "position": step, "micro_step": step, "last_loss": 0.5}
-        save_checkpoint(folder, step, lora_state_dict(trained_lora(step)), state, "pretrained_model: tiny\n", CONFIG,
-                        ema=lora_state_dict(trained_lora(10 + step)))
+        save_checkpoint(folder, step, lora_state_dict(lora_unet(step)), state, "pretrained_model: tiny\n", CONFIG,
+                        ema=lora_state_dict(lora_unet(10 + step)))
     return sorted((folder / "checkpoints").iterdir())
 
 
@@ -233,10 +234,7 @@ def test_a_changed_byte_in_the_newest_checkpoint_is_found_and_skipped(tmp_path, 
     assert resume_training.main(["--inspect", str(newest)]) == 2
     assert f"{newest / name} is not the file that was written" in one_line_error(capsys.readouterr().err)
     if name in ("lora.safetensors", "ema.safetensors"):  # generate_images/load_lora(folder) use the EMA file
-        ok = name == "lora.safetensors"
-        from training.run.checkpoints import lora_file_of
-
-        if ok:
+        if name == "lora.safetensors":
             assert lora_file_of(newest) == newest / "ema.safetensors"
         else:
             with pytest.raises(ValueError, match="ema.safetensors is not the file that was written"):
@@ -345,9 +343,9 @@ def test_final_files_of_a_finished_run_are_written_once(tmp_path, capsys):
     from training.run.plan import finish_files, missing_final_files
 
     state = {"step": 3, "epoch": 0, "position": 3, "micro_step": 3, "last_loss": 0.5}
-    lora = lora_state_dict(trained_lora(3))
+    lora = lora_state_dict(lora_unet(3))
     save_checkpoint(tmp_path, 3, lora, state, "pretrained_model: tiny\n", CONFIG)
-    save_checkpoint(tmp_path, 2, lora_state_dict(trained_lora(4)), {**state, "step": 2}, "pretrained_model: tiny\n",
+    save_checkpoint(tmp_path, 2, lora_state_dict(lora_unet(4)), {**state, "step": 2}, "pretrained_model: tiny\n",
                     CONFIG, name="best", metadata={"sdxl_lora.best_metric": "kid"})
     checkpoint = load_checkpoint(tmp_path / "checkpoints/step_000003")
     assert missing_final_files(tmp_path, "none") == ["lora_final.safetensors"]
