@@ -135,12 +135,27 @@ def write_text(path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def remove_stale_temporaries(folder, name_glob: str = "*") -> None:
+def remove_stale_temporaries(folder, name_glob: str = "*", only_dead: bool = False) -> None:
     """Delete the `.NAME.tmp-*` / `.NAME.old-*` temporaries under `folder` that killed processes left behind
-    (call before writing there)."""
+    (call before writing there). `only_dead`: keep those whose process (the PID in the name) still runs here, for a
+    folder that other processes may be writing to."""
     for pattern in (f".{name_glob}.tmp-*", f".{name_glob}.old-*"):
         for stale in Path(folder).glob(pattern):
-            _remove(stale)
+            if not (only_dead and _running(stale.name.rpartition("-")[2])):
+                _remove(stale)
+
+
+def _running(pid: str) -> bool:
+    """Whether the process `pid` (a temporary's suffix) runs on this machine."""
+    if not pid.isdigit() or not 0 < int(pid) < 2**31:
+        return False
+    try:
+        os.kill(int(pid), 0)  # signal 0: only asks whether it exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def check_writable(flag: str, folder) -> None:

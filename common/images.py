@@ -21,8 +21,16 @@ METADATA_FILE = "metadata.jsonl"
 CAPTIONS_FILE = "captions.json"  # COCO captions, as generate_images.py writes (sampling/captions.py)
 
 
-def find_images(root: Path) -> list[Path]:
-    """Image files under `root`, recursively (symlinked folders followed once), sorted by relative path."""
+def link_outside(path, root) -> str | None:
+    """Where `path` really is when a link takes it out of the folder `root` (the path a link leads to); None when it
+    lies inside (links that stay inside are fine)."""
+    real, top = os.path.realpath(path), os.path.realpath(root)
+    return real if os.path.commonpath([top, real]) != top else None
+
+
+def find_images(root: Path, links_outside: list | None = None) -> list[Path]:
+    """Image files under `root`, recursively (symlinked folders followed once), sorted by relative path. Folder
+    links that leave `root` are skipped with a warning (and added to `links_outside` as (path, target))."""
     found, seen_dirs, top = [], set(), os.path.realpath(root)
     for folder, dirs, files in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
@@ -30,6 +38,8 @@ def find_images(root: Path) -> list[Path]:
             if real not in seen_dirs:
                 logger.warning("skipping %s: a link to %s, outside %s (the scan stays inside the data folder)",
                                folder, real, root)
+                if links_outside is not None:
+                    links_outside.append((folder, real))
             elif os.path.islink(folder):
                 logger.warning("skipping %s: a link to %s, which is scanned already (a link loop or a second link)",
                                folder, real)

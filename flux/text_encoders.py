@@ -63,6 +63,12 @@ class FluxTextEncoder(torch.nn.Module):
                                                       variant=_weights_variant(folder), dtype=dtype))
         return cls(tokenizer, tokenizer_2, *encoders, max_sequence_length=max_sequence_length).to(device)
 
+    def token_limits(self) -> list[tuple[str, object, int]]:
+        """(label, tokenizer, tokens): what a prompt is cut to (diffusion/prompt_limits.py): T5's
+        max_sequence_length, and CLIP's 77 for the pooled vector."""
+        return [("T5", self.tokenizer_2, self.max_sequence_length),
+                ("CLIP", self.tokenizer, self.tokenizer.model_max_length)]
+
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """T5 embeddings (B, max_sequence_length, C_t5) and CLIP pooled (B, C_clip), without gradients."""

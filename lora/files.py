@@ -184,6 +184,31 @@ def check_fits(weights: LoRAWeights) -> None:
         raise ValueError(f"DoRA magnitude of {stray[0]} ({weights.source}) has no LoRA weights; the file is incomplete")
 
 
+def nonfinite(tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """`key K holds 1 NaN and 2 Inf values (of 4096)` (and how many more keys do) for the first tensor with NaN or
+    Inf values, or None when every value is finite. A LoRA with one such value makes black images."""
+    bad = []
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point():
+            t = tensor if tensor.dtype.itemsize > 1 else tensor.float()  # fp8: no isfinite of its own
+            if not torch.isfinite(t).all():
+                bad.append((key, t))
+    if not bad:
+        return None
+    key, t = bad[0]
+    nan, inf = int(t.isnan().sum()), int(t.isinf().sum())
+    counts = " and ".join(f"{n} {what}" for what, n in (("NaN", nan), ("Inf", inf)) if n)
+    more = f" (and {len(bad) - 1} more key{'s' * (len(bad) > 2)})" if len(bad) > 1 else ""
+    return f"key {key} holds {counts} value{'s' * (nan + inf > 1)} (of {t.numel()}){more}"
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], path) -> None:
+    """A ValueError naming the file and the first key holding NaN or Inf values (see `nonfinite`)."""
+    if problem := nonfinite(tensors):
+        raise ValueError(f"{path}: {problem}; the LoRA is damaged or its training diverged (it would make black "
+                         "images): use another LoRA file or an earlier checkpoint")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Writing
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from lora.files import LoRAWeights
+from lora.files import LoRAWeights, check_finite
 from lora.reading import read_lora
 
 PT_SUFFIXES = (".pt", ".pth")
@@ -49,6 +49,7 @@ def read_pt_tensors(path) -> dict[str, torch.Tensor]:
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise ValueError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor; only a flat dict of "
                              "name -> tensor is converted")
+    check_finite(data, path)
     return data
 
 

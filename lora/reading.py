@@ -24,6 +24,7 @@ from lora.files import (
     TEXT_ENCODER_PREFIXES,
     LoRANames,
     LoRAWeights,
+    check_finite,
     check_fits,
     describe,
     fits,
@@ -107,6 +108,7 @@ def _parse(path, names: LoRANames, text_encoder: nn.Module | None = None, text_e
     except Exception as e:  # safetensors raises its own error types for corrupt files
         raise ValueError(f"cannot read LoRA file {path}: {e}; it is not a complete .safetensors file "
                          "(pickled .pt/.ckpt LoRAs are not loaded; re-download or convert it)") from e
+    check_finite(tensors, path)  # one NaN makes black images: name it before anything else
     te_kohya, te_peft = _text_encoder_names(text_encoder) if text_encoder is not None else ({}, {})
     kohya = _kohya_names(names) | {name: [(module, 0, None)] for name, module in te_kohya.items()}
     prefix = names.peft_prefix + "."
@@ -157,6 +159,9 @@ def _parse(path, names: LoRANames, text_encoder: nn.Module | None = None, text_e
                              "weight; the file is incomplete")
         is_kohya = _comfy_key(entry["key"]).startswith((*KOHYA_PREFIXES, *KOHYA_TEXT_ENCODERS))
         entry["alpha"] = _alpha(entry, group, is_kohya, metadata, path, prefix)
+        if not math.isfinite(entry["alpha"]):  # peft's lora_alpha / alpha_pattern in the metadata (JSON allows NaN)
+            raise ValueError(f"{path}: the alpha of key {entry['key']} is {entry['alpha']}, not a finite number; the "
+                             "LoRA is damaged (it would make black images): use another LoRA file")
         targets = kohya[group] if is_kohya else [(group, 0, None)]
         if len(targets) == 1:  # a layer of its own (its shapes are checked against the model later)
             module = targets[0][0]

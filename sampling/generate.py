@@ -21,6 +21,7 @@ from common.files import remove_stale_temporaries
 from common.lock import lock_run_folder
 from common.runtime import DTYPES, World
 from diffusion.compile import compile_blocks
+from diffusion.prompt_limits import cut_note
 from sampling.captions import Captions
 from sampling.config import run_settings
 from sampling.inference import ImageGenerator
@@ -67,6 +68,14 @@ def _generate(args: argparse.Namespace, world: World, lora_files: list[tuple[str
         return _error(str(e), rank)
     if args.compile:
         compile_blocks(gen.family.blocks(gen.denoiser))
+    if rank == 0:  # once per run: prompts longer than the text encoder reads
+        texts = {}  # each prompt (and negative prompt) once, named by its first image
+        for j in missing:
+            texts.setdefault(j.prompt, f"image {j.index:05d}")
+        for j in [j for j in missing if j.negative_prompt]:
+            texts.setdefault(j.negative_prompt, f"the negative prompt of image {j.index:05d}")
+        if note := cut_note(gen.text_encoder, list(texts), list(texts.values())):
+            print(note)
     if rank == 0:
         try:
             out.mkdir(parents=True, exist_ok=True)

@@ -81,6 +81,12 @@ class SD3TextEncoder(torch.nn.Module):
         return cls(tokenizer, tokenizer_2, tokenizer_3, *encoders, text_encoder_3, max_sequence_length,
                    read_joint_attention_dim(root)).to(device)
 
+    def token_limits(self) -> list[tuple[str, object, int]]:
+        """(label, tokenizer, tokens): what a prompt is cut to (diffusion/prompt_limits.py): CLIP's 77, T5's
+        max_sequence_length (none without T5)."""
+        t5 = [("T5", self.tokenizer_3, self.max_sequence_length)] if self.text_encoder_3 is not None else []
+        return [("CLIP", self.tokenizer, self.tokenizer.model_max_length), *t5]
+
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt embeddings (B, 77 + max_sequence_length, T5 width) and pooled (B, proj_L + proj_G), no gradients."""

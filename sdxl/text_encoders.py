@@ -69,6 +69,10 @@ class SDXLTextEncoder(torch.nn.Module):
             )
         return cls(tokenizer, tokenizer_2, *encoders).to(device)
 
+    def token_limits(self) -> list[tuple[str, object, int]]:
+        """(label, tokenizer, tokens): what a prompt is cut to (diffusion/prompt_limits.py); both CLIPs read 77."""
+        return [("CLIP", self.tokenizer, self.tokenizer.model_max_length)]
+
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt embeddings (B, 77, C1 + C2) and pooled embeddings (B, projection_dim), without gradients."""

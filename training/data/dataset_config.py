@@ -73,7 +73,7 @@ def read_dataset_config(path, default: CaptionStyle) -> list[Subset]:
 def scan_subsets(path, subsets: list[Subset], max_bad_fraction: float, shuffle_tags: bool) -> ScanResult:
     """Every subset scanned (training/data/scan.py) and its captions finished; each record `num_repeats` times, keyed
     `<subset number>/<path in its folder>`."""
-    records, bad_files, missing = [], [], []
+    records, bad_files, missing, links, empty = [], [], [], [], []
     for n, subset in enumerate(subsets, start=1):
         scan = scan_folder(subset.image_dir, max_bad_fraction, subset.style.extension)
         for record in scan.records:
@@ -82,4 +82,6 @@ def scan_subsets(path, subsets: list[Subset], max_bad_fraction: float, shuffle_t
             records += [finished] * subset.num_repeats
         bad_files += scan.bad_files
         missing += scan.missing_captions
-    return ScanResult(Path(path).resolve(), records, bad_files, missing)
+        links += scan.links_outside
+        empty += scan.empty_captions
+    return ScanResult(Path(path).resolve(), records, bad_files, missing, links, empty)

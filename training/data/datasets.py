@@ -220,6 +220,8 @@ class FolderDataset(torch.utils.data.Dataset):
             "num_images": self.scan.num_images,
             "bad_files": self.scan.bad_files,
             "missing_captions": self.scan.missing_captions,
+            "links_outside": self.scan.links_outside,
+            "empty_captions": self.scan.empty_captions,
             "buckets": {f"{h}x{w}": counts[i] for i, (h, w) in enumerate(self.buckets) if counts[i]},
             "merged_buckets": {"{}x{}".format(*self.buckets[b]): f"{n} images trained in bucket "
                                "{}x{} (fewer than one global batch)".format(*self.buckets[to])
@@ -292,7 +294,7 @@ def _folder_dataset(scan: ScanResult, buckets, batching: tuple[int, int, bool], 
     scan.records = [r for r in scan.records if not is_mask_file(r.path, masks)]
     scan.missing_captions = [p for p in scan.missing_captions if not is_mask_file(p, masks)]
     if masks is not None:
-        check_masks(scan.records, masks)
+        check_masks(scan, masks)
     batch_size, accumulation, whole_steps = batching
     dataset = FolderDataset(scan, buckets, batch_size, aug, rank, world_size, accumulation, whole_steps)
     if len(dataset) == 0:
@@ -303,10 +305,12 @@ def _folder_dataset(scan: ScanResult, buckets, batching: tuple[int, int, bool], 
     warn_about_images(dataset.scan.records, resolution, bucketing)  # odd images and captions, named
     summary = dataset.summary()
     logger.info(
-        "training data: %d images (%d bad, %d without caption) in buckets %s; %d batches per epoch",
+        "training data: %d images (%d bad, %d without caption, %d links out of the folder skipped) in buckets %s; "
+        "%d batches per epoch",
         summary["num_images"],
         len(summary["bad_files"]),
         len(summary["missing_captions"]),
+        len(summary["links_outside"]),
         summary["buckets"],
         summary["batches_per_epoch"],
     )

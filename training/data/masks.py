@@ -9,6 +9,7 @@ The per-pixel squared error is weighted by it and normalised by its mean, so a m
 a small mask weighs as much as a large one (as kohya-ss/sd-scripts' masked loss).
 """
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +19,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from common.errors import DataError
+from common.images import link_outside
 from training.data.buckets import cover_size
 
+logger = logging.getLogger(__name__)
 MASK_SUFFIX = "_mask.png"
 LATENT_FACTOR = 8  # pixels per latent pixel (the VAE's downsampling)
 
@@ -39,18 +42,41 @@ def is_mask_file(path: str, source: MaskSource | None) -> bool:
     return source is not None and source.mask_dir is None and not source.alpha and path.endswith(MASK_SUFFIX)
 
 
-def check_masks(records, source: MaskSource) -> None:
-    """Every mask file has its image's size (headers only, at the scan: a wrong mask stops the run before it starts)."""
-    for record in records:
+def check_masks(scan, source: MaskSource) -> None:
+    """Every mask file has its image's size (headers only, at the scan: a wrong mask stops the run before it starts).
+    An image whose mask file is a link out of its folder (the data folder, or --mask_dir) is skipped with a warning
+    naming it, as an image whose caption is such a link (training/data/scan.py); `scan.records` keeps the others."""
+    beside = dict(scan.links_outside)  # `_mask.png` files the scan skipped as links out of the data folder
+    kept = []
+    for record in scan.records:
         path = Path(record.path)
         mask_path = mask_file(path, source)
-        if source.alpha or not mask_path.is_file():
+        if source.alpha:
+            kept.append(record)
+            continue
+        if source.mask_dir is None:
+            target = beside.get(str(mask_path))
+        else:
+            target = link_outside(mask_path, source.mask_dir) if mask_path.exists() else None
+            if target is not None:
+                scan.links_outside.append((str(mask_path), target))
+        if target is not None:
+            folder = source.mask_dir or "the data folder"
+            logger.warning("skipping %s: its mask %s is a link to %s, outside %s (masks are read only inside it; copy "
+                           "the mask in)", path, mask_path, target, folder)
+            continue
+        kept.append(record)
+        if not mask_path.is_file():
             continue
         with Image.open(mask_path) as mask:
             w, h = mask.size
         if (h, w) != (record.height, record.width):
             raise DataError(f"mask {mask_path} is {w}x{h} but its image {path} is {record.width}x{record.height}; "
                             "give a mask of the image's size")
+    if not kept:
+        raise DataError("none of the images can be used: each one's mask is a link out of its folder; see the "
+                        "warnings above")
+    scan.records = kept
 
 
 def read_mask(image_path: str, source: MaskSource) -> Image.Image | None:

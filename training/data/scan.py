@@ -11,13 +11,19 @@ Sources, detected from `data_dir` (see training/data/datasets.py, `build_dataset
 Folder sources are scanned once (`scan_folder`): every image header is read and every image checked for
 truncation, so broken files are reported, with their paths, before training starts; more than
 `max_bad_fraction` of them stops the run.
+
+Nothing outside the data folder is read: a link (to a folder, an image, a caption file or metadata.jsonl) that leads
+out of it is skipped with a warning naming it and where it leads, and counted (`links_outside`); an image whose
+caption file is such a link is skipped too (rather than trained without the caption it was meant to have), so a
+caption linked to e.g. /etc/passwd never reaches the LoRA's `ss_tag_frequency` metadata. Links that stay inside
+the folder are followed. Empty captions are counted and noted once.
 """
 
 import logging
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import braceexpand
@@ -25,7 +31,15 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from common.errors import DataError
-from common.images import IMAGE_EXTENSIONS, METADATA_FILE, exif_orientation, find_images, read_caption, read_metadata
+from common.images import (
+    IMAGE_EXTENSIONS,
+    METADATA_FILE,
+    exif_orientation,
+    find_images,
+    link_outside,
+    read_caption,
+    read_metadata,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +66,8 @@ class ScanResult:
     records: list[ImageRecord]
     bad_files: list[tuple[str, str]]  # (path, reason), excluded
     missing_captions: list[str]  # paths of images kept with an empty caption
+    links_outside: list[tuple[str, str]] = field(default_factory=list)  # (path, target) skipped: leaving the folder
+    empty_captions: list[str] = field(default_factory=list)  # paths of images whose caption is there but empty
 
     @property
     def num_images(self) -> int:
@@ -85,20 +101,36 @@ def probe_image(path: Path) -> tuple[int, int] | str:
 
 def scan_folder(data_dir: str | Path, max_bad_fraction: float = 0.05, caption_extension: str = ".txt") -> ScanResult:
     """Check every image under data_dir before training; raise DataError if too many are unusable. Captions come
-    from metadata.jsonl or same-stem `caption_extension` files."""
+    from metadata.jsonl or same-stem `caption_extension` files. Links out of data_dir are skipped (module doc)."""
     root = Path(data_dir).expanduser().resolve()
     if not root.is_dir():
         raise DataError(f"data_dir {root} does not exist or is not a folder; pass a folder of images or .tar shards")
-    paths = find_images(root)
-    metadata = read_metadata(root)
+    links: list[tuple[str, str]] = []  # (path, target): links out of root, skipped
+    found = find_images(root, links)
+    paths = [p for p in found if not _outside(p, root, links)]
+    metadata = None if _outside(root / METADATA_FILE, root, links) else read_metadata(root)
     if not paths:
-        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}; check the data_dir path")
+        skipped = f" ({len(links)} links leading outside it were skipped: give the folder they lead to, or copy the " \
+                  "files in)" if links else ""
+        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}{skipped}; check the data_dir "
+                        "path")
 
-    def check(path: Path) -> tuple[tuple[int, int] | str, str | None]:
-        return probe_image(path), read_caption(path, metadata, path.relative_to(root).as_posix(), caption_extension)
+    def check(path: Path) -> tuple[tuple[int, int] | str, str | None, str | None]:
+        key = path.relative_to(root).as_posix()
+        text_file = path.with_suffix(caption_extension)
+        if (metadata is None or metadata.get(key) is None) and (target := link_outside(text_file, root)) \
+                and text_file.exists():
+            return "", None, target  # its caption would be read from outside the folder: not read, image skipped
+        return probe_image(path), read_caption(path, metadata, key, caption_extension), None
 
-    records, bad_files, missing_captions = [], [], []
-    for path, (size, caption) in zip(paths, map_in_threads(check, paths, "scanning images"), strict=True):
+    records, bad_files, missing_captions, empty_captions = [], [], [], []
+    for path, (size, caption, target) in zip(paths, map_in_threads(check, paths, "scanning images"), strict=True):
+        if target is not None:
+            text_file = path.with_suffix(caption_extension)
+            logger.warning("skipping %s: its caption %s is a link to %s, outside %s (the scan stays inside the data "
+                           "folder; copy the caption in)", path, text_file, target, root)
+            links.append((str(text_file), target))
+            continue
         if isinstance(size, str):
             logger.warning("bad image, excluded from training: %s (%s)", path, size)
             bad_files.append((str(path), size))
@@ -107,18 +139,34 @@ def scan_folder(data_dir: str | Path, max_bad_fraction: float = 0.05, caption_ex
             if len(missing_captions) < MAX_CAPTION_WARNINGS:
                 logger.warning("no caption: %s (training it with an empty caption)", path)
             missing_captions.append(str(path))
+        elif not caption:
+            empty_captions.append(str(path))
         records.append(ImageRecord(str(path), path.relative_to(root).as_posix(), caption or "", *size))
     if len(missing_captions) > MAX_CAPTION_WARNINGS:
         logger.warning("... and %d more images have no caption", len(missing_captions) - MAX_CAPTION_WARNINGS)
-    for key in sorted(set(metadata or {}) - {p.relative_to(root).as_posix() for p in paths}):
+    if empty_captions:
+        shown = ", ".join(empty_captions[:3]) + (", ..." if len(empty_captions) > 3 else "")
+        logger.warning("note: %d of %d images have an empty caption (%s); they train with an empty caption",
+                       len(empty_captions), len(records), shown)
+    listed = {p.relative_to(root).as_posix() for p in found}  # links skipped above are not "missing"
+    for key in sorted(set(metadata or {}) - listed):
         problem = "is not a .jpg/.jpeg/.png/.webp image" if (root / key).exists() else "does not exist"
         reason = f"listed in {METADATA_FILE} but {problem}"
         logger.warning("bad image, excluded from training: %s (%s)", root / key, reason)
         bad_files.append((str(root / key), reason))
     check_bad_fraction(root, bad_files, len(records) + len(bad_files), max_bad_fraction)
     if not records:
-        raise DataError(f"none of the images under {root} can be read; see the warnings above")
-    return ScanResult(root, records, bad_files, missing_captions)
+        raise DataError(f"none of the images under {root} can be used; see the warnings above")
+    return ScanResult(root, records, bad_files, missing_captions, links, empty_captions)
+
+
+def _outside(path: Path, root: Path, links: list[tuple[str, str]]) -> bool:
+    """Whether a file under the data folder is a link out of it: then it is named (a warning) and counted."""
+    if not path.exists() or (target := link_outside(path, root)) is None:
+        return False
+    logger.warning("skipping %s: a link to %s, outside %s (the scan stays inside the data folder)", path, target, root)
+    links.append((str(path), target))
+    return True
 
 
 def map_in_threads(function: Callable, items: list, description: str, chunk: int = 1024) -> Iterator:

@@ -11,7 +11,10 @@ offset and flip; text entries by the model and the caption. So a changed file, a
 or another VAE never hits a stale entry. `memory` keeps the cache in RAM for this run; `disk` also writes
 one safetensors file per entry under `cache_dir`, which survives restarts; a disk entry that does not load
 or holds non-finite values is rebuilt, with a warning. WebDataset shards stream, so their latents are
-cached as they first come (keyed by the pixels), as are latents the pre-pass did not make.
+cached as they first come (keyed by the pixels), as are latents the pre-pass did not make. An entry is written
+through a temporary file (common/files.py `atomic_write`); the temporaries a run killed mid-write left are
+removed when the next run starts (`clear_cache_temporaries`; those of a live process, e.g. another run sharing
+the folder on this machine, are kept).
 """
 
 import hashlib
@@ -23,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from common.files import atomic_write
+from common.files import atomic_write, remove_stale_temporaries
 from training.data.images import to_unit
 from training.data.scan import map_in_threads
 
@@ -37,6 +40,13 @@ def _digest(*parts: bytes) -> str:
         h.update(p)
         h.update(b"\0")
     return h.hexdigest()[:32]
+
+
+def clear_cache_temporaries(cache_dir: Path) -> None:
+    """Remove the temporaries of cache entries (`.KEY.safetensors.tmp-PID`) whose writer is gone (killed mid-write)."""
+    for part in ("latents", "text"):
+        if (Path(cache_dir) / part).is_dir():
+            remove_stale_temporaries(Path(cache_dir) / part, only_dead=True)
 
 
 class _Store:

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from common.errors import CheckpointError, TrainingError
 from common.files import atomic_write
-from lora.files import save_lora, write_lora
+from lora.files import save_lora
 from lora.layer import lora_state_dict
 from lora.text_encoders import text_encoder_lora_state_dict
 from sampling.grid_labels import label_grid
@@ -22,7 +22,7 @@ from training.flags import Settings
 from training.loop.ema import EMA
 from training.loop.loss import validation_loss
 from training.loop.scoring import TrainingScores
-from training.run.checkpoints import checkpoint_lora, checkpoint_name, load_checkpoint, save_checkpoint
+from training.run.checkpoints import checkpoint_name, save_checkpoint, write_best_lora
 from training.run.loop_state import LoopState
 from training.run.metadata import run_metadata
 from training.run.metrics import MetricsLog
@@ -135,12 +135,8 @@ class SideTasks:
                 save_lora(models.denoiser, final, models.lora_config,
                           models.family.lora_names(settings.model.pretrained_model), format=save_format,
                           metadata=metadata, text_encoder=models.text_encoder)
-            best = self.output_dir / "checkpoints" / "best"
-            if self.evaluation.keep_best != "none" and (best / "COMPLETE").is_file():
-                checkpoint = load_checkpoint(best)
-                weights = checkpoint_lora(checkpoint, ema=checkpoint.ema is not None)
-                weights.metadata |= {k: v for k, v in checkpoint.metadata.items() if k.startswith("sdxl_lora.best_")}
-                write_lora(weights, self.output_dir / "lora_best.safetensors", format=save_format)
+            if self.evaluation.keep_best != "none":
+                write_best_lora(self.output_dir, save_format)
         self.world.barrier()
         return final
 

@@ -36,6 +36,7 @@ from common.errors import Stopped, TrainingError
 from common.lock import lock_run_folder
 from common.runtime import DTYPES, close_world, init_world
 from diffusion.compile import compile_blocks
+from diffusion.prompt_limits import cut_note
 from lora.layer import LoRAConfig, add_lora, lora_parameters
 from lora.text_encoders import text_encoder_lora_parameters
 from training.config import save_resolved_config
@@ -43,7 +44,7 @@ from training.data.captions import CaptionStyle
 from training.data.datasets import TrainingData, build_dataset
 from training.data.masks import MaskSource, latent_mask
 from training.flags import Settings, model_options
-from training.loop.caching import LatentCache, TextEmbeddingCache
+from training.loop.caching import LatentCache, TextEmbeddingCache, clear_cache_temporaries
 from training.loop.ema import EMA
 from training.loop.loss import diffusion_loss, draw_times_and_noise, noise_keys, weighted
 from training.loop.optim import eval_weights, lr_schedule, make_optimizer
@@ -54,7 +55,14 @@ from training.run.folder import effective_batch
 from training.run.loop_state import LoopState, restore, training_state
 from training.run.metadata import dataset_metadata
 from training.run.metrics import MetricsLog
-from training.run.plan import check_not_finished, schedule_note, schedule_total
+from training.run.plan import (
+    check_not_finished,
+    finish_files,
+    is_finished,
+    missing_final_files,
+    schedule_note,
+    schedule_total,
+)
 
 
 @dataclass
@@ -262,10 +270,16 @@ def run(settings: Settings, family: str, world, t_start: float) -> dict:
     total_steps, steps_per_epoch = run_length(opt, data, data_s.data_dir)
     if resume is not None:
         check_resumable(resume, settings.flat(), fingerprint, data_s.data_dir, world.size)
-        check_not_finished(resume, total_steps)  # a finished run: say so, write nothing
+        if is_finished(resume, total_steps):  # say so and write nothing, unless its final files are missing
+            return finished_run(resume, total_steps, settings, world)
     if world.main:
         save_resolved_config(settings.flat(), output_dir)
+        clear_cache_temporaries(Path(runtime.cache_dir))  # a cache fill killed mid-write (kill -9) left them
+    world.barrier()  # no rank writes to the caches before they are clear
     models = build_models(settings, families.get(family), device)
+    records = {r.path: r.caption for r in data.records or []}  # once each (dataset_config repeats some)
+    if world.main and (note := cut_note(models.text_encoder, list(records.values()), list(records), "captions")):
+        print(note)  # once: captions longer than the text encoder reads
     models.fill_caches(data, device)
     denoiser, (params, text_params) = models.denoiser, trained_parameters(models)
     if runtime.compile:
@@ -381,6 +395,21 @@ def run(settings: Settings, family: str, world, t_start: float) -> dict:
             "metrics": str(output_dir / "metrics.jsonl"), "output_dir": str(output_dir)}
 
 
+def finished_run(resume, total_steps: int, settings: Settings, world) -> dict:
+    """A resumed run at its length: AlreadyFinished (nothing written), or, where its final files are missing (a full
+    disk while it wrote them), those files written from its last checkpoint by rank 0 (training/run/plan.py)."""
+    ckpt, keep_best = settings.checkpoints, settings.evaluation.keep_best
+    missing = world.broadcast(missing_final_files(ckpt.output_dir, keep_best) if world.main else None)  # one answer
+    if not missing:
+        check_not_finished(resume, total_steps)  # raises AlreadyFinished
+    try:
+        written = finish_files(resume, total_steps, ckpt.output_dir, ckpt.save_format, keep_best) if world.main else []
+        world.barrier()
+    finally:
+        close_world(world)
+    return {"steps": resume.state["step"], "wrote": ", ".join(map(str, written)), "output_dir": str(ckpt.output_dir)}
+
+
 def banner(settings: Settings, world, data: TrainingData, params, total_steps: int) -> str:
     summary, opt, lora = data.summary(), settings.optimizer, settings.lora
     source = (f"{summary['num_images']} images" if summary.get("num_images") is not None
@@ -394,7 +423,8 @@ def banner(settings: Settings, world, data: TrainingData, params, total_steps: i
 def data_problems(data: TrainingData) -> dict:
     summary = data.summary()
     return {"bad_files": len(summary.get("bad_files", [])),
-            "missing_captions": len(summary.get("missing_captions", []))}
+            "missing_captions": len(summary.get("missing_captions", [])),
+            "links_outside": len(summary.get("links_outside", []))}
 
 
 def peak_memory_mib(device) -> float:

@@ -5,20 +5,26 @@
         ema.safetensors           EMA of the LoRA weights, when --use_ema (same format)
         training_state.pt         optimizer, LR scheduler, grad scaler, step/epoch/position, RNG states
         config.yaml               the resolved run config (`train_sdxl.py --config` it to resume)
-        COMPLETE                  written last: a folder without it is never used
+        COMPLETE                  written last: a folder without it is never used; it records the SHA-256 of
+                                  every other file, checked whenever the checkpoint is read
 
 A checkpoint is written into a temporary folder beside its final name, every file fsync'd, then
 renamed into place, so a crash (or a second signal) mid-save never leaves a folder that looks
 complete; older checkpoints are removed (marker first) only after the new one is committed. The
 state file holds only tensors and plain Python values and loads with `torch.load(weights_only=True)`:
 a pickle that would run code is refused. `latest` is the newest complete checkpoint that loads.
+
+A file changed after it was written (a flipped bit on disk, a bad copy) no longer matches the SHA-256 in COMPLETE:
+the checkpoint is damaged, and `latest` skips it with a warning naming the file, as it skips a truncated one.
+Checkpoints written before the checksums (a COMPLETE without them) load unchecked.
 """
 
+import hashlib
 import json
 import logging
 import shutil
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,7 +35,7 @@ from safetensors.torch import save_file
 import families
 from common.errors import CheckpointError, WriteError
 from common.files import atomic_write, reason_of, remove_stale_temporaries, write_text
-from lora.files import LoRANames, LoRAWeights, check_fits, peft_tensors, state_dict_from_peft
+from lora.files import LoRANames, LoRAWeights, check_fits, nonfinite, peft_tensors, state_dict_from_peft, write_lora
 from lora.layer import LoRAConfig
 from training.flags import later_defaults, must_match
 from training.run.metadata import is_run_key
@@ -79,7 +85,8 @@ def save_checkpoint(output_dir, step: int, lora: dict, state: dict, config_yaml:
             save_file(peft_tensors(ema, lora_config, prefix, family)[0], folder / FILES["ema"], metadata=metadata_)
         torch.save({"schema_version": SCHEMA_VERSION, **state}, folder / FILES["state"])
         (folder / FILES["config"]).write_text(config_yaml, encoding="utf-8")
-        (folder / MARKER).write_text(f"schema_version: {SCHEMA_VERSION}\nstep: {step}\n")  # last
+        sums = "".join(f'  {f.name}: "{sha256(f)}"\n' for f in sorted(folder.iterdir()))  # as they are on disk
+        (folder / MARKER).write_text(f"schema_version: {SCHEMA_VERSION}\nstep: {step}\nsha256:\n{sums}")  # last
 
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -91,6 +98,44 @@ def save_checkpoint(output_dir, step: int, lora: dict, state: dict, config_yaml:
         for old in complete_checkpoints(output_dir)[:-keep_last]:
             _remove(old)
     return final
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def recorded_checksums(path: Path) -> dict[str, str]:
+    """File name -> SHA-256 that a checkpoint's COMPLETE marker records ({} for one written before checksums)."""
+    try:
+        marker = yaml.safe_load((path / MARKER).read_text(encoding="utf-8"))
+        sums = marker.get("sha256") or {}
+        if not (isinstance(sums, dict) and all(isinstance(v, str) for v in sums.values())):
+            raise ValueError("its sha256 entries are not file: checksum")
+        return sums
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError, ValueError) as e:
+        raise CheckpointError(f"{path / MARKER} is damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                              "; use an earlier checkpoint") from e
+
+
+def verify_checksums(path: Path, names=None) -> dict[str, str]:
+    """Check the files of a checkpoint folder (those in `names`, default all) against the SHA-256 its COMPLETE
+    marker recorded when they were written; a CheckpointError naming the first that differs. Returns the
+    checksums checked ({} for a checkpoint written before them)."""
+    sums = recorded_checksums(path)
+    checked = {name: digest for name, digest in sums.items() if names is None or name in names}
+    for name, digest in checked.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint {path} lacks {name} (its {MARKER} marker lists it); use an earlier "
+                                  "checkpoint")
+        if sha256(file) != digest:
+            raise CheckpointError(f"{file} is not the file that was written (its SHA-256 differs from the one recorded "
+                                  f"in {MARKER}): it was damaged on disk or in a copy; use an earlier checkpoint")
+    return checked
 
 
 def what_is_intact(output_dir) -> str:
@@ -119,6 +164,7 @@ class Checkpoint:
     state: dict  # training_state.pt
     config: dict  # the resolved config.yaml
     metadata: dict[str, str]  # of lora.safetensors (rank, alpha, target mode)
+    checksums: dict[str, str] = field(default_factory=dict)  # verified SHA-256 by file name ({}: none recorded)
 
     @property
     def lora_config(self) -> LoRAConfig:
@@ -173,8 +219,12 @@ def load_checkpoint(path) -> Checkpoint:
     for name in ("lora", "state", "config"):
         if not (path / FILES[name]).is_file():
             raise CheckpointError(f"checkpoint {path} lacks {FILES[name]}; use an earlier checkpoint")
+    checksums = verify_checksums(path)  # before any file is read: a changed byte is never trained on
     lora, metadata = _read_safetensors(path / FILES["lora"])
     ema = _read_safetensors(path / FILES["ema"])[0] if (path / FILES["ema"]).is_file() else None
+    for name, tensors in (("lora", lora), ("ema", ema or {})):
+        if problem := nonfinite(tensors):  # never saved so (save_checkpoint refuses): damaged on disk
+            raise CheckpointError(f"{path / FILES[name]}: {problem}; the file is damaged: use an earlier checkpoint")
     try:
         with warnings.catch_warnings():  # torch warns on stderr before raising for an unsafe pickle
             warnings.simplefilter("ignore")
@@ -195,7 +245,7 @@ def load_checkpoint(path) -> Checkpoint:
         if isinstance(e, CheckpointError):
             raise
         raise CheckpointError(f"checkpoint {path} is damaged ({e}); use an earlier checkpoint") from e
-    return Checkpoint(path, lora_sd, ema_sd, state, config, metadata)
+    return Checkpoint(path, lora_sd, ema_sd, state, config, metadata, checksums)
 
 
 def find_latest(output_dir) -> Checkpoint | None:
@@ -315,7 +365,9 @@ def lora_file_of(path) -> Path:
     if "schema_version: 1\n" in (path / MARKER).read_text():
         raise ValueError(f"checkpoint {path} was written by an older version of this trainer; make a LoRA file of "
                          f"it with: python extract_lora_weights.py {path} -o lora.safetensors")
-    return path / (FILES["ema"] if (path / FILES["ema"]).is_file() else FILES["lora"])
+    file = path / (FILES["ema"] if (path / FILES["ema"]).is_file() else FILES["lora"])
+    verify_checksums(path, [file.name])
+    return file
 
 
 def checkpoint_lora(checkpoint: Checkpoint, ema: bool = False, base: str | None = None) -> LoRAWeights:
@@ -345,6 +397,18 @@ def checkpoint_lora(checkpoint: Checkpoint, ema: bool = False, base: str | None 
     weights = LoRAWeights(modules, metadata, base_names, f"checkpoint {'EMA' if ema else 'LoRA'}", magnitudes)
     check_fits(weights)  # shapes against the base: a clear error now rather than a broken file later
     return weights
+
+
+def write_best_lora(output_dir, save_format: str) -> Path | None:
+    """lora_best.safetensors from checkpoints/best (its EMA weights when the run kept them), with the metric that
+    chose it; None when there is no complete checkpoints/best."""
+    best = Path(output_dir) / "checkpoints" / "best"
+    if not (best / MARKER).is_file():
+        return None
+    checkpoint = load_checkpoint(best)
+    weights = checkpoint_lora(checkpoint, ema=checkpoint.ema is not None)
+    weights.metadata |= {k: v for k, v in checkpoint.metadata.items() if k.startswith("sdxl_lora.best_")}
+    return write_lora(weights, Path(output_dir) / "lora_best.safetensors", format=save_format)
 
 
 def rewind_metrics(output_dir, step: int) -> None:

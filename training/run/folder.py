@@ -124,6 +124,8 @@ def describe(checkpoint: Checkpoint) -> str:
         ("precision", str(cfg.get("precision"))),
         ("max steps", str(max_steps) if max_steps else f"none ({cfg.get('num_epochs')} epochs)"),
         ("seed", str(cfg.get("seed"))),
+        ("checksums", f"SHA-256 of {len(checkpoint.checksums)} files verified" if checkpoint.checksums else
+                      "none recorded (written before checkpoints had them)"),
         ("files", f"{len(files)}, {human_size(sum(p.stat().st_size for p in files))} in all"),
     ]
     width = max(len(label) for label, _ in rows) + 2

@@ -2,7 +2,10 @@
 
 A run's length is --max_train_steps, or --num_epochs x the optimizer steps of an epoch. Resuming a checkpoint
 at (or past) that length has nothing to train: `check_not_finished` says so before anything is written, so a
-re-queued `--resume_from latest` of a finished run changes no file.
+re-queued `--resume_from latest` of a finished run changes no file. Unless the run's final files are missing (the
+disk filled up while lora_final.safetensors was written, and the error said to resume): `finish_files` then
+writes them from that checkpoint, as the run would have (its EMA weights with --use_ema, lora_best.safetensors
+from checkpoints/best with --keep_best), and says so.
 
 The LR schedule (training/loop/optim.py `lr_multiplier`) runs over `--lr_schedule_total` steps, by default the
 run's length. Extending a finished run (resuming it with a larger --max_train_steps) therefore recomputes a
@@ -12,9 +15,19 @@ To keep one curve across extensions, give `--lr_schedule_total` the longest leng
 the first run on: every stop and extension up to it then follows the same schedule.
 """
 
+from pathlib import Path
 
 from common.errors import AlreadyFinished
+from lora.files import write_lora
 from training.loop.optim import lr_multiplier
+from training.run.checkpoints import MARKER, checkpoint_lora, write_best_lora
+
+FINAL = "lora_final.safetensors"
+BEST = "lora_best.safetensors"
+
+
+def is_finished(checkpoint, total_steps: int) -> bool:
+    return checkpoint.state["step"] >= total_steps
 
 
 def check_not_finished(checkpoint, total_steps: int) -> None:
@@ -24,6 +37,34 @@ def check_not_finished(checkpoint, total_steps: int) -> None:
         raise AlreadyFinished(f"the run is already finished: {checkpoint.path} is at step {step} of {total_steps}; "
                               "nothing to do (to train on, resume with a larger --max_train_steps, e.g. "
                               f"--max_train_steps {2 * step})")
+
+
+def missing_final_files(output_dir, keep_best: str) -> list[str]:
+    """The final files a finished run writes (lora_final, and lora_best with --keep_best and a checkpoints/best)
+    that its folder lacks."""
+    output_dir = Path(output_dir)
+    wanted = [FINAL] + ([BEST] if keep_best != "none" and (output_dir / "checkpoints/best" / MARKER).is_file() else [])
+    return [name for name in wanted if not (output_dir / name).is_file()]
+
+
+def finish_files(checkpoint, total_steps: int, output_dir, save_format: str, keep_best: str) -> list[Path]:
+    """A resumed run at (or past) its length whose final files are missing: write them from `checkpoint` (its EMA
+    weights when the run kept them, as lora_final is) and say so; with every one there, AlreadyFinished."""
+    missing = missing_final_files(output_dir, keep_best)
+    if not missing:
+        check_not_finished(checkpoint, total_steps)
+    output_dir, written = Path(output_dir), []
+    if FINAL in missing:
+        ema = checkpoint.ema is not None
+        weights = checkpoint_lora(checkpoint, ema=ema)
+        written.append(write_lora(weights, output_dir / FINAL, format=save_format))
+        print(f"the run is already finished ({checkpoint.path} is at step {checkpoint.state['step']} of "
+              f"{total_steps}) but {FINAL} was missing (its write failed?): wrote {written[-1]} from that checkpoint"
+              + ("'s EMA weights (the run used --use_ema)" if ema else ""))
+    if BEST in missing and (best := write_best_lora(output_dir, save_format)) is not None:
+        written.append(best)
+        print(f"{BEST} was missing: wrote {best} from {output_dir / 'checkpoints/best'}")
+    return written
 
 
 def schedule_total(opt, total_steps: int) -> int:
