@@ -2,7 +2,9 @@
 vocabulary so that any text, emoji included, tokenizes without unknown tokens.
 
 CLIP: `CLIPTokenizer` over every byte (GPT-2's byte -> printable table) plus a few merges, so the BPE path runs.
-T5: `T5Tokenizer` (transformers' tokenizers-backed T5) over printable ASCII, with and without SentencePiece's
+T5: `T5Tokenizer` (transformers' tokenizers-backed T5) over printable ASCII and a few hundred common English words
+(the tiny world's among them, so its captions are a dozen tokens, as real T5 makes them), with and without
+SentencePiece's
 word-start mark, `<unk>` for anything else (transformers rebuilds a saved T5 tokenizer without byte fallback),
 `</s>` appended as T5's tokenizer does; ids 0, 1, 2 are <pad>, </s>, <unk> as in T5's own vocabulary.
 """
@@ -67,6 +69,10 @@ def build_clip_tokenizer(pad_token: str) -> CLIPTokenizer:
 
 
 T5_SPECIALS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2, as in T5's spiece.model
+T5_WORDS = """a an the of on in at to and or with without is are this that it for from by as be
+small large big tiny red orange yellow green blue purple violet white black gray grey pink brown cyan
+circle square triangle star ring shape shapes background top bottom left right center middle picture photo
+dog cat person man woman car tree house sky water light dark color colour over under near two one""".split()
 
 
 def build_t5_tokenizer() -> T5Tokenizer:
@@ -74,7 +80,8 @@ def build_t5_tokenizer() -> T5Tokenizer:
     load as `tokenizer_3` / `tokenizer_2`); `save_pretrained` writes a folder `T5Tokenizer.from_pretrained` reads."""
     printable = [chr(c) for c in range(33, 127)]
     pieces = ["\u2581", *printable, *("\u2581" + c for c in printable)]  # \u2581: SentencePiece's word start
-    vocab = [(s, 0.0) for s in T5_SPECIALS] + [(p, -1.0) for p in pieces]
+    words = ["\u2581" + w for w in T5_WORDS]  # a whole word scores better than its letters
+    vocab = [(s, 0.0) for s in T5_SPECIALS] + [(p, -1.0) for p in pieces] + [(w, -1.5) for w in words]
     tok = Tokenizer(models.Unigram(vocab, unk_id=2))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
     tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")

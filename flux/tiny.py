@@ -26,7 +26,7 @@ from diffusion.tokenizers import build_clip_tokenizer, build_t5_tokenizer, write
 from flux.configs import FLUX_DEV_SCHEDULER, config_to_diffusers
 from flux.transformer import FluxConfig, FluxTransformer
 
-TINY_FLUX_VERSION = 2  # 1: random weights; 2: T5 length 32 (tokenizer_2's model_max_length)
+TINY_FLUX_VERSION = 3  # 1: random weights; 2: T5 length 32 (tokenizer_2's model_max_length); 3: T5 word pieces
 WEIGHTS = None  # no pretrained tiny-flux ships yet: a folder of transformer/vae/text_encoder*.safetensors later
 # The tiny model's T5 length, written as its tokenizer_2's model_max_length: flux/loading.py's default T5 length is
 # the model's (512 dev, 256 schnell) capped by it, so CPU training and sampling attend over 32 text tokens, not 512.

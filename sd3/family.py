@@ -101,7 +101,7 @@ def load_denoiser(path, dtype=torch.float32, device="cpu") -> SD3Transformer:
 
 
 def load_text_encoder(path, dtype=torch.float32, device="cpu", t5: bool = True,
-                      max_sequence_length: int = MAX_SEQUENCE_LENGTH) -> SD3TextEncoder:
+                      max_sequence_length: int | None = None) -> SD3TextEncoder:
     """CLIP-L, CLIP-G and, unless `t5` is off (--no-t5: zero T5 tokens), T5 with `max_sequence_length` tokens."""
     return loading.load_text_encoder(path, dtype=dtype, device=device, t5=t5, max_sequence_length=max_sequence_length)
 
@@ -127,7 +127,15 @@ def flag_defaults(path) -> dict:
     except (OSError, ValueError):
         shift = SD3_SCHEDULER_CONFIG["shift"]
     return {"prediction_type": "flow", "timestep_sampling": "logit_normal", "lora_target_mode": "attention",
-            "flow_shift": float(shift), "max_sequence_length": MAX_SEQUENCE_LENGTH}
+            "flow_shift": float(shift), "max_sequence_length": t5_length(path)}
+
+
+def t5_length(path) -> int:
+    """The model's T5 length (256, capped by its tokenizer: tiny-sd3's 32); SD 3.5's for a path not readable yet."""
+    try:
+        return loading.default_max_sequence_length(path)
+    except (OSError, ValueError):
+        return MAX_SEQUENCE_LENGTH
 
 
 def objective(noise, path=None) -> FlowObjective:

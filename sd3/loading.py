@@ -162,11 +162,29 @@ def load_vae(path, device="cpu", config_path=None) -> LatentVAE:
     return LatentVAE(vae.eval().requires_grad_(False))
 
 
+def default_max_sequence_length(path, config_path=None) -> int:
+    """The T5 length: SD 3.5's 256, capped by the `model_max_length` of the model's T5 tokenizer (a folder's, or
+    `config_path`'s for a single file): the real ones say 512 or more, tiny-sd3's 32."""
+    path = resolve_model_path(path)
+    folder = path if path.is_dir() else resolve_model_path(config_path) if config_path else None
+    config = folder / "tokenizer_3" / "tokenizer_config.json" if folder is not None else None
+    if config is not None and config.is_file():
+        try:
+            cap = json.loads(config.read_text()).get("model_max_length")
+        except (OSError, ValueError):
+            cap = None
+        if isinstance(cap, int) and 0 < cap < MAX_SEQUENCE_LENGTH:
+            return cap
+    return MAX_SEQUENCE_LENGTH
+
+
 def load_text_encoder(path, dtype=torch.float32, device="cpu", t5: bool = True,
-                      max_sequence_length: int = MAX_SEQUENCE_LENGTH, config_path=None) -> SD3TextEncoder:
+                      max_sequence_length: int | None = None, config_path=None) -> SD3TextEncoder:
     """CLIP-L, CLIP-G and (unless `t5=False`: zero T5 tokens) T5 with their tokenizers, from a diffusers SD3 folder,
     "tiny-sd3", or an SAI single file plus `config_path` (a diffusers SD3 folder: the tokenizers, the encoders'
-    configs, and any encoder the file does not hold)."""
+    configs, and any encoder the file does not hold). `max_sequence_length`: T5 tokens (default: the model's,
+    `default_max_sequence_length`)."""
+    max_sequence_length = max_sequence_length or default_max_sequence_length(path, config_path)
     path = resolve_model_path(path)
     if path.is_dir():
         return SD3TextEncoder.from_pretrained(path, dtype=dtype, device=device, t5=t5,

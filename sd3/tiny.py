@@ -29,7 +29,11 @@ from diffusion.tokenizers import build_clip_tokenizer, build_t5_tokenizer, write
 from sd3.configs import SD3_SCHEDULER_CONFIG, config_to_diffusers
 from sd3.mmdit import MMDiTConfig, SD3Transformer
 
-TINY_VERSION = 1  # 1: random weights
+TINY_VERSION = 2  # 1: random weights; 2: word pieces in the T5 tokenizer, T5 length 32
+# The tiny model's T5 length, written as its tokenizer_3's model_max_length: sd3/loading.py's default T5 length is
+# SD 3.5's 256 capped by it, so CPU training and sampling attend over 77 + 32 text tokens, not 77 + 256.
+# StableDiffusion3Pipeline takes the length as a call argument (max_sequence_length=32 in the parity tests).
+TINY_MAX_SEQUENCE_LENGTH = 32
 WEIGHTS = Path(__file__).resolve().parent / "tiny_weights"  # transformer, vae, text_encoder{,_2,_3} .safetensors
 
 # 1.4 M parameters. Text tokens: CLIP-L 32 + CLIP-G 64 channels zero-padded to T5's 128; pooled 32 + 64 = 96.
@@ -104,6 +108,7 @@ def write_tiny_text_encoders(root: Path, seed: int = 2, weights: Path | None = N
         build_t5_tokenizer()
     for loader_key in ("is_local", "local_files_only"):  # how it was loaded, which transformers 5 would save
         tokenizer_3.init_kwargs.pop(loader_key, None)
+    tokenizer_3.model_max_length = TINY_MAX_SEQUENCE_LENGTH
     models = {}
     for i, (name, sizes, tok) in enumerate((("text_encoder", TINY_CLIP_L_CONFIG, tokenizer),
                                             ("text_encoder_2", TINY_CLIP_G_CONFIG, tokenizer_2))):

@@ -68,11 +68,12 @@ def test_recognizes_folders_and_sai_files_by_their_names(tiny, tmp_path):
 def test_flag_defaults_come_from_the_model(tiny, tmp_path):
     assert sd3.flag_defaults("tiny-sd3") == {"prediction_type": "flow", "timestep_sampling": "logit_normal",
                                              "lora_target_mode": "attention", "flow_shift": 3.0,
-                                             "max_sequence_length": 256}
+                                             "max_sequence_length": 32}  # 256, capped by tiny-sd3's tokenizer
     other = tmp_path / "model"
     (other / "scheduler").mkdir(parents=True)
     (other / "scheduler" / "scheduler_config.json").write_text(json.dumps({"shift": 2.5}))
     assert sd3.flag_defaults(other)["flow_shift"] == 2.5  # the folder's scheduler shift
+    assert sd3.flag_defaults(other)["max_sequence_length"] == 256  # SD 3.5's, no tokenizer cap
     assert sd3.flag_defaults(tmp_path / "not-there")["flow_shift"] == 3.0  # validation reports the path later
 
 
@@ -165,7 +166,8 @@ def pipeline_pixels(pipe, prompts, seeds, negative, **size) -> np.ndarray:
     """(B, H, W, 3) in 0..255 (float) from the pipeline with one CPU generator per image."""
     images = pipe(prompts, negative_prompt=negative, generator=[torch.Generator().manual_seed(s) for s in seeds],
                   height=size["height"], width=size["width"], num_inference_steps=size["steps"],
-                  guidance_scale=size["guidance_scale"], output_type="np").images
+                  guidance_scale=size["guidance_scale"], max_sequence_length=32,  # tiny-sd3's T5 length
+                  output_type="np").images
     return images * 255.0
 
 
@@ -218,5 +220,6 @@ def test_guidance_one_and_negative_prompts(tiny, pipe):
     embeds, pooled = gen.text_encoder.encode(["x"])
     neg_embeds, neg_pooled = sd3.negative(gen.text_encoder, [""], embeds, pooled)
     with torch.no_grad():
-        ref_embeds, _, ref_pooled, _ = pipe.encode_prompt("", "", "", do_classifier_free_guidance=False)
+        ref_embeds, _, ref_pooled, _ = pipe.encode_prompt("", "", "", do_classifier_free_guidance=False,
+                                                          max_sequence_length=32)  # tiny-sd3's T5 length
     assert torch.equal(neg_embeds, ref_embeds) and torch.equal(neg_pooled, ref_pooled) and neg_pooled.any()

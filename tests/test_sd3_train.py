@@ -54,7 +54,7 @@ def test_trains_with_the_models_defaults_and_writes_a_kohya_lora(tmp_path):
     assert {k: config[k] for k in ("prediction_type", "timestep_sampling", "lora_target_mode", "flow_shift", "t5",
                                    "max_sequence_length")} == {
         "prediction_type": "flow", "timestep_sampling": "logit_normal", "lora_target_mode": "attention",
-        "flow_shift": 3.0, "t5": True, "max_sequence_length": 256}
+        "flow_shift": 3.0, "t5": True, "max_sequence_length": 32}
     assert list(losses(out)) == [1, 2, 3] and all(v > 0 for v in losses(out).values())
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("val_loss" in r for r in records) and (out / "samples" / "step_000003.png").is_file()
