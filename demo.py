@@ -10,18 +10,18 @@
    OUTPUT_DIR/before_after.png (top row without the LoRA, bottom row with it).
 """
 
-import argparse
-import sys
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
 import train_sdxl
-from sampling.inference import ImageGenerator
+from common.cli import Parser, add_verbose, run_script
+from common.console import quiet_libraries
 from tools.tiny_world import HELD_BACK, caption, dominant_colour, sample_specs
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "tiny_demo.yaml"
 PROMPTS_SEED = 500  # held-out prompts: not the specs of data/demo (seeds 7 and 8)
+Pictures = list[Image.Image]
 
 
 def held_out_prompts(n: int = 32) -> list[str]:
@@ -30,6 +30,8 @@ def held_out_prompts(n: int = 32) -> list[str]:
 
 def draw(lora: Path | None, prompts: list[str]) -> list[Image.Image]:
     """The tiny model's pictures of `prompts` (image i seeded i), with the LoRA file merged if given."""
+    from sampling.inference import ImageGenerator  # here: --help needs no torch
+
     gen = ImageGenerator.from_pretrained("tiny", loras=[(str(lora), 1.0)] if lora else [])
     return gen.generate_unique_batch(prompts, list(range(len(prompts))), width=64, height=64, steps=20,
                                      guidance_scale=5.0)
@@ -51,10 +53,11 @@ def before_after_grid(before: list[Image.Image], after: list[Image.Image], colum
     return grid
 
 
-def run_demo(output_dir: Path, num_images: int = 32) -> tuple[list[Image.Image], list[Image.Image]] | int:
+def run_demo(output_dir: Path, num_images: int = 32, verbose: bool = False) -> tuple[Pictures, Pictures] | int:
     """Train, then draw the held-out purple prompts without and with the LoRA: (before, after), or the trainer's
     exit status if it failed."""
-    status = train_sdxl.main(["--config", str(CONFIG), "--output_dir", str(output_dir), "--overwrite_output_dir"])
+    status = train_sdxl.main(["--config", str(CONFIG), "--output_dir", str(output_dir), "--overwrite_output_dir",
+                              *(["--verbose"] if verbose else [])])
     if status != 0:
         return status
     prompts = held_out_prompts(num_images)
@@ -64,12 +67,14 @@ def run_demo(output_dir: Path, num_images: int = 32) -> tuple[list[Image.Image],
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(prog="demo.py", description=__doc__.splitlines()[0])
     p.add_argument("--output_dir", type=Path, default=Path("outputs/tiny_demo"),
                    help="where the run goes (default: outputs/tiny_demo)")
     p.add_argument("--num_images", type=int, default=32, help="pictures drawn before and after (default: 32)")
+    add_verbose(p)
     args = p.parse_args(argv)
-    result = run_demo(args.output_dir, args.num_images)
+    quiet_libraries(args.verbose)
+    result = run_demo(args.output_dir, args.num_images, args.verbose)
     if isinstance(result, int):
         return result
     before, after = result
@@ -79,4 +84,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)
