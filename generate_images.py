@@ -14,7 +14,7 @@ import sys
 
 from common.cli import print_error, run_script, signal_name
 from common.console import quiet_libraries
-from common.errors import interrupt_status
+from common.errors import WriteError, interrupt_status
 
 KEPT = ("the images in {out} with their .txt are complete and kept; free disk space if needed and re-run the same "
         "command: it makes only the missing ones")
@@ -32,7 +32,6 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:  # ConfigError, PromptError, a damaged checkpoint folder
         return print_error(str(e))
     quiet_libraries(args.verbose)
-    from common.errors import WriteError
     from common.runtime import close_world, init_world
     from sampling.generate import generate
 

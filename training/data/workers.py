@@ -59,13 +59,18 @@ class Epochs:
         return islice(self.iterator, start, None) if self.skip_start else self.iterator
 
     def close(self) -> None:
-        """Stop the worker processes now and wait for them (a no-op without workers, and when called again)."""
+        """Stop the worker processes now and wait for them (a no-op without workers, and when called again). A stop
+        signal meanwhile waits until they are gone: half a shutdown would leave them to the exit's endless join."""
         iterator, self.iterator = self.iterator, None
         shutdown = getattr(iterator, "_shutdown_workers", None)  # torch's own, what the iterator's __del__ calls
         if shutdown is None:
             return  # no worker processes (num_workers 0)
-        shutdown()
-        for worker in getattr(iterator, "_workers", ()):  # torch has stopped watching them: a straggler is killed
-            if worker.is_alive():
-                worker.kill()
-                worker.join()
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            shutdown()
+            for worker in getattr(iterator, "_workers", ()):  # torch stopped watching them: a straggler is killed
+                if worker.is_alive():
+                    worker.kill()
+                    worker.join()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
