@@ -184,6 +184,20 @@ def test_ctrl_c_through_a_pipe_saves_the_stop_checkpoint(tmp_path, images, jobs,
     assert "Traceback" not in (tmp_path / "log").read_text()
 
 
+def test_data_workers_end_with_a_killed_trainer(tmp_path, images, jobs):
+    """kill -9 of the trainer alone: its workers (which ignore the job's signals) go too, and with them the last
+    holders of the pipe, so `tee` ends."""
+    out = tmp_path / "out"
+    job = jobs(train(images, out, "--max_train_steps", "100000", "--num_workers", "2"), ["tee", str(tmp_path / "log")])
+    deadline = time.monotonic() + BOUND
+    while not (steps_logged(out) >= 1 and job.members().count("pt_data_worker") == 2) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert job.members().count("pt_data_worker") == 2 and job.proc.poll() is None
+    os.kill(job.proc.pid, signal.SIGKILL)
+    assert job.proc.wait(timeout=BOUND) == -signal.SIGKILL
+    assert survivors(job.pgid) == []
+
+
 def test_ctrl_c_through_a_pipe_keeps_every_complete_image(tmp_path, jobs):
     """Before: `2>&1 | tee`, Ctrl-C: the message failed with EPIPE, exit 1 with a traceback."""
     out = tmp_path / "out"
