@@ -314,6 +314,13 @@ def test_help_and_flag_errors_import_no_heavy_library(script, flag):
         assert len(lines) == 1 and lines[0].startswith("error: "), lines  # one line (argparse's, made ours)
 
 
+def test_the_precision_names_of_the_flags_are_the_dtypes():
+    from common.runtime import DTYPES
+    from sampling.config import PRECISIONS
+
+    assert PRECISIONS == tuple(DTYPES)
+
+
 # --- 7: the libraries' progress bars and chatter only with --verbose; ours always. ------------------------------
 
 
