@@ -16,12 +16,14 @@
 of float sums, and with it every later step) and prints each share, their mean and their range.
 """
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+from common.cli import Parser, add_verbose, run_script
+from common.console import quiet_libraries
 
 ROOT = Path(__file__).resolve().parent
 CONFIGS = {"sdxl": ROOT / "configs/tiny_demo.yaml", "sd3": ROOT / "configs/tiny_demo_sd3.yaml",
@@ -65,18 +67,18 @@ def before_after_grid(before, after, columns: int = 8):
     return grid
 
 
-def train(family: str, output_dir: Path, seed: int = 0) -> int:
+def train(family: str, output_dir: Path, seed: int = 0, verbose: bool = False) -> int:
     """The demo's training run (configs/tiny_demo*.yaml) into output_dir; the trainer's exit status."""
     from training.cli import main
 
     return main(["--config", str(CONFIGS[family]), "--output_dir", str(output_dir), "--overwrite_output_dir",
-                 "--seed", str(seed)], family)
+                 "--seed", str(seed), *(["--verbose"] if verbose else [])], family)
 
 
-def run_demo(output_dir: Path, num_images: int = 32, family: str = "sdxl", seed: int = 0):
+def run_demo(output_dir: Path, num_images: int = 32, family: str = "sdxl", seed: int = 0, verbose: bool = False):
     """Train, then draw the held-out purple prompts without and with the LoRA: (before, after), or the trainer's
     exit status if it failed."""
-    status = train(family, output_dir, seed)
+    status = train(family, output_dir, seed, verbose)
     if status != 0:
         return status
     model = "tiny" if family == "sdxl" else f"tiny-{family}"
@@ -116,7 +118,7 @@ def report(family: str, output_dir: Path, seeds: list[int], threads: list[int], 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(prog="demo.py", description=__doc__.splitlines()[0])
     p.add_argument("--family", choices=list(CONFIGS), default="sdxl", help="which tiny model (default: sdxl)")
     p.add_argument("--output_dir", type=Path, help="where the run goes (default: outputs/tiny_demo[_FAMILY])")
     p.add_argument("--num_images", type=int, default=32, help="pictures drawn before and after (default: 32)")
@@ -127,12 +129,14 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2, 4], help="--report's thread counts "
                    "(default: 1 2 4)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line (what --report reads)")
+    add_verbose(p)
     args = p.parse_args(argv)
+    quiet_libraries(args.verbose)
     output_dir = args.output_dir or Path("outputs") / ("tiny_demo" + ("" if args.family == "sdxl" else
                                                                         f"_{args.family}"))
     if args.report:
         return report(args.family, output_dir, args.seeds, args.threads, args.num_images)
-    result = run_demo(output_dir, args.num_images, args.family, args.seed)
+    result = run_demo(output_dir, args.num_images, args.family, args.seed, args.verbose)
     if isinstance(result, int):
         return result
     before, after = result
@@ -147,4 +151,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

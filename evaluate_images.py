@@ -12,21 +12,25 @@ Exit status: 0 done; 1 done but a --target was missed; 2 bad input (one line `er
 """
 
 import logging
-import sys
 
-from common.cli import print_error
+from common.cli import print_error, run_script
+from common.console import quiet_libraries
 from common.errors import WriteError
 from evaluation.config import parse_args
-from evaluation.evaluate import evaluate_folders
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")  # skipped files, one line each
+    quiet_libraries()  # before transformers loads (the CLIP model); --verbose turns it back on
     try:
-        return evaluate_folders(parse_args(argv))
+        args = parse_args(argv)
+        quiet_libraries(args.verbose)
+        from evaluation.evaluate import evaluate_folders  # here, after parsing: --help needs no torch
+
+        return evaluate_folders(args)
     except (ValueError, WriteError) as e:  # ConfigError (a flag), EvalError (a folder, a network file), a full disk
         return print_error(str(e))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

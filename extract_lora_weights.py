@@ -25,7 +25,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from common.cli import Parser
+from common.cli import Parser, add_verbose, run_script
+from common.console import quiet_libraries
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--info", action="store_true", help="print rank, alpha, targets, module count, base and "
                    "metadata of CHECKPOINT (and write -o only if given)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file (default: refuse)")
+    add_verbose(p)
     return p
 
 
@@ -106,6 +108,7 @@ def main(argv=None) -> int:
         print(f"error: -o {out} {what}", file=sys.stderr)
         return 2
 
+    quiet_libraries(args.verbose)
     # imported here, so that --help and argument errors answer at once (torch takes seconds to import)
     import families
     from common.errors import CheckpointError
@@ -156,4 +159,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

@@ -12,27 +12,29 @@ Flags and their checks: `python generate_images.py --help` and sampling/config.p
 
 import sys
 
-from common.cli import print_error, run_script
+from common.cli import print_error, run_script, signal_name
+from common.console import quiet_libraries
+from common.errors import WriteError, interrupt_status
 
 KEPT = ("the images in {out} with their .txt are complete and kept; free disk space if needed and re-run the same "
         "command: it makes only the missing ones")
 
 
 def main(argv=None) -> int:
-    from common.errors import WriteError  # here, so that a Ctrl-C while torch imports is one line (run_script)
-    from common.runtime import close_world, init_world
-    from sampling.config import parse_args
-    from sampling.generate import generate
-    from training.run.checkpoints import lora_file_of
+    from sampling.config import parse_args  # its flags parse before torch imports: --help answers at once
 
+    quiet_libraries()  # before the checks import transformers and diffusers; --verbose turns them back on
     try:
         args = parse_args(argv)
+        from training.run.checkpoints import lora_file_of
+
         lora_files = [(str(lora_file_of(path)), scale) for path, scale in args.loras]  # a checkpoint -> its file
     except (ValueError, FileNotFoundError) as e:  # ConfigError, PromptError, a damaged checkpoint folder
         return print_error(str(e))
-    from transformers.utils import logging as transformers_logging
+    quiet_libraries(args.verbose)
+    from common.runtime import close_world, init_world
+    from sampling.generate import generate
 
-    transformers_logging.disable_progress_bar()  # "Loading weights" bars of the text encoders
     try:
         world = init_world(args.device)  # a broken torchrun environment: one line naming the variable
     except ValueError as e:
@@ -41,9 +43,9 @@ def main(argv=None) -> int:
         return generate(args, world, lora_files)
     except WriteError as e:  # a full disk: the complete image groups stay, a re-run makes the rest
         return print_error(f"{e}; {KEPT.format(out=args.output_dir)}")
-    except KeyboardInterrupt:
-        print(f"interrupted; {KEPT.format(out=args.output_dir)}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C; SIGTERM and SIGHUP too (run_script): the writes under way finish first
+        print(f"interrupted ({signal_name(e)}); {KEPT.format(out=args.output_dir)}", file=sys.stderr)
+        return interrupt_status(e)
     finally:
         close_world(world)
 

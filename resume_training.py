@@ -25,18 +25,9 @@ import os
 import sys
 from pathlib import Path
 
-from common.cli import Parser
+from common.cli import Parser, add_verbose, run_script
+from common.console import quiet_libraries
 from common.errors import CheckpointError, NoCheckpoint
-from training.run.folder import (
-    check_extra,
-    describe,
-    finished,
-    latest_checkpoint,
-    open_checkpoint,
-    resume_command,
-    script_path,
-    shell,
-)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "that resumes it")
     p.add_argument("--execute", action="store_true", help="with --auto: run that command (this process becomes "
                    "the trainer; its exit status is returned)")
+    add_verbose(p)  # this process's; the trainer's own --verbose goes after --
     return p
 
 
@@ -63,6 +55,19 @@ def main(argv=None) -> int:
     if (args.execute or extra) and not args.auto:
         parser.error("--execute and flags after -- go with --auto DIR")
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")  # damaged checkpoints skipped
+    quiet_libraries(args.verbose)
+    # here, after parsing: --help and flag errors answer before torch imports
+    from training.run.folder import (
+        check_extra,
+        describe,
+        finished,
+        latest_checkpoint,
+        open_checkpoint,
+        resume_command,
+        script_path,
+        shell,
+    )
+
     try:
         if args.inspect:
             print(describe(open_checkpoint(args.inspect)))
@@ -94,4 +99,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

@@ -11,7 +11,7 @@
 Writes output_dir/config.yaml, metrics.jsonl, samples/, checkpoints/step_XXXXXX/ and lora_final.safetensors
 (kohya format: SAI names, loads in ComfyUI and kohya; --save_format diffusers for diffusers' load_lora_weights).
 
-SIGTERM / Ctrl-C save a checkpoint and exit 143 / 130; continue exactly with
+SIGTERM / Ctrl-C / SIGHUP save a checkpoint and exit 143 / 130 / 129; continue exactly with
     python train_sd3.py --config outputs/my_lora/config.yaml --resume_from latest
 """
 

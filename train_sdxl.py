@@ -9,7 +9,7 @@
 Writes output_dir/config.yaml, metrics.jsonl, samples/, checkpoints/step_XXXXXX/ and
 lora_final.safetensors (kohya format, loads in ComfyUI, A1111/Forge and diffusers).
 
-SIGTERM / Ctrl-C save a checkpoint and exit 143 / 130; continue exactly with
+SIGTERM / Ctrl-C / SIGHUP save a checkpoint and exit 143 / 130 / 129; continue exactly with
     python train_sdxl.py --config outputs/my_lora/config.yaml --resume_from latest
 """
 

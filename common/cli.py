@@ -1,14 +1,19 @@
-"""What the command lines share: one-line errors, a parser that speaks them, and the two-spelling flag helper.
+"""What the command lines share: one-line errors, a parser that speaks them, the two-spelling flag helper, and
+`run_script`, every script's `__main__`.
 
 Every script answers bad input with one line on stderr, `error: <what was wrong, the value, what to do>`,
 and exit status 2 (argparse's own errors included, with the closest flag suggested for a mistyped one).
+This module imports nothing heavy: a script parses its flags before torch loads, so that `--help` and a
+mistyped flag answer at once.
 """
 
 import argparse
 import difflib
+import signal
 import sys
 
-from common.errors import ConfigError
+from common import console
+from common.errors import ConfigError, Interrupted, interrupt_status
 
 
 def fail(flag: str, value, what: str):
@@ -62,12 +67,39 @@ def add_flag(group, name: str, help: str, aliases: tuple[str, ...] = (), **kwarg
 
 
 def run_script(main) -> None:
-    """A script's `__main__`: exit with main()'s status. Ctrl-C where the script has no handling of its own (its
-    imports, loading models) is one line and status 130; every write is atomic, so nothing half-written stays."""
+    """A script's `__main__`: exit with main()'s status.
+
+    - stdout and stderr survive a reader that goes away (`| head -1`; `| tee` killed by the same Ctrl-C): the
+      script goes on quietly and its status stays main()'s, 0 when its work is done (common/console.py).
+    - SIGTERM and SIGHUP (a closed terminal, a dropped ssh) are handled as Ctrl-C (`Interrupted`) wherever the
+      script has no stop handling of its own (its imports, loading models): one line and status 128 + the signal
+      (130, 143, 129); every write is atomic, so nothing half-written stays. A SIGHUP ignored when the script
+      started (`nohup`) stays ignored."""
+    console.install()
+    signal.signal(signal.SIGTERM, _interrupt)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, _interrupt)
     try:
         status = main()
-    except KeyboardInterrupt:
-        print("\ninterrupted (Ctrl-C); nothing half-written was kept: run the same command again to go on",
+    except KeyboardInterrupt as e:
+        print(f"\ninterrupted ({signal_name(e)}); nothing half-written was kept: run the same command again to go on",
               file=sys.stderr)
-        status = 130
+        status = interrupt_status(e)
+    finally:
+        console.flush()
     sys.exit(status)
+
+
+def _interrupt(signum, frame):
+    raise Interrupted(signum)
+
+
+def signal_name(e: KeyboardInterrupt) -> str:
+    """'Ctrl-C', 'SIGTERM' or 'SIGHUP': what interrupted a script."""
+    return signal.Signals(e.signum).name if isinstance(e, Interrupted) else "Ctrl-C"
+
+
+def add_verbose(parser: argparse.ArgumentParser) -> None:
+    """Every script's --verbose: transformers' and diffusers' progress bars and messages (common/console.py)."""
+    parser.add_argument("--verbose", action="store_true", help="show transformers' and diffusers' progress bars "
+                        "and info/warning messages too (default: off, only ours)")

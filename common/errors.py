@@ -51,6 +51,20 @@ class Stopped(Exception):
         super().__init__(f"stopped by {signal.Signals(signum).name}; checkpoint {checkpoint}")
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (a closed terminal, a dropped ssh) where a script has no stop handling of its own: handled
+    as Ctrl-C (KeyboardInterrupt) is, ending with 128 + `signum` (common/cli.py `run_script`)."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)
+
+
+def interrupt_status(e: KeyboardInterrupt) -> int:
+    """The exit status of an interrupted script: 128 + the signal (130 for Ctrl-C, 143 SIGTERM, 129 SIGHUP)."""
+    return 128 + getattr(e, "signum", signal.SIGINT)
+
+
 class PromptError(ValueError):
     """A prompt file that cannot be used; the message names the file, the line and what to do."""
 

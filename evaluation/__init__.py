@@ -8,14 +8,25 @@ computed by torchmetrics, per prompt or class folder. Modules, in reading order:
     clip.py       CLIP score                                  extract.py    one batched pass over a set of images
     metrics.py    FID, KID, SSIM, MS-SSIM, LPIPS (torchmetrics)  evaluate.py   per-group rows; the API for training
     report.py     table, JSON, targets                        summary.py    the PNG summary
-    config.py     evaluate_images.py's flags
+    config.py     evaluate_images.py's flags                  settings.py   Settings, METRICS, the Inception file
 """
 
 from common.errors import EvalError, LpipsUnavailable
-from evaluation.clip import ClipScorer
-from evaluation.evaluate import Settings, reference_features, score_images
-from evaluation.inception import InceptionFeatures, load_inception
-from evaluation.metrics import load_lpips
+
+# The names below are imported on first use (PEP 562), not with the package: evaluate_images.py's flags
+# (evaluation/config.py) are read before torch and torchmetrics load, so that --help answers at once.
+_LAZY = {"ClipScorer": "evaluation.clip", "Settings": "evaluation.settings",
+         "reference_features": "evaluation.evaluate", "score_images": "evaluation.evaluate",
+         "InceptionFeatures": "evaluation.inception", "load_inception": "evaluation.inception",
+         "load_lpips": "evaluation.metrics"}
 
 __all__ = ["ClipScorer", "EvalError", "InceptionFeatures", "LpipsUnavailable", "Settings", "load_inception",
            "load_lpips", "reference_features", "score_images"]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'evaluation' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(_LAZY[name]), name)

@@ -5,14 +5,12 @@
 import argparse
 from pathlib import Path
 
-from common.cli import Parser, add_flag, fail
+from common.cli import Parser, add_flag, add_verbose, fail
 from common.files import check_writable
-from common.runtime import resolve_device
-from evaluation.evaluate import METRICS, Settings
-from evaluation.inception import default_inception_path
 from evaluation.report import parse_target
+from evaluation.settings import METRICS, Settings, default_inception_path
 
-DEFAULTS = Settings()
+DEFAULTS = Settings  # the class: its fields' defaults, without __post_init__ (which imports torch)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(g, "device", default="auto", help="cpu, cuda or cuda:N; auto = cuda if available (default: auto)")
     add_flag(g, "batch-size", type=int, default=DEFAULTS.batch_size, metavar="N",
                    help=f"images per network batch (default: {DEFAULTS.batch_size})")
+    add_verbose(p)
     return p
 
 
@@ -114,6 +113,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag in ("out", "png"):
         if getattr(args, flag) is not None:
             check_writable(flag, getattr(args, flag).parent)  # now, not after minutes of feature extraction
+    from common.runtime import resolve_device  # here, after parsing: --help and flag errors need no torch
+
     args.device = resolve_device(args.device, "fp32")[0]
     return args
 

@@ -17,7 +17,7 @@ whole set's, so the table shows it in the row "all" only.
 """
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,32 +41,8 @@ from evaluation.folders import (
 )
 from evaluation.inception import InceptionFeatures, file_digest, load_inception
 from evaluation.report import apply_targets, build_report, format_table, format_targets, write_json
+from evaluation.settings import Settings
 from evaluation.summary import pairs_grid, write_summary
-
-METRICS = ("fid", "kid", "clip", "ssim", "ms_ssim", "lpips")  # what --metrics can name
-
-
-@dataclass
-class Settings:
-    """What the numbers depend on besides the images (saved in the report)."""
-
-    metrics: tuple[str, ...] = METRICS
-    kid_subsets: int = 100
-    kid_subset_size: int = 1000  # capped by the smaller set of each group
-    thumbnail_size: int = 256  # SSIM, MS-SSIM and LPIPS compare centered square crops of this size
-    max_real_pool: int = 100  # real images searched for each generated image's nearest one
-    max_pairs: int = 500  # pairs per group for the pairwise diversity metrics
-    seed: int = 0  # KID subsets, pool and pair sampling
-    batch_size: int = 32
-    device: str = "cpu"
-    lpips_net: str = "alex"
-    ms_ssim_betas: tuple[float, ...] = field(default=(), init=False)
-
-    def __post_init__(self):
-        self.ms_ssim_betas = metrics.ms_ssim_betas(self.thumbnail_size)
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
 @dataclass

@@ -25,23 +25,9 @@ import torch
 from PIL import Image
 
 from common.errors import EvalError
+from evaluation.settings import INCEPTION_URL, default_inception_path, download_hint
 
-INCEPTION_FILE = "inception-2015-12-05.pt"
-INCEPTION_URL = f"https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/{INCEPTION_FILE}"
 INCEPTION_SIZE = 299
-
-
-def default_inception_path() -> Path:
-    """Where we look when --inception-weights is not given: the project's cache folder (see sdxl/tiny.py)."""
-    from common.files import cache_dir
-
-    return cache_dir() / INCEPTION_FILE
-
-
-def download_hint(path: Path) -> str:
-    return (f"download the TorchScript Inception-v3 of clean-fid/StyleGAN (about 100 MB): "
-            f"curl -L --create-dirs -o {path} {INCEPTION_URL} ; or pass --inception-weights FILE, "
-            "or leave fid,kid out of --metrics")
 
 
 class InceptionFeatures(torch.nn.Module):

@@ -9,11 +9,11 @@ import argparse
 import math
 from pathlib import Path
 
-from common.cli import Parser, add_flag, fail
+from common.cli import Parser, add_flag, add_verbose, fail
 from common.files import check_writable
-from common.runtime import DTYPES, resolve_device
-from sampling.inference import parse_size
 from sampling.prompts import MAX_SEED, PromptSpec, plan_images, read_prompt_file
+
+PRECISIONS = ("fp32", "bf16", "fp16")  # common/runtime.py's DTYPES, named here so that --help needs no torch
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,11 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("hardware")
     add_flag(g, "precision", "UNet and text-encoder dtype; the VAE is always fp32; auto = bf16 on a GPU (fp16 where "
-         "bf16 is unsupported), fp32 on CPU (default: auto)", choices=["auto", *DTYPES], default="auto")
+         "bf16 is unsupported), fp32 on CPU (default: auto)", choices=["auto", *PRECISIONS], default="auto")
     add_flag(g, "device", "cpu, cuda or cuda:N; auto = cuda if available (under torchrun: cuda:LOCAL_RANK) (default: "
          "auto)", default="auto")
     add_flag(g, "compile", "torch.compile each ResNet and transformer block (regional; worth it for hundreds of "
          "images: ~1 min start-up on a GPU) (default: off)", action="store_true")
+    add_verbose(p)
     return p
 
 
@@ -93,6 +94,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     """Parse and check every flag; resolve sizes, device, precision, LoRA scales, prompts (a one-line ConfigError
     or PromptError for anything wrong)."""
     args = build_parser().parse_args(argv)
+    from common.runtime import resolve_device  # here, after parsing: --help and flag errors need no torch
+    from sampling.inference import parse_size
+
     for name in ("guidance_scale", "true_cfg_scale", "lora_scale"):
         for value in args.lora_scale if name == "lora_scale" else [getattr(args, name) or 0.0]:
             if not math.isfinite(value):

@@ -89,7 +89,7 @@ def test_defaults(tmp, base):
         caption_prefix="", caption_suffix="", keep_tokens_separator="", conv_rank=0, conv_alpha=0.0,
         use_dora=False, train_text_encoder=False, text_encoder_lr=None, text_encoder_target_mode="attention",
         t5=True, max_sequence_length=None, sigmoid_scale=1.0, flow_shift=None, precondition_outputs=False,
-        guidance_scale=1.0,
+        guidance_scale=1.0, verbose=False,
         data_dir=str(tmp / "data"), output_dir=str(tmp / "out"), cache_dir=str(tmp / "out" / "cache"),
     )
     got = vars(args)

@@ -34,10 +34,7 @@ import yaml
 from common.cli import add_flag, fail, print_error
 from common.errors import ConfigError
 from common.files import check_writable, write_text
-from common.runtime import resolve_device
-from training.data.captions import CaptionStyle
 from training.flags import table
-from training.loop.optim import OPTIMIZERS
 
 __all__ = ["ConfigError", "build_parser", "parse_config", "parse_or_exit", "resolved_config_yaml",
            "save_resolved_config", "validate"]
@@ -276,7 +273,7 @@ def _check_evaluation(args: argparse.Namespace) -> None:
     if not Path(real).is_dir():
         fail("eval_real_dir" if args.eval_real_dir else "eval_interval", real, "KID needs a folder of real images; "
              "give --eval_real_dir DIR (shards cannot be scored)")
-    from evaluation.inception import default_inception_path, download_hint  # here: --help needs no torchmetrics
+    from evaluation.settings import default_inception_path, download_hint
 
     weights = Path(args.inception_weights or default_inception_path())
     if not weights.is_file():
@@ -292,6 +289,7 @@ def _check_captions(args: argparse.Namespace) -> None:
         fail("data_dir", args.data_dir, "is required (on the command line or in the --config file), or else "
              "--dataset_config FILE.yaml; give exactly one of the two")
     if args.dataset_config is not None:
+        from training.data.captions import CaptionStyle
         from training.data.dataset_config import read_dataset_config  # its one-line errors, before any model loads
 
         read_dataset_config(args.dataset_config, CaptionStyle(args.caption_extension))
@@ -308,6 +306,7 @@ def _check_captions(args: argparse.Namespace) -> None:
 
 def _check_optimizer(args: argparse.Namespace) -> None:
     """The optimizer's package is installed and it fits the device and LR schedule (after the device resolved)."""
+    from training.loop.optim import OPTIMIZERS  # here: --help needs no torch
     module, install = OPTIMIZERS[args.optimizer] or (None, None)
     if module is not None and importlib.util.find_spec(module) is None:
         fail("optimizer", args.optimizer, f"needs {module}, which is not installed; run `{install}` or use "
@@ -360,6 +359,8 @@ def validate(args: argparse.Namespace, family: str = "sdxl") -> None:
         if Path(getattr(args, name)).exists() and not Path(getattr(args, name)).is_dir():
             fail(name, getattr(args, name), "is an existing file; give a folder (it is created if missing)")
     _check_models(args, family)
+    from common.runtime import resolve_device  # here: --help and flag errors need no torch
+
     args.device, args.precision = resolve_device(args.device, args.precision)
     _check_optimizer(args)
     prompts_file = _prompts_file(args.validation_prompts)

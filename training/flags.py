@@ -312,6 +312,8 @@ class EvaluationSettings:
         metavar='NAME')
     wandb_run_name: str | None = flag(None, 'W&B run name (default: chosen by wandb)', metavar='NAME')
     log_interval: int = flag(1, 'log every N optimizer steps (default: 1)', metavar='N', rule=AT_LEAST_1)
+    verbose: bool = flag(False, "also show transformers' and diffusers' progress bars and info/warning messages "
+        '(default: off, only ours)')
 
 
 

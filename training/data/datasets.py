@@ -18,7 +18,7 @@ processes, and their epochs have no fixed length.
 import hashlib
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from itertools import chain
 from pathlib import Path
@@ -44,8 +44,8 @@ from training.data.images import ORDER_STREAM, Augmentation, Example, collate, m
 from training.data.masks import MaskSource, check_masks, is_mask_file, mask_crop, read_mask
 from training.data.scan import ScanResult, find_shards, scan_folder
 from training.data.shards import ShardDataset
+from training.data.workers import Epochs, init_worker
 from training.flags import SIZE_MULTIPLE
-from training.loop.signals import ignore_stop_signals
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class TrainingData(Protocol):
     records: list | None  # the scanned images with their captions; None for streamed shards
 
     def batches_per_epoch(self) -> int | None: ...  # None: streamed, an epoch ends when the shards do
-    def epochs(self, num_workers: int = 0, **kwargs) -> Callable[[int, int], Iterator[dict]]: ...
+    def epochs(self, num_workers: int = 0, **kwargs) -> Epochs: ...  # epochs(epoch, start); close()
     def iter_epoch(self, epoch: int, start: int = 0, num_workers: int = 0, **kwargs) -> Iterator[dict]: ...
     def summary(self) -> dict: ...
 
@@ -187,23 +187,23 @@ class FolderDataset(torch.utils.data.Dataset):
         batches.set(epoch, start)
         return torch.utils.data.DataLoader(
             self, batch_sampler=batches, collate_fn=collate, num_workers=num_workers,
-            worker_init_fn=ignore_stop_signals, generator=own_generator(self.aug.seed, epoch), **kwargs
+            worker_init_fn=init_worker, generator=own_generator(self.aug.seed, epoch), **kwargs
         )
 
     def iter_epoch(self, epoch: int, start: int = 0, num_workers: int = 0, **kwargs) -> Iterator[dict]:
         """Collated batches of the epoch from batch position `start` (the resume point) to its end."""
         return iter(self.dataloader(epoch, start, num_workers, **kwargs))
 
-    def epochs(self, num_workers: int = 0, **kwargs):
+    def epochs(self, num_workers: int = 0, **kwargs) -> Epochs:
         """`iter_epoch` for a whole run: one DataLoader whose workers live from epoch to epoch (each sample's
         randomness depends only on (seed, epoch, index), so which worker loads it changes nothing)."""
         loader = self.dataloader(0, 0, num_workers, persistent_workers=num_workers > 0, **kwargs)
 
-        def iter_epoch(epoch: int, start: int = 0) -> Iterator[dict]:
+        def at(epoch: int, start: int = 0) -> torch.utils.data.DataLoader:
             loader.batch_sampler.set(epoch, start)
-            return iter(loader)
+            return loader
 
-        return iter_epoch
+        return Epochs(at)
 
     def fingerprint(self) -> str:
         """A short hash of what defines the batch plan (files, sizes, captions); compare it when resuming."""

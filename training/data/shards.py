@@ -19,7 +19,7 @@ from common.images import open_rgb
 from training.data.buckets import closest_bucket, cover_size, group_by_bucket
 from training.data.captions import finish_caption
 from training.data.images import ORDER_STREAM, Augmentation, Example, collate, make_example, own_generator
-from training.loop.signals import ignore_stop_signals
+from training.data.workers import Epochs, init_worker
 
 logger = logging.getLogger(__name__)
 
@@ -132,17 +132,19 @@ class ShardDataset(torch.utils.data.IterableDataset):
     def batches_per_epoch(self) -> None:
         return None  # an epoch ends when the shards do
 
-    def epochs(self, num_workers: int = 0, **kwargs):
+    def epochs(self, num_workers: int = 0, **kwargs) -> Epochs:
         """`iter_epoch` for a whole run (a streamed dataset's workers start again each epoch: set_epoch)."""
-        return lambda epoch, start=0: self.iter_epoch(epoch, start, num_workers, **kwargs)
+        return Epochs(lambda epoch, start: self.dataloader(epoch, num_workers, **kwargs), skip_start=True)
 
     def iter_epoch(self, epoch: int, start: int = 0, num_workers: int = 0, **kwargs) -> Iterator[dict]:
         """Collated batches of the epoch, skipping the first `start` (decoded again; same num_workers needed)."""
+        return islice(iter(self.dataloader(epoch, num_workers, **kwargs)), start, None)
+
+    def dataloader(self, epoch: int, num_workers: int = 0, **kwargs) -> torch.utils.data.DataLoader:
+        """A DataLoader over the whole epoch (kwargs: pin_memory, ...)."""
         self.set_epoch(epoch)
-        loader = torch.utils.data.DataLoader(self, batch_size=None, num_workers=num_workers,
-                                             worker_init_fn=ignore_stop_signals,
-                                             generator=own_generator(self.aug.seed, epoch), **kwargs)
-        return islice(iter(loader), start, None)
+        return torch.utils.data.DataLoader(self, batch_size=None, num_workers=num_workers, worker_init_fn=init_worker,
+                                           generator=own_generator(self.aug.seed, epoch), **kwargs)
 
     def summary(self) -> dict:
         return {

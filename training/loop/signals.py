@@ -1,19 +1,23 @@
-"""Stopping a run cleanly: SIGTERM (schedulers, `kill`) or SIGINT (Ctrl-C) finish the current
-optimizer step, save a checkpoint and exit with 128 + the signal number (143 / 130), the shell's
-convention for "killed by this signal". Further signals while stopping are ignored, so a second
-Ctrl-C during the save cannot leave half a checkpoint (the save is atomic anyway); SIGKILL still
-stops the process at once, losing only the steps since the last checkpoint.
+"""Stopping a run cleanly: SIGTERM (schedulers, `kill`), SIGINT (Ctrl-C) or SIGHUP (the terminal closed, an ssh
+connection dropped) finish the current optimizer step, save a checkpoint and exit with 128 + the signal number
+(143 / 130 / 129), the shell's convention for "killed by this signal". Further signals while stopping are ignored,
+so a second Ctrl-C during the save cannot leave half a checkpoint (the save is atomic anyway); SIGKILL still stops
+the process at once, losing only the steps since the last checkpoint. A SIGHUP ignored when the run started
+(`nohup`) stays ignored. Messages go to a console that may be gone (`| tee` killed by the same Ctrl-C, a closed
+terminal): common/console.py keeps such a write from failing the stop.
 """
 
 import signal
 import sys
 import threading
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
 
 class StopRequest:
-    """Context manager: while active, SIGTERM/SIGINT only set `signum`; the loop polls it after each step."""
+    """Context manager: while active, SIGTERM/SIGINT/SIGHUP only set `signum`; the loop polls it after each step."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SIGNALS = STOP_SIGNALS
 
     def __init__(self):
         self.signum: int | None = None
@@ -30,15 +34,10 @@ class StopRequest:
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS
+                              if not (s == signal.SIGHUP and signal.getsignal(s) is signal.SIG_IGN)}  # nohup
         return self
 
     def __exit__(self, *exc) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
-
-
-def ignore_stop_signals(_worker_id: int = 0) -> None:
-    """DataLoader worker_init_fn: Ctrl-C reaches the whole process group; workers leave it to the trainer."""
-    for s in StopRequest.SIGNALS:
-        signal.signal(s, signal.SIG_IGN)

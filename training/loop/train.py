@@ -12,7 +12,7 @@ One optimizer step, written out in `train`:
      LoRA by one all-reduce after it), unscaled (fp16),
      clipped; a non-finite loss or gradient skips the step (weights and optimizer state unchanged); else optimizer step,
      LR schedule, EMA;
-  5. log, validate, sample, checkpoint, stop on SIGTERM/SIGINT.
+  5. log, validate, sample, checkpoint, stop on SIGTERM/SIGINT/SIGHUP.
 """
 
 import math
@@ -247,7 +247,7 @@ def resumed_loop(resume, settings: Settings, world, models: Models, parts, sched
 def train(settings: Settings, family: str = "sdxl") -> dict:
     """Run a whole training job of a family's model from validated settings (training/config.py). Returns a summary.
 
-    Raises `Stopped` after saving a checkpoint when SIGTERM/SIGINT arrive (training/loop/signals.py), and
+    Raises `Stopped` after saving a checkpoint when SIGTERM/SIGINT/SIGHUP arrive (training/loop/signals.py), and
     `FolderInUse` when another run holds the output folder (common/lock.py)."""
     t_start = time.time()
     world = init_world(settings.runtime.device)  # one process, or one rank of torchrun
@@ -387,6 +387,7 @@ def run(settings: Settings, family: str, world, t_start: float) -> dict:
                     side.save(loop)  # can continue it
                 final = side.save_final(loop)
     finally:  # every exit, a stop or an error included
+        epoch_batches.close()  # the data workers leave now, not at the interpreter's exit (training/data/workers.py)
         bar.close()
         side.close()
         close_world(world)
