@@ -1,16 +1,19 @@
-"""Benchmark: our SDXL UNet vs diffusers' UNet2DConditionModel, same config, weights and inputs.
+"""Benchmark: our denoiser vs diffusers' model of the same config, weights and inputs, for each family
+(`--family`): SDXL's UNet vs `UNet2DConditionModel`, SD 3.5's MMDiT vs `SD3Transformer2DModel`, FLUX.1's
+transformer vs `FluxTransformer2DModel` (benchmarks/denoisers.py).
 
 Times the forward pass and forward+backward, and measures memory, for both models in one process (and, with
---compile, both UNets again with their ResNet and transformer blocks compiled, on the same tensors), and prints
-a table with the ratios to diffusers (below 1 = we are faster / smaller). Time: the best of --rounds rounds of
---iters calls; each round runs the models in turn, so load from other jobs hits them alike. The compiled
-models' first calls (compilation) are reported on their own line, never in the table.
+--compile, both models again with their blocks compiled, on the same tensors), and prints a table with the ratios
+to diffusers (below 1 = we are faster / smaller). Time: the best of --rounds rounds of --iters calls; each round
+runs the models in turn, so load from other jobs hits them alike. The compiled models' first calls (compilation)
+are reported on their own line, never in the table.
 Memory: on CUDA the peak allocated during one step; on CPU the bytes of activations saved for the backward
-pass (distinct storages), the part of training memory the UNet code decides.
+pass (distinct storages), the part of training memory the model code decides.
 
-    python benchmarks/bench_unet.py                                  # tiny config, CPU, fp32
-    python benchmarks/bench_unet.py --config sdxl --device cuda --dtype bf16 --resolution 1024 --batch-size 2
-    python benchmarks/bench_unet.py --smoke                          # 64 px, one round: checks it runs
+    python benchmarks/bench_unet.py                                  # tiny SDXL config, CPU, fp32
+    python benchmarks/bench_unet.py --config full --device cuda --dtype bf16 --resolution 1024 --batch-size 2
+    python benchmarks/bench_unet.py --family sd3 --config full --device cuda --dtype bf16 --resolution 1024
+    python benchmarks/bench_unet.py --family flux --smoke            # 64 px, one round: checks it runs
 """
 
 import argparse
@@ -20,13 +23,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from denoisers import SPECS, model_inputs, ours_on, peer_model  # noqa: E402,I001
 from harness import (  # noqa: E402,I001
     SavedBytes, add_speed_flags, alternate, compile_peer, compile_unet, device_name, seconds, set_up, sync)
-
-from sdxl.configs import unet_config_to_diffusers  # noqa: E402
-from sdxl.tiny import TINY_UNET_CONFIG  # noqa: E402
-from sdxl.unet import SDXL_CONFIG, SDXLUNet, UNetConfig  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SMOKE = ["--resolution", "64", "--batch-size", "1", "--iters", "1", "--rounds", "1", "--warmup", "1"]
@@ -34,11 +35,15 @@ SMOKE = ["--resolution", "64", "--batch-size", "1", "--iters", "1", "--rounds", 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", choices=["tiny", "sdxl"], default="tiny", help="UNet size: tiny test model or SDXL base")
+    p.add_argument("--family", choices=list(SPECS), default="sdxl",
+                   help="which denoiser: sdxl (UNet), sd3 (SD 3.5 MMDiT), flux (FLUX.1 transformer)")
+    p.add_argument("--config", choices=["tiny", "full", "sdxl"], default="tiny",
+                   help="model size: the family's tiny test model, or full: the released model's config with random "
+                        "weights (SDXL base, SD 3.5 Medium, FLUX.1-dev); sdxl = full (the older spelling)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="weights and inputs dtype")
     p.add_argument("--image_size", "--resolution", dest="resolution", metavar="PX", type=int, default=256,
-                   help="image side in pixels (latent side = resolution/8)")
+                   help="image side in pixels (latent side = resolution/8; a multiple of 16 for sd3 and flux)")
     p.add_argument("--batch-size", type=int, default=2, help="images per step")
     p.add_argument("--iters", type=int, default=5, help="timed calls per model and round")
     p.add_argument("--rounds", type=int, default=3, help="timing rounds, alternating the models; best round counts")
@@ -51,51 +56,41 @@ def parse_args(argv=None):
         args = p.parse_args([*SMOKE, *(argv if argv is not None else sys.argv[1:])])
     if args.compile:
         args.warmup = max(args.warmup, 1)
+    if args.config == "sdxl" and args.family != "sdxl":
+        p.error("--config sdxl is SDXL's full size; give --config full for the other families")
+    if args.family != "sdxl" and args.resolution % 16:
+        p.error(f"--resolution {args.resolution}: {args.family} patches 2x2 latents; give a multiple of 16")
     return args
 
 
-def make_inputs(cfg: UNetConfig, args, device, dtype):
-    g = torch.Generator().manual_seed(0)
-    b, s = args.batch_size, args.resolution // 8
-    pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-    r = args.resolution
-    x = {
-        "sample": torch.randn(b, cfg.in_channels, s, s, generator=g),  # (B, 4, H/8, W/8)
-        "timestep": torch.randint(0, 1000, (b,), generator=g),
-        "encoder_hidden_states": torch.randn(b, 77, cfg.cross_attention_dim, generator=g),  # (B, 77, 2048)
-        "added_cond_kwargs": {
-            "text_embeds": torch.randn(b, pooled, generator=g),  # (B, 1280)
-            "time_ids": torch.tensor([[r, r, 0, 0, r, r]] * b, dtype=torch.float32),  # (B, 6)
-        },
-    }
-    cast = lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)  # noqa: E731
-    return {k: ({kk: cast(vv) for kk, vv in v.items()} if isinstance(v, dict) else cast(v)) for k, v in x.items()}
+def make_inputs(cfg, args, device, dtype):
+    """The denoiser's keyword inputs on the device; floats in `dtype` but the position ids (FLUX.1's, kept fp32)."""
+    spec = SPECS[args.family]
+    x = model_inputs(args.family, cfg, args.batch_size, args.resolution, spec.tokens[1 if args.config == "tiny" else 0],
+                     torch.Generator().manual_seed(0))
+
+    def cast(k, t):
+        return t.to(device=device, dtype=dtype if t.is_floating_point() and not k.endswith("_ids") else t.dtype)
+
+    return {k: ({kk: cast(kk, vv) for kk, vv in v.items()} if isinstance(v, dict) else cast(k, v))
+            for k, v in x.items()}
 
 
-def build(cfg: UNetConfig, args, device, dtype) -> dict[str, torch.nn.Module]:
-    """diffusers' UNet (random init, made on the device), ours on the very same tensors, and with --compile
+def build(cfg, args, device, dtype) -> dict[str, torch.nn.Module]:
+    """diffusers' model (random init, made on the device), ours on the very same tensors, and with --compile
     a second one of each, on the same tensors too, with its blocks compiled."""
-    from diffusers import UNet2DConditionModel
-    from diffusers.utils import logging
-
-    logging.set_verbosity_error()  # not the `to(dtype)` advice: the bench casts on purpose
+    spec = SPECS[args.family]
     torch.manual_seed(0)
-    with torch.device(device):
-        ref = UNet2DConditionModel(**{k: v for k, v in unet_config_to_diffusers(cfg).items() if not k.startswith("_")})
-    models = {"diffusers": ref.to(dtype=dtype).train().requires_grad_(True)}
+    ref = peer_model(spec, cfg, device, dtype)
+    models = {"diffusers": ref.train().requires_grad_(True)}
     if args.compile:
-        with torch.device("meta"):
-            peer = UNet2DConditionModel(**{k: v for k, v in unet_config_to_diffusers(cfg).items()
-                                           if not k.startswith("_")})
+        peer = peer_model(spec, cfg, "meta", dtype)
         peer.load_state_dict(ref.state_dict(), strict=True, assign=True)
-        models["diffusers compiled"] = compile_peer(peer.train().requires_grad_(True))
+        models["diffusers compiled"] = compile_peer(peer.train().requires_grad_(True), args.family)
     for name in ["ours", "ours compiled"] if args.compile else ["ours"]:
-        with torch.device("meta"):
-            ours = SDXLUNet(cfg)
-        ours.load_state_dict(ref.state_dict(), strict=True, assign=True)  # the very same tensors
-        models[name] = ours.train().requires_grad_(True)
+        models[name] = ours_on(spec, cfg, ref.state_dict()).train().requires_grad_(True)  # the very same tensors
     if args.compile:
-        compile_unet(models["ours compiled"])
+        compile_unet(models["ours compiled"], args.family)
     if args.gradient_checkpointing:
         for name, model in models.items():
             if name.startswith("diffusers"):
@@ -155,13 +150,15 @@ def main(argv=None):
     args = parse_args(argv)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     set_up(args.threads, device)
-    cfg = SDXL_CONFIG if args.config == "sdxl" else TINY_UNET_CONFIG
+    spec = SPECS[args.family]
+    cfg = spec.tiny if args.config == "tiny" else spec.full
     models = build(cfg, args, device, dtype)
     x = make_inputs(cfg, args, device, dtype)
     rows, first = bench([Side(name, m, x) for name, m in models.items()], device, args)
 
     mem_label = "peak MiB" if device.type == "cuda" else "saved-act MiB"
-    print(f"# UNet {args.config}, {args.dtype}, {args.resolution}px, batch {args.batch_size}, "
+    title = f"tiny {args.family}" if args.config == "tiny" else spec.title
+    print(f"# denoiser {title}, {args.dtype}, {args.resolution}px, batch {args.batch_size}, "
           f"checkpointing {'on' if args.gradient_checkpointing else 'off'}, {device_name(device)}, "
           f"torch {torch.__version__}")
     print(f"| model | forward ms | fwd+bwd ms | {mem_label} |")

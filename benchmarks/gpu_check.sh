@@ -1,14 +1,34 @@
 #!/usr/bin/env bash
-# One GPU check: on a CUDA machine, in under 8 minutes, the GPU tests (pytest -m gpu), bench_train.py,
-# bench_sample.py and bench_unet.py at full SDXL size (random weights, 1024 px, bf16; batch 1 and 4;
-# checkpointing on and off; eager and --compile, each against diffusers(+peft) in the same process), the
-# data path on this machine's CPUs, and the peak GPU memory of the SDXL presets in configs/ (a few steps
-# of train_sdxl.py on a random full-size SDXL). Appends one markdown table (device, date, commit, each
-# step's command, result and seconds) to benchmarks/RESULTS.md row by row as the steps finish, then every
-# step's full output under it.
+# One GPU check: on one CUDA GPU, within BUDGET_S (default 540 s, under the device's 600 s per call), the GPU tests
+# (pytest -m gpu) and LoRA training steps of the three families at full size (random weights, 1024 px, bf16), each
+# against diffusers' model + peft in the same process (bench_train.py --full --family ...), then SDXL's sampling,
+# the SDXL presets' peak memory, the compiled benches and the data path as the budget allows. Appends one markdown
+# table (device, date, commit, this command; each step's command, result and seconds) to benchmarks/RESULTS.md row
+# by row as the steps finish, then every step's full output under it.
 #
 #   bash benchmarks/gpu_check.sh                  # on the GPU machine, from the repository root
-#   CPU_SMOKE=1 bash benchmarks/gpu_check.sh      # here: the same steps on the tiny model, CPU, a few seconds each
+#   CPU_SMOKE=1 bash benchmarks/gpu_check.sh      # here: the same steps on the tiny models, CPU, ~20 s each
+#   PARTS="sd3 flux" bash benchmarks/gpu_check.sh # only those parts (the others get a "not in PARTS" row)
+#
+# The steps, in order (part; expected seconds on one H100: estimates, no GPU has run these yet; [limit]):
+#   tests    GPU tests                                                        ~45   [150]
+#   sdxl     SDXL base LoRA step, batch 4, checkpointing off                  ~35   [90]
+#   sd3      SD 3.5 Medium LoRA step, batch 1, checkpointing off              ~30   [90]
+#   flux     FLUX.1-dev LoRA step, batch 1, checkpointing on, bf16 base       ~70   [150]
+#   sd3      SD 3.5 Medium LoRA step, batch 4, checkpointing on               ~40   [90]
+#   sdxl     SDXL sampling, batch 1, 30 steps                                 ~60   [90]
+#   sdxl     SDXL LoRA step, batch 4 and batch 1, checkpointing on            ~70   [90 + 60]
+#            (sum so far ~380 s; what follows runs as far as the budget goes, each step skipped and marked so
+#            when less than its minimum is left)
+#   presets  a random full-size SDXL folder, then each configs/sdxl_*.yaml   ~30 + 4 x ~40  [90 each]
+#   compiled SDXL LoRA step and sampling, --compile                          ~150 + ~150  [240, 200]
+#   data     the data path on this machine's CPUs                             ~40   [60]
+#   sdxl     SDXL LoRA step, batch 1, checkpointing off                       ~30   [60]
+#   compiled SDXL UNet forward and fwd+bwd, batch 4, eager and compiled       ~150  [200]
+# Device time: one `run` with timeout_s 600 holds a machine for its start (1-2 min), the wheels' install and these
+# 540 s: about 11-12 of a session's 15 minutes. The new families (sd3, flux) run within the first ~4 minutes; for a
+# second, shorter call, PARTS selects parts and BUDGET_S lowers the budget. FLUX.1-dev needs 23.8 GB of bf16
+# weights plus activations: an 80 GB card (H100, H200).
 #
 # A fresh clone needs only torch, transformers, safetensors and peft (plus pillow, numpy, pyyaml, tqdm,
 # pytest): the other pure-Python dependencies travel as wheels. Once, on a machine with internet, in the
@@ -17,20 +37,22 @@
 # and this script, when wheels/*.whl exist, installs them with
 #   pip install --no-index --no-deps --target WORK/site wheels/*.whl
 # into its own temporary folder, put first on PYTHONPATH, so the machine's own packages are left alone.
-# wheels/ is git-ignored: copy it next to the clone's files by hand.
+# wheels/ is git-ignored: copy it next to the clone's files by hand (on the device tool: name it in `carry`).
 #
-# Each step has its own time limit, and the whole run a budget (BUDGET_S, default 450 s): a step that would
-# start with less than its minimum left is skipped and marked so; the most informative steps run first.
-# Environment: CPU_SMOKE=1; BUDGET_S; COMMIT (when the copy has no .git); RESULTS (default
-# benchmarks/RESULTS.md, with CPU_SMOKE=1 LOG_DIR/RESULTS.md); LOG_DIR (default $OUT/gpu_check when $OUT is
-# set, else $TMPDIR/gpu_check: the log and a copy of the appended section); WHEELS (default wheels); PYTHON.
+# Each step has its own time limit, and the whole run a budget (BUDGET_S): a step that would start with less than
+# its minimum left is skipped and marked so; the most informative steps run first.
+# Environment: CPU_SMOKE=1; BUDGET_S; PARTS (default: tests sdxl sd3 flux presets compiled data); COMMIT (when the
+# copy has no .git); RESULTS (default benchmarks/RESULTS.md, with CPU_SMOKE=1 LOG_DIR/RESULTS.md); LOG_DIR (default
+# $OUT/gpu_check when $OUT is set, else $TMPDIR/gpu_check: the log and a copy of the appended section); WHEELS
+# (default wheels); PYTHON.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
 TMP=${TMPDIR:-/tmp}
 SMOKE=${CPU_SMOKE:-0}
-BUDGET_S=${BUDGET_S:-450}
+BUDGET_S=${BUDGET_S:-540}
+PARTS=" ${PARTS:-tests sdxl sd3 flux presets compiled data} "
 LOG_DIR=${LOG_DIR:-${OUT:+$OUT/gpu_check}}
 LOG_DIR=${LOG_DIR:-$TMP/gpu_check}
 if ((SMOKE)); then RESULTS=${RESULTS:-$LOG_DIR/RESULTS.md}; else RESULTS=${RESULTS:-benchmarks/RESULTS.md}; fi
@@ -54,13 +76,21 @@ emit() {  # a line into RESULTS.md and the section copy
     printf '%s\n' "$*" | tee -a "$SECTION" >>"$RESULTS"
 }
 
-# step NAME MIN_S LIMIT_S COMMAND...: run COMMAND with a limit of LIMIT_S (less if the budget has less left), or
-# skip it when fewer than MIN_S seconds of the budget are left; one table row either way.
+wants() {  # wants PART: is PART among $PARTS?
+    [[ $PARTS == *" $1 "* ]]
+}
+
+# step PART NAME MIN_S LIMIT_S COMMAND...: run COMMAND with a limit of LIMIT_S (less if the budget has less left), or
+# skip it when its PART is not in $PARTS or fewer than MIN_S seconds of the budget are left; one table row each way.
 step() {
-    local name=$1 min_s=$2 limit_s=$3
-    shift 3
+    local part=$1 name=$2 min_s=$3 limit_s=$4
+    shift 4
     local left=$((BUDGET_S - ($(date +%s) - START)))
     local cmd="$*"
+    if ! wants "$part"; then
+        emit "| $name | \`$cmd\` | skipped: part $part not in PARTS | 0 |"
+        return
+    fi
     if ((left < min_s)); then
         emit "| $name | \`$cmd\` | skipped: ${left} s of the budget left, needs ${min_s} s | 0 |"
         return
@@ -91,7 +121,7 @@ COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo "unknown (set 
     echo "## GPU check: ${DEVICE_NAME//_/ }, $(date -u '+%Y-%m-%d %H:%M UTC')"
     echo
     echo "Machine: ${DEVICE_NAME//_/ }, $(getconf _NPROCESSORS_ONLN) CPUs; $TORCH_INFO; $VERSIONS; commit $COMMIT."
-    echo "Command: \`$( ((SMOKE)) && echo "CPU_SMOKE=1 ")bash benchmarks/gpu_check.sh\` (budget ${BUDGET_S} s)."
+    echo "Command: \`$( ((SMOKE)) && echo "CPU_SMOKE=1 ")bash benchmarks/gpu_check.sh\` (budget ${BUDGET_S} s, parts${PARTS% })."
     echo "Ratios are ours / the peer (diffusers, or diffusers+peft for training) measured in the same process on"
     echo "the same weights and inputs; ms and MiB below 1 = ours faster / smaller, images/s above 1 = ours faster."
     echo
@@ -105,6 +135,7 @@ if ((SMOKE)); then
     DEV=(--device cpu)
     FULL_UNET=(--smoke)
     FULL_TRAIN=(--smoke)
+    SHORT=()  # the smoke settings already take one step
     FULL_SAMPLE=(--smoke)
     COMPILE=()  # compiling on a CPU takes minutes: the smoke run checks the script, not torch.compile
     DATA_BENCH=(--smoke --data_dir "$DATA-bench")
@@ -114,8 +145,9 @@ if ((SMOKE)); then
     IMAGE_SIDE=64
 else
     DEV=(--device cuda)
-    FULL_UNET=(--config sdxl --dtype bf16 --resolution 1024 --warmup 2 --rounds 3 --iters 3)
+    FULL_UNET=(--config full --dtype bf16 --resolution 1024 --warmup 2 --rounds 3 --iters 3)
     FULL_TRAIN=(--full --precision bf16 --resolution 1024 --warmup 2 --rounds 3 --steps 3)
+    SHORT=(--warmup 1 --rounds 2 --steps 2)  # SD 3.5 and FLUX.1: 1 + 1 (memory) + 4 steps a side
     FULL_SAMPLE=(--full --resolution 1024 --steps 30 --warmup 1 --iters 3)
     COMPILE=(--compile)
     DATA_BENCH=(--num_images 32 --workers 0 4 8 --threads 1 --data_dir "$DATA-bench")
@@ -127,31 +159,38 @@ fi
 
 # --- the steps, most informative first (eager before compiled: a slow compile cannot cost the eager numbers) ---
 TRAIN=($PY benchmarks/bench_train.py "${FULL_TRAIN[@]}" "${DEV[@]}")
+SD3=("${TRAIN[@]}" --family sd3 "${SHORT[@]}")
+FLUX=("${TRAIN[@]}" --family flux "${SHORT[@]}" --batch_size 1 --gradient_checkpointing)
 SAMPLE=($PY benchmarks/bench_sample.py "${FULL_SAMPLE[@]}" "${DEV[@]}" --batch-size 1)
-step "GPU tests" 30 150 $PY -m pytest -q -p no:cacheprovider -m gpu tests
-step "train b4, ckpt off" 40 90 "${TRAIN[@]}" --batch_size 4
-step "sample b1" 40 90 "${SAMPLE[@]}"
-step "train b4, ckpt on" 40 90 "${TRAIN[@]}" --batch_size 4 --gradient_checkpointing
-step "train b1, ckpt on" 30 60 "${TRAIN[@]}" --batch_size 1 --gradient_checkpointing
+step tests "GPU tests" 30 150 $PY -m pytest -q -p no:cacheprovider -m gpu tests
+step sdxl "SDXL train b4, ckpt off" 40 90 "${TRAIN[@]}" --batch_size 4
+step sd3 "SD 3.5 Medium train b1, ckpt off" 40 90 "${SD3[@]}" --batch_size 1
+step flux "FLUX.1-dev train b1, ckpt on, bf16 base" 60 150 "${FLUX[@]}"
+step sd3 "SD 3.5 Medium train b4, ckpt on" 40 90 "${SD3[@]}" --batch_size 4 --gradient_checkpointing
+step sdxl "SDXL sample b1" 40 90 "${SAMPLE[@]}"
+step sdxl "SDXL train b4, ckpt on" 40 90 "${TRAIN[@]}" --batch_size 4 --gradient_checkpointing
+step sdxl "SDXL train b1, ckpt on" 30 60 "${TRAIN[@]}" --batch_size 1 --gradient_checkpointing
 # peak memory of the SDXL presets: a few optimizer steps of train_sdxl.py each (data: 8 square JPEGs)
-$PY -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; from bench_data import make_jpegs; \
+if wants presets; then
+    $PY -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; from bench_data import make_jpegs; \
 make_jpegs(Path('$DATA'), 8, $IMAGE_SIDE, $IMAGE_SIDE)"
-step "random SDXL for presets" 30 90 "${MAKE_MODEL[@]}"
+fi
+step presets "random SDXL for the presets" 30 90 "${MAKE_MODEL[@]}"
 for preset in configs/sdxl_*.yaml; do
     name=$(basename "$preset" .yaml)
-    if [[ -d $MODEL ]]; then
-        step "preset $name" 40 90 $PY benchmarks/preset_memory.py "$WORK/$name" $PY train_sdxl.py \
+    if [[ -d $MODEL ]] || ! wants presets; then
+        step presets "preset $name" 40 90 $PY benchmarks/preset_memory.py "$WORK/$name" $PY train_sdxl.py \
             --config "$preset" --pretrained_model "$MODEL" --data_dir "$DATA" --output_dir "$WORK/$name" \
             --validation_interval 0 --save_interval 0 "${PRESET[@]}"
     else
         emit "| preset $name | | skipped: no model folder (see the step above) | 0 |"
     fi
 done
-step "train b4, ckpt off, compiled" 90 240 "${TRAIN[@]}" --batch_size 4 "${COMPILE[@]}"
-step "sample b1, compiled" 90 200 "${SAMPLE[@]}" "${COMPILE[@]}"
-step "data path" 20 60 $PY benchmarks/bench_data.py "${DATA_BENCH[@]}"
-step "train b1, ckpt off" 30 60 "${TRAIN[@]}" --batch_size 1
-step "UNet b4" 60 200 $PY benchmarks/bench_unet.py "${FULL_UNET[@]}" "${DEV[@]}" --batch-size 4 "${COMPILE[@]}"
+step compiled "SDXL train b4, ckpt off, compiled" 90 240 "${TRAIN[@]}" --batch_size 4 "${COMPILE[@]}"
+step compiled "SDXL sample b1, compiled" 90 200 "${SAMPLE[@]}" "${COMPILE[@]}"
+step data "data path" 20 60 $PY benchmarks/bench_data.py "${DATA_BENCH[@]}"
+step sdxl "SDXL train b1, ckpt off" 30 60 "${TRAIN[@]}" --batch_size 1
+step compiled "SDXL UNet b4" 60 200 $PY benchmarks/bench_unet.py "${FULL_UNET[@]}" "${DEV[@]}" --batch-size 4 "${COMPILE[@]}"
 
 # --- every step's output, under the table ---------------------------------------------------------------------
 {

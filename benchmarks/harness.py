@@ -18,8 +18,9 @@ def add_speed_flags(p) -> None:
     p.add_argument("--threads", type=int, default=0,
                    help="torch.set_num_threads for the run; 0 = torch's default (pin it on a shared machine)")
     p.add_argument("--compile", action="store_true",
-                   help="also time our UNet and the peer's with each ResNet and transformer block compiled "
-                        "(torch.compile); the compile time is reported separately")
+                   help="also time our denoiser and the peer's with each of their blocks compiled (torch.compile; "
+                        "SDXL: ResNet and transformer blocks, SD 3.5: joint blocks, FLUX.1: double and single "
+                        "blocks); the compile time is reported separately")
 
 
 def set_up(threads: int, device: torch.device) -> None:
@@ -42,25 +43,31 @@ def device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
-def compile_unet(unet: nn.Module) -> nn.Module:
-    """Our UNet with each ResNet and transformer block compiled in place, as `--compile` of train_sdxl.py and
+# diffusers' blocks that hold what our family's `blocks` hold (what --compile compiles one by one)
+PEER_BLOCKS = {"sdxl": ("ResnetBlock2D", "BasicTransformerBlock"), "sd3": ("JointTransformerBlock",),
+               "flux": ("FluxTransformerBlock", "FluxSingleTransformerBlock")}
+
+
+def compile_unet(model: nn.Module, family: str = "sdxl") -> nn.Module:
+    """Our denoiser with each of its family's blocks compiled in place (SDXL: every ResNet and transformer block;
+    SD 3.5: the joint blocks; FLUX.1: the double- and single-stream blocks), as `--compile` of the trainers and
     generate_images.py does (diffusion/compile.py)."""
     import families
     from diffusion.compile import compile_blocks
 
-    compile_blocks(families.get("sdxl").blocks(unet))
-    return unet
+    compile_blocks(families.get(family).blocks(model))
+    return model
 
 
-def compile_peer(unet: nn.Module) -> nn.Module:
-    """diffusers' UNet compiled as ours is (`compile_unet`, with compile_blocks' options): each ResNet and
-    transformer block, with what peft put inside them (diffusers' own `compile_repeated_blocks` compiles its
+def compile_peer(model: nn.Module, family: str = "sdxl") -> nn.Module:
+    """diffusers' model compiled as ours is (`compile_unet`, with compile_blocks' options): the same blocks
+    (`PEER_BLOCKS`), with what peft put inside them (diffusers' own `compile_repeated_blocks` compiles its
     transformer blocks only)."""
-    for block in unet.modules():
-        if type(block).__name__ in ("ResnetBlock2D", "BasicTransformerBlock"):
+    for block in model.modules():
+        if type(block).__name__ in PEER_BLOCKS[family]:
             block.compile(dynamic=False)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    return unet
+    return model
 
 
 class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
