@@ -138,8 +138,9 @@ def steps_logged(out: Path) -> int:
 
 
 def complete_groups(out: Path) -> list[str]:
-    """The image indices of `out` whose .png, .json and .txt are all there; asserts nothing else is there."""
-    names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    """The image indices of `out` whose .png, .json and .txt are all there; asserts nothing else is there (but the
+    captions.json of the complete groups)."""
+    names = sorted(p.name for p in out.iterdir() if p.name != "captions.json") if out.is_dir() else []
     stems = sorted({n.split(".")[0] for n in names})
     assert names == [f"{s}.{e}" for s in stems for e in ("json", "png", "txt")], names  # no half group, no temporary
     return stems
