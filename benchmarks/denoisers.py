@@ -118,7 +118,7 @@ def model_inputs(family: str, cfg, batch: int, resolution: int, tokens: int, g: 
     sigma = torch.rand(batch, generator=g)  # (B,) in [0, 1)
     if family == "sdxl":
         r = resolution
-        return {"sample": latents, "timestep": (sigma * 1000).long(), "encoder_hidden_states": embeds,
+        return {"sample": latents, "timestep": (sigma * 1000).to(torch.int64), "encoder_hidden_states": embeds,
                 "added_cond_kwargs": {"text_embeds": vector,
                                       "time_ids": torch.tensor([[r, r, 0, 0, r, r]] * batch, dtype=torch.float32)}}
     if family == "sd3":

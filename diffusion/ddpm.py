@@ -72,7 +72,7 @@ class DDPMObjective:
 
     Timesteps: uniform is `randint(min, max + 1)`; logit_normal and mode map their u (diffusion/timesteps.py) to
     t = min + floor(u (max - min + 1)), as diffusers' `compute_density_for_timestep_sampling` followed by
-    `(u * num_train_timesteps).long()`."""
+    `(u * num_train_timesteps).to(torch.int64)`."""
 
     alphas_cumprod: torch.Tensor
     min_timestep: int = 0
@@ -91,7 +91,7 @@ class DDPMObjective:
         if self.timestep_sampling == "uniform":
             return torch.randint(lo, hi + 1, (n,), generator=g)
         u = unit_times(n, self.timestep_sampling, g, self.logit_mean, self.logit_std, self.mode_scale)
-        return (lo + (u * (hi - lo + 1)).long()).clamp(lo, hi)
+        return (lo + (u * (hi - lo + 1)).to(torch.int64)).clamp(lo, hi)
 
     def noisy(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return add_noise(x0, noise, t, self.alphas_cumprod)
@@ -111,4 +111,4 @@ class DDPMObjective:
 
     def validation_times(self, k: int) -> torch.Tensor:
         """k fixed timesteps spread over the trained range (the validation loss's)."""
-        return torch.linspace(self.min_timestep, self.max_timestep, k).round().long()
+        return torch.linspace(self.min_timestep, self.max_timestep, k).round().to(torch.int64)

@@ -84,7 +84,7 @@ def training_sigmas(u: torch.Tensor, shift: float = 1.0, num_train_timesteps: in
     T = num_train_timesteps
     table = torch.arange(T, 0, -1, dtype=torch.float32) / T  # (T,): 1, (T-1)/T, ..., 1/T
     table = shift_sigmas(table, shift).to(u.device)
-    return table[(u * T).long()]
+    return table[(u * T).to(torch.int64)]
 
 
 def loss_weights(scheme: str, sigmas: torch.Tensor) -> torch.Tensor:

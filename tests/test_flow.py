@@ -69,10 +69,10 @@ def test_shifts():
 
 
 def test_discrete_training_sigmas_are_the_schedulers_table():
-    """The SD3 / FLUX LoRA examples: indices = (u * T).long(), sigmas = scheduler.sigmas at those timesteps."""
+    """The SD3 / FLUX LoRA examples: indices = (u * T).to(torch.int64), sigmas = scheduler.sigmas at those timesteps."""
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     u = flow.sample_density("logit_normal", 256, torch.Generator().manual_seed(1))
-    indices = (u * 1000).long()
+    indices = (u * 1000).to(torch.int64)
     assert torch.equal(flow.training_sigmas(u, 3.0, num_train_timesteps=1000), scheduler.sigmas[indices])
     assert torch.equal(flow.training_sigmas(u, 3.0, 1000) * 1000, scheduler.timesteps[indices])
     assert torch.equal(flow.training_sigmas(u, 3.0), flow.shift_sigmas(u, 3.0))  # continuous

@@ -26,16 +26,16 @@ def gen(seed=0):
 
 @pytest.mark.parametrize("kind", ["logit_normal", "mode", "mode_negative"])
 def test_timestep_sampling_matches_diffusers_density(kind):
-    """Same generator: our timesteps == (u * 1000).long() of diffusers' SD3 density, exactly (integers)."""
+    """Same generator: our timesteps == (u * 1000).to(torch.int64) of diffusers' SD3 density, exactly (integers)."""
     scale = -0.5 if kind == "mode_negative" else 1.29
     kind = kind.replace("_negative", "")
     u = compute_density_for_timestep_sampling(kind, 4096, logit_mean=0.3, logit_std=0.8, mode_scale=scale,
                                               generator=gen(3))
     ours = objective(sampling=kind, mean=0.3, std=0.8, scale=scale).draw_times(4096, gen(3))
-    assert torch.equal(ours, (u * 1000).long().clamp(0, 999))
+    assert torch.equal(ours, (u * 1000).to(torch.int64).clamp(0, 999))
     # a narrower range: t = lo + floor(u (hi - lo + 1))
     ours = objective(200, 799, kind, 0.3, 0.8, scale).draw_times(4096, gen(3))
-    assert torch.equal(ours, 200 + (u * 600).long().clamp(0, 599))
+    assert torch.equal(ours, 200 + (u * 600).to(torch.int64).clamp(0, 599))
     assert ours.min() >= 200 and ours.max() <= 799
 
 

@@ -18,8 +18,15 @@ def main(argv=None, family: str = "sdxl") -> int:
     args = parse_or_exit(argv, family)
     quiet_libraries(args.verbose)
     from common.cli import print_error, signal_name  # here, so that --help and flag errors answer before torch imports
-    from common.errors import (AlreadyFinished, DataError, FolderInUse, Stopped, TrainingError, WriteError,
-                               interrupt_status)
+    from common.errors import (
+        AlreadyFinished,
+        DataError,
+        FolderInUse,
+        Stopped,
+        TrainingError,
+        WriteError,
+        interrupt_status,
+    )
     from training.flags import Settings
     from training.loop.train import train
     from training.run.checkpoints import what_is_intact
