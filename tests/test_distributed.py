@@ -104,6 +104,8 @@ def test_one_two_and_three_processes_train_the_same_run_and_resume_across_them(t
     two = run(tmp_path, "two", 2, 3, 1, 4)
     three = run(tmp_path, "three", 3, 1, 2, 4)
     reference = losses(one)
+    for name, out in (("1 x batch 3 x accum 2", one), ("2 x batch 3", two), ("3 x batch 1 x accum 2", three)):
+        print(f"{name:>22}: losses {[round(x, 6) for x in losses(out)]}, LoRA vs 1 process {lora_error(one, out):.1e}")
     for other in (two, three):  # fp32, sums in another order: measured within 1e-7 relative
         assert all(abs(x - y) <= 1e-5 * abs(x) for x, y in zip(reference, losses(other), strict=True))
         assert lora_error(one, other) < 1e-3  # Adam's 1/sqrt(v) amplifies rounding; measured ~1e-5..1e-4
@@ -112,6 +114,8 @@ def test_one_two_and_three_processes_train_the_same_run_and_resume_across_them(t
         resumed = tmp_path / f"resumed_on_{processes}"
         shutil.copytree(stopped, resumed)
         run(tmp_path, resumed.name, processes, batch, accumulation, 4, "--resume_from", "latest")
+        print(f"stopped on 2, resumed on {processes}: losses {[round(x, 6) for x in losses(resumed)]}, LoRA vs 1 "
+              f"process {lora_error(one, resumed):.1e}")
         assert all(abs(x - y) <= 1e-5 * abs(x) for x, y in zip(reference, losses(resumed), strict=True))
         assert lora_error(one, resumed) < 1e-3
     refused = subprocess.run([sys.executable, "train_sdxl.py", *MIXED, "--data_dir", str(tmp_path / "mixed"),

@@ -184,7 +184,7 @@ def colour_table(vae: AutoencoderKL, n: int = 8, seed: int = 77) -> dict:
     rows = {}
     for k, (name, rgb) in enumerate(PALETTE.items()):
         specs = [s for s in tiny_world.sample_specs(4 * n, seed + k, include_held_back=True)
-                 if s.colour != "white" and s.colour != "black"][:n]
+                 if name not in tiny_world.tones(s.background)][:n]  # visible on its background
         pictures = []
         for spec in specs:
             image = tiny_world.render(spec, SIZE)
