@@ -85,3 +85,19 @@ def test_it_draws_what_it_is_told(tiny_dir):
         shapes += sum(tw.shape_of(image) == spec.shape for image, spec in zip(images, specs, strict=True))
         shown += len(images)
     assert shapes / shown >= 0.5, shapes / shown
+
+
+def test_measure_tiny_prints_the_tables_of_the_docs(capsys):
+    """`python -m tools.measure_tiny` (docs/tiny_model.md's numbers), one picture per prompt: every line is there,
+    and the VAE keeps the world's colours (each within RGB distance 40 of itself) but not cyan."""
+    from tools import measure_tiny
+
+    assert measure_tiny.main(["--images", "1"]) == 0
+    out = capsys.readouterr().out
+    for start in ("full captions, asked colour drawn: red", "short prompts, asked colour drawn: 'a red circle'",
+                  "seeds: mean pairwise MS-SSIM", "| colour in | colour out |", "striped and plain shapes"):
+        assert start in out, start
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in out.splitlines() if line.count("|") == 5}
+    for colour in ("red", "blue", "purple", "white", "black"):
+        assert rows[colour][1] == colour and int(rows[colour][3].strip(" |")) < 40, rows[colour]
+    assert rows["cyan"][1] != "cyan"
