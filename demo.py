@@ -5,9 +5,9 @@
                                                      # are random yet, so their shares mean nothing
     python demo.py --report                          # the README's numbers: training seeds 0-4 x 1, 2, 4 threads
 
-1. trains a LoRA with configs/tiny_demo.yaml (tiny_demo_sd3.yaml, tiny_demo_flux.yaml): 36 pictures of purple
-   shapes (data/demo/train) on the tiny model, which was pretrained on every other colour of the tiny world
-   (tools/tiny_world.py);
+1. trains a LoRA with configs/tiny_demo.yaml (tiny_demo_sd3.yaml, tiny_demo_flux.yaml): 42 pictures of purple
+   shapes, 6 on each background (data/demo/purple), on the tiny model, pretrained on every other colour of the
+   tiny world (tools/tiny_world.py);
 2. draws 32 new purple prompts (shapes, places and backgrounds the training pictures may not have) without and
    with the LoRA, the same seeds, 20 steps, the family's guidance;
 3. counts the pictures whose dominant colour is purple (`tools.tiny_world.dominant_colour`) and writes
@@ -29,7 +29,7 @@ from common.console import quiet_libraries
 ROOT = Path(__file__).resolve().parent
 CONFIGS = {"sdxl": ROOT / "configs/tiny_demo.yaml", "sd3": ROOT / "configs/tiny_demo_sd3.yaml",
            "flux": ROOT / "configs/tiny_demo_flux.yaml"}
-PROMPTS_SEED = 500  # held-out prompts: not the specs of data/demo (seeds 7 and 8)
+PROMPTS_SEED = 500  # held-out prompts: not the specs of data/demo (data/make_demo_data.py's seeds)
 GUIDANCE = 5.0  # the demo's drawing guidance (FLUX.1-dev-style tiny-flux: its embedded guidance)
 
 

@@ -63,7 +63,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def train(out: Path, steps: int, *extra) -> None:
-    cmd = [sys.executable, str(ROOT / "train_sdxl.py"), "--config", str(ROOT / "configs/tiny_demo.yaml"),
+    cmd = [sys.executable, str(ROOT / "train_sdxl.py"), "--config", str(ROOT / "tests/data/tiny_run.yaml"),
            "--batch_size", "2", "--max_train_steps", str(steps), "--save_interval", "2", "--lr_scheduler", "constant",
            "--compile", "--validation_prompts", "--val_data_dir", "", "--output_dir", str(out), *extra]
     run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -1,16 +1,23 @@
-"""make demo (demo.py) end to end on a CPU: a LoRA teaches the pretrained tiny SDXL the colour it never saw.
+"""make demo (demo.py) end to end on a CPU: a LoRA teaches the pretrained tiny SDXL the colour it never saw, whatever
+the training seed and the number of threads.
 
-Measured (configs/tiny_demo.yaml, 32 held-out purple prompts, seeds 0-31): purple in 0% of the base model's
-pictures and 78% with the LoRA (75% with training seed 1). KID to the 36 purple training pictures, with a colour
-histogram of the shapes as the feature network (the Inception file cannot be downloaded here): 0.031 for the
-base model, 0.019 with the LoRA.
+Each run is `python demo.py --seed S --json` in a fresh process with S training seed and OMP_NUM_THREADS threads
+(the thread count changes the order of float sums, and with it every later step: the runs differ from the first
+step on). Measured by `python demo.py --report` (README, docs/tiny_model.md): SHARES below. The bound here is the
+README's lower end; the base model draws no purple (at most 1 of 32).
+KID to the 42 purple training pictures, with a colour histogram of the shapes as the feature network (the Inception
+file cannot be downloaded here): the LoRA's pictures are clearly closer to them than the base model's.
 """
 
 from pathlib import Path
 
+import pytest
 import torch
 
 import demo
+
+RUNS = [(0, 1), (0, 2), (1, 1), (1, 2)]  # (training seed, threads): two seeds, two thread counts
+LOWEST = 0.6  # the README's lower end of the purple share with the LoRA
 
 
 class ColourHistogram(torch.nn.Module):
@@ -27,19 +34,37 @@ class ColourHistogram(torch.nn.Module):
         return 10.0 * (one_hot * saturated[:, :, None]).mean(dim=1)  # (N, 64)
 
 
-def test_demo_teaches_the_held_back_colour(tmp_path):
-    before, after = demo.run_demo(tmp_path / "demo")
-    assert demo.share(before) <= 1 / 32 and demo.share(after) >= 0.6, (demo.share(before), demo.share(after))
-    assert (tmp_path / "demo" / "before_after.png").is_file()
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """(seed, threads) -> (the run's result: shares and final loss, its output folder)."""
+    root = tmp_path_factory.mktemp("demo")
+    return {(seed, threads): (demo.one_run("sdxl", root, seed, threads, 32), root / f"seed{seed}_threads{threads}")
+            for seed, threads in RUNS}
 
-    # The LoRA's pictures are clearly closer to the purple training pictures than the base model's (KID).
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed,threads", RUNS)
+def test_demo_teaches_the_held_back_colour(runs, seed, threads):
+    result, out = runs[seed, threads]
+    print(f"seed {seed}, {threads} threads: base {result['before']:.0%}, LoRA {result['after']:.0%}")
+    assert result["before"] <= 1 / 32 and result["after"] >= LOWEST, result
+    assert (out / "before_after.png").is_file() and (out / "lora_final.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_the_lora_draws_closer_to_the_training_pictures(runs):
+    """KID (a colour histogram as the features) to the demo's training pictures: the LoRA's pictures of the held-out
+    prompts, drawn again here from the run's file, against the base model's."""
     from evaluation import load_inception, reference_features, score_images
 
-    net = tmp_path / "net.pt"
+    _, out = runs[0, 1]
+    prompts = demo.held_out_prompts(32)
+    before, after = demo.draw("tiny", None, prompts), demo.draw("tiny", out / "lora_final.safetensors", prompts)
+    net = out / "net.pt"
     torch.jit.script(ColourHistogram()).save(str(net))
     inception = load_inception(net)
-    real = reference_features(Path(demo.__file__).parent / "data" / "demo" / "train", inception)
+    real = reference_features(Path(demo.__file__).parent / "data" / "demo" / "purple", inception)
     kid_before = score_images(before, real, inception)["kid_mean"]
     kid_after = score_images(after, real, inception)["kid_mean"]
     print(f"KID to the purple pictures: base {kid_before:.4f}, with the LoRA {kid_after:.4f}")
-    assert kid_after < 0.75 * kid_before  # measured 0.61
+    assert kid_after < 0.75 * kid_before

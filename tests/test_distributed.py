@@ -13,7 +13,7 @@ import pytest
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
-FLAGS = ["--config", str(ROOT / "configs/tiny_demo.yaml"), "--image_size", "64", "--gradient_accumulation_steps", "2",
+FLAGS = ["--config", str(ROOT / "tests/data/tiny_run.yaml"), "--image_size", "64", "--gradient_accumulation_steps", "2",
          "--max_train_steps", "3", "--learning_rate", "1e-3",
          "--gradient_checkpointing", "--noise_offset", "0.05", "--caption_dropout", "0.2",
          "--validation_prompts", "--val_data_dir", "", "--save_interval", "2", "--log_interval", "1"]

@@ -36,7 +36,7 @@ FAILURES = {  # what each writer raises on a full disk or a read-only folder
     "torch": lambda: RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0"),
     "safetensors": lambda: SafetensorError("Error while serializing: IoError(No space left on device)"),
 }
-TRAIN = ["--config", str(ROOT / "configs/tiny_demo.yaml"), "--image_size", "64", "--batch_size", "4",
+TRAIN = ["--config", str(ROOT / "tests/data/tiny_run.yaml"), "--image_size", "64", "--batch_size", "4",
          "--validation_prompts", "--val_data_dir", "", "--log_interval", "1"]
 GENERATE = ["--pretrained-model", "tiny", "--image-size", "64", "--num-inference-steps", "2", "--prompt",
             "a red circle", "--prompt", "a blue square", "--batch-size", "2", "--scheduler", "euler_a"]
@@ -357,7 +357,7 @@ def test_resume_latest_when_every_checkpoint_is_damaged_says_so(tmp_path):
 
 
 @pytest.mark.parametrize("script,argv,flag", [
-    (train_sdxl, ["--config", str(ROOT / "configs/tiny_demo.yaml"), "--lerning_rate", "1"], "--learning_rate"),
+    (train_sdxl, ["--config", str(ROOT / "tests/data/tiny_run.yaml"), "--lerning_rate", "1"], "--learning_rate"),
     (generate_images, ["--promt", "x"], "--prompt"),  # argparse would first complain of the missing --prompt
     (evaluate_images, ["a", "b", "--metric", "ssim"], "--metrics"),
     (__import__("resume_training"), ["--inspekt", "x"], "--inspect"),

@@ -40,7 +40,7 @@ def images(tmp_path_factory) -> Path:
 
 
 def train(images: Path, out: Path, *flags: str, script: str = "train_sdxl.py") -> list[str]:
-    model = ["--config", str(ROOT / "configs/tiny_demo.yaml")] if script == "train_sdxl.py" else [
+    model = ["--config", str(ROOT / "tests/data/tiny_run.yaml")] if script == "train_sdxl.py" else [
         "--pretrained_model", "tiny-sd3", "--precision", "fp32", "--device", "cpu"]
     return [sys.executable, str(ROOT / script), *model, "--data_dir", str(images), "--image_size", "64",
             "--batch_size", "2", "--validation_prompts", "--val_data_dir", "", "--save_interval", "0",

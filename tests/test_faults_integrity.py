@@ -32,7 +32,7 @@ from sdxl.unet import SDXLUNet
 from training.run.checkpoints import MARKER, find_latest, load_checkpoint, lora_file_of, save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
-TRAIN = ["--config", str(ROOT / "configs/tiny_demo.yaml"), "--image_size", "64", "--batch_size", "4",
+TRAIN = ["--config", str(ROOT / "tests/data/tiny_run.yaml"), "--image_size", "64", "--batch_size", "4",
          "--validation_prompts", "--val_data_dir", "", "--log_interval", "1"]
 GENERATE = ["--pretrained-model", "tiny", "--image-size", "64", "--num-inference-steps", "1", "--batch-size", "2",
             "--scheduler", "euler"]

@@ -29,7 +29,7 @@ from common.errors import FolderInUse
 from common.lock import LOCK_NAME, take_lock
 
 ROOT = Path(__file__).resolve().parent.parent
-TRAIN = [sys.executable, str(ROOT / "train_sdxl.py"), "--config", str(ROOT / "configs/tiny_demo.yaml"),
+TRAIN = [sys.executable, str(ROOT / "train_sdxl.py"), "--config", str(ROOT / "tests/data/tiny_run.yaml"),
          "--image_size", "64", "--batch_size", "4", "--validation_prompts", "--val_data_dir", "", "--log_interval", "1"]
 GENERATE = ["--pretrained-model", "tiny", "--image-size", "64x48", "--num-inference-steps", "2", "--prompt",
             "a red circle", "--prompt", "a blue square", "--prompt", "a green star", "--scheduler", "euler_a"]

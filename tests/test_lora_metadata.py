@@ -53,7 +53,7 @@ def test_hashes_as_a1111_and_kohya_compute_them(tmp_path):
 
 def test_training_writes_the_run_metadata_and_extract_keeps_it(tmp_path):
     out = tmp_path / "my_lora"
-    cmd = [sys.executable, str(ROOT / "train_sdxl.py"), "--config", str(ROOT / "configs/tiny_demo.yaml"),
+    cmd = [sys.executable, str(ROOT / "train_sdxl.py"), "--config", str(ROOT / "tests/data/tiny_run.yaml"),
            "--output_dir", str(out), "--max_train_steps", "2", "--batch_size", "2", "--save_interval", "2",
            "--validation_prompts", "--val_data_dir", "", "--conv_rank", "2", "--use_dora"]
     run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)

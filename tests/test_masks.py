@@ -113,7 +113,7 @@ def test_masked_loss_ignores_the_outside_and_ones_are_the_plain_loss():
 
 def test_training_with_masks_runs_and_says_what_is_wrong(masked_folder, tmp_path):
     Image.fromarray(noise_image(10, 10, 1)[..., 0]).save(masked_folder / "plain_mask.png")  # the wrong size
-    cmd = [sys.executable, str(ROOT / "train_sdxl.py"), "--config", str(ROOT / "configs/tiny_demo.yaml"),
+    cmd = [sys.executable, str(ROOT / "train_sdxl.py"), "--config", str(ROOT / "tests/data/tiny_run.yaml"),
            "--data_dir", str(masked_folder), "--output_dir", str(tmp_path / "out"), "--max_train_steps", "2",
            "--batch_size", "2", "--validation_prompts", "--val_data_dir", "", "--cache_latents", "memory",
            "--masked_loss", "--random_flip", "--image_size", "128"]

@@ -118,7 +118,7 @@ def test_wandb_init_failure_is_an_actionable_error(tmp_path, wandb_offline, monk
 
 def test_training_run_logs_to_wandb_offline(tmp_path, wandb_offline):
     out = tmp_path / "out"
-    cmd = [sys.executable, str(ROOT / "train_sdxl.py"), "--config", str(ROOT / "configs/tiny_demo.yaml"),
+    cmd = [sys.executable, str(ROOT / "train_sdxl.py"), "--config", str(ROOT / "tests/data/tiny_run.yaml"),
            "--output_dir", str(out), "--max_train_steps", "2", "--save_interval", "0", "--validation_interval", "0",
            "--num_validation_images", "1", "--validation_prompts", "a red circle",
            "--wandb_project", "test", "--wandb_run_name", "r1"]

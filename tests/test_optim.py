@@ -75,7 +75,7 @@ def test_schedule_free_eval_weights_are_upstreams_and_training_weights_come_back
 def test_schedule_free_run_saves_its_eval_weights(tmp_path):
     """A run's checkpoint and final LoRA hold x = lerp(y, z, 1 - 1/beta1) of its optimizer state, not y."""
     out = tmp_path / "out"
-    cmd = [sys.executable, str(ROOT / "train_sdxl.py"), "--config", str(ROOT / "configs/tiny_demo.yaml"),
+    cmd = [sys.executable, str(ROOT / "train_sdxl.py"), "--config", str(ROOT / "tests/data/tiny_run.yaml"),
            "--output_dir", str(out), "--max_train_steps", "3", "--optimizer", "adamw_schedulefree",
            "--validation_prompts", "--save_interval", "3", "--save_format", "diffusers"]
     run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)

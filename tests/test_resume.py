@@ -19,7 +19,7 @@ from training.run.checkpoints import find_latest, load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 24  # 36 images, batch 2, accumulation 2: 9 optimizer steps per epoch, so the run crosses two epochs
-FLAGS = ["--config", str(ROOT / "configs/tiny_demo.yaml"), "--image_size", "64", "--batch_size", "2",
+FLAGS = ["--config", str(ROOT / "tests/data/tiny_run.yaml"), "--image_size", "64", "--batch_size", "2",
          "--gradient_accumulation_steps", "2", "--max_train_steps", str(STEPS), "--lr_scheduler", "cosine",
          "--warmup_steps", "3", "--random_flip", "--caption_dropout", "0.2", "--noise_offset", "0.05",
          "--lora_dropout", "0.1", "--use_ema", "--bucketing", "--validation_prompts", "--val_data_dir", "",
@@ -203,7 +203,7 @@ def test_resume_from_a_malicious_checkpoint_exits_2_then_latest_continues(two_ch
 def test_each_optimizer_resumes_exactly(tmp_path, optimizer):
     """3 steps, then resumed to 6, == 6 steps in one go: losses, LoRA and optimizer state bit for bit; with the
     timestep, noise and weighting recipes on. Schedule-free's resumed run went through eval mode at step 3."""
-    flags = [sys.executable, str(ROOT / "train_sdxl.py"), "--config", str(ROOT / "configs/tiny_demo.yaml"),
+    flags = [sys.executable, str(ROOT / "train_sdxl.py"), "--config", str(ROOT / "tests/data/tiny_run.yaml"),
              "--batch_size", "4", "--gradient_accumulation_steps", "2", "--warmup_steps", "2", "--random_flip",
              "--optimizer", optimizer, "--timestep_sampling", "logit_normal", "--loss_weighting", "debiased",
              "--multires_noise_iterations", "3", "--input_perturbation", "0.05", "--validation_prompts",

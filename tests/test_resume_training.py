@@ -18,7 +18,7 @@ import resume_training
 from training.run.folder import human_size
 
 ROOT = Path(__file__).resolve().parent.parent
-FLAGS = ["--config", str(ROOT / "configs/tiny_demo.yaml"), "--image_size", "64", "--batch_size", "2",
+FLAGS = ["--config", str(ROOT / "tests/data/tiny_run.yaml"), "--image_size", "64", "--batch_size", "2",
          "--max_train_steps", "2", "--save_interval", "1", "--validation_prompts", "--val_data_dir", "",
          "--lora_rank", "4", "--lora_alpha", "2", "--lora_target_mode", "all", "--use_ema", "--ema_decay", "0.999",
          "--learning_rate", "0.02", "--lr_scheduler", "cosine", "--warmup_steps", "0", "--precision", "fp32",

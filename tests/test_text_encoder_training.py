@@ -30,7 +30,7 @@ from tests.test_lora_text_encoders import PROMPTS
 from tests.test_train import DEMO, ROOT
 from training.run.checkpoints import checkpoint_lora, load_checkpoint
 
-FLAGS = ["--config", str(ROOT / "configs/tiny_demo.yaml"), "--image_size", "64", "--batch_size", "2",
+FLAGS = ["--config", str(ROOT / "tests/data/tiny_run.yaml"), "--image_size", "64", "--batch_size", "2",
          "--gradient_accumulation_steps", "2", "--no-cache_text_embeddings", "--train_text_encoder",
          "--text_encoder_lr", "2e-3", "--lora_dropout", "0.1", "--caption_dropout", "0.2", "--use_ema",
          "--validation_prompts", "--val_data_dir", "", "--save_interval", "2", "--log_interval", "1"]
@@ -151,7 +151,7 @@ def test_resume_is_exact_with_text_encoder_training(tmp_path):
 def test_cached_text_embeddings_with_text_encoder_training_is_a_one_line_error(tmp_path):
     from training.config import parse_config, validate
 
-    base = ["--config", str(ROOT / "configs/tiny_demo.yaml"), "--data_dir", str(DEMO / "train"), "--output_dir",
+    base = ["--config", str(ROOT / "tests/data/tiny_run.yaml"), "--data_dir", str(DEMO / "train"), "--output_dir",
             str(tmp_path / "out"), "--train_text_encoder"]
     for extra, message in ([[], "--cache_text_embeddings: cannot be combined with --train_text_encoder"],  # tiny_demo
                            [["--no-cache_text_embeddings", "--text_encoder_lr", "0"], "--text_encoder_lr 0.0: must"]):

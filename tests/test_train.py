@@ -24,7 +24,7 @@ DEMO = ROOT / "data" / "demo"
 
 
 def run_train(tmp_path, *extra):
-    cmd = [sys.executable, str(ROOT / "train_sdxl.py"), "--config", str(ROOT / "configs/tiny_demo.yaml"),
+    cmd = [sys.executable, str(ROOT / "train_sdxl.py"), "--config", str(ROOT / "tests/data/tiny_run.yaml"),
            "--output_dir", str(tmp_path / "out"), *extra]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
 
