@@ -131,7 +131,8 @@ def run_gpu_check(tmp_path, budget_s: int) -> str:
 
 
 PRESETS = len(list((ROOT / "configs").glob("sdxl_*.yaml")))
-STEPS = 11 + PRESETS  # gpu_check.sh: GPU tests, 4 eager benches, random model, the presets, 2 compiled, data, 2 more
+STEPS = 14 + PRESETS  # gpu_check.sh: GPU tests, 7 eager benches (SDXL, SD 3.5, FLUX.1), random model, the presets,
+#                      2 compiled, data, 2 more
 
 
 @pytest.mark.slow
