@@ -458,12 +458,12 @@ def test_cut_prompts_are_counted_for_clip_and_t5():
     from diffusion.prompt_limits import cut_note, token_count
 
     text_encoder = families.get("sd3").load_text_encoder("tiny-sd3", dtype=torch.float32, device="cpu")
-    assert [(label, n) for label, _, n in text_encoder.token_limits()] == [("CLIP", 77), ("T5", 256)]
+    assert [(label, n) for label, _, n in text_encoder.token_limits()] == [("CLIP", 77), ("T5", 32)]
     prompts = ["a red circle", "a blue square " * 10, "word " * 1000, "a red circle"]
     note = cut_note(text_encoder, prompts, ["a", "b", "c", "a"], "captions")
     clip, t5 = (token_count(text_encoder.tokenizer, prompts[2]), token_count(text_encoder.tokenizer_3, prompts[2]))
     assert note == (f"note: 2 of 4 captions are longer than CLIP's 77 tokens and are cut (the longest, c, has {clip} "
-                    f"tokens); 1 of 4 captions is longer than T5's 256 tokens and is cut (the longest, c, has {t5} "
+                    f"tokens); 1 of 4 captions is longer than T5's 32 tokens and is cut (the longest, c, has {t5} "
                     "tokens): the text past a limit is not read")
     assert cut_note(text_encoder, ["a red circle"]) is None
 
