@@ -11,7 +11,7 @@ from flux.loading import load_text_encoder
 from flux.text_encoders import FluxTextEncoder
 from flux.tiny import tiny_flux_path
 
-LONG = " ".join(f"word{i} with a red circle and a blue square" for i in range(20))  # > 512 T5, > 77 CLIP tokens
+LONG = " ".join(f"word{i} with a red circle and a blue square" for i in range(60))  # > 512 T5, > 77 CLIP tokens
 PROMPTS = ["a red square on a blue background", "", "😀 emoji, Ünïcödé and  double  spaces", LONG]
 
 
