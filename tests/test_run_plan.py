@@ -1,6 +1,6 @@
 """Resuming a finished run changes nothing; extending one follows --lr_schedule_total (training/run/plan.py).
 
-One tiny run (64 px, 36 images, batch 16: 3 steps an epoch) trained by epochs with a validation set and
+One tiny run (64 px, 36 images, batch 12: 3 whole steps an epoch) trained by epochs with a validation set and
 prompts is resumed as it is (by epochs, then by steps once extended): each time exit 0, "already finished",
 and every file of the run folder keeps its bytes and modification time. Extending it from 3 to 5 steps under
 a cosine schedule of --lr_schedule_total 6 logs at each step k the learning rate lr * lr_multiplier(k, 0, 6),
@@ -38,7 +38,7 @@ def files_of(folder: Path) -> dict[str, tuple[bytes, int]]:
 def test_a_finished_run_resumes_to_nothing_and_extends_on_the_same_schedule(tmp_path):
     demo = yaml.safe_load((ROOT / "tests/data/tiny_run.yaml").read_text())
     del demo["max_train_steps"]  # a run by epochs
-    demo.update(num_epochs=1, lr_scheduler="cosine", lr_schedule_total=6, save_every_n_epochs=1, save_interval=0,
+    demo.update(batch_size=12, num_epochs=1, lr_scheduler="cosine", lr_schedule_total=6, save_every_n_epochs=1, save_interval=0,
                 num_validation_images=1, validation_interval=0, learning_rate=LR,
                 data_dir=str(ROOT / "data/demo/train"), val_data_dir=str(ROOT / "data/demo/val"))
     config, out = tmp_path / "run.yaml", tmp_path / "out"
@@ -72,11 +72,11 @@ def test_a_finished_run_resumes_to_nothing_and_extends_on_the_same_schedule(tmp_
 def test_schedule_note_says_how_the_schedule_changes():
     checkpoint = SimpleNamespace(state={"step": 90}, config={"max_train_steps": 90})
     args = SimpleNamespace(lr_scheduler="cosine", learning_rate=3e-3, warmup_steps=0)
-    note = schedule_note(checkpoint, args, total=180, batches_per_epoch=None)
+    note = schedule_note(checkpoint, args, total=180, steps_per_epoch=None)
     now = 3e-3 * 0.5 * (1 + math.cos(math.pi * 90 / 180))  # 1.5e-3, after 0 at the old schedule's end
     assert f"learning rate of step 91 is {now:.4g}, where the old schedule had 0" in note
     assert "--lr_schedule_total 90 keeps the old schedule" in note
-    assert schedule_note(checkpoint, args, total=90, batches_per_epoch=None) is None
+    assert schedule_note(checkpoint, args, total=90, steps_per_epoch=None) is None
     assert schedule_note(checkpoint, SimpleNamespace(**{**vars(args), "lr_scheduler": "constant"}), 180, None) is None
     by_epochs = SimpleNamespace(state={"step": 6}, config={"num_epochs": 2, "gradient_accumulation_steps": 2})
-    assert "ran over 6)" in schedule_note(by_epochs, args, total=12, batches_per_epoch=5)  # 2 x ceil(5 / 2)
+    assert "ran over 6)" in schedule_note(by_epochs, args, total=12, steps_per_epoch=3)  # 2 epochs x 3 steps
