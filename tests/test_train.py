@@ -81,7 +81,7 @@ def make_messy_folder(root: Path) -> list[str]:
 
 def test_messy_folder_trains_and_names_bad_files(tmp_path):
     bad = make_messy_folder(tmp_path / "messy")
-    run = run_train(tmp_path, "--data_dir", str(tmp_path / "messy"), "--max_train_steps", "3",
+    run = run_train(tmp_path, "--data_dir", str(tmp_path / "messy"), "--max_train_steps", "3", "--batch_size", "4",
                     "--max_bad_fraction", "0.3", "--validation_interval", "0", "--save_interval", "0")
     assert run.returncode == 0, run.stderr[-3000:]
     for name in bad:

@@ -93,4 +93,4 @@ def schedule_note(checkpoint, opt, total: int, steps_per_epoch: int | None) -> s
     now = lr * lr_multiplier(step, opt.warmup_steps, total, opt.lr_scheduler)
     return (f"note: the {opt.lr_scheduler} LR schedule is recomputed over {total} steps (the checkpoint's ran over "
             f"{old}): the learning rate of step {step + 1} is {now:.4g}, where the old schedule had {was:.4g}; "
-            f"--lr_schedule_total {old} keeps the old schedule (docs/training.md: 'Extending a finished run')")
+            f"--lr_schedule_total {old} keeps the old schedule (docs/training.md: 'A finished run, and extending one')")
