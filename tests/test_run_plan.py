@@ -38,8 +38,8 @@ def files_of(folder: Path) -> dict[str, tuple[bytes, int]]:
 def test_a_finished_run_resumes_to_nothing_and_extends_on_the_same_schedule(tmp_path):
     demo = yaml.safe_load((ROOT / "tests/data/tiny_run.yaml").read_text())
     del demo["max_train_steps"]  # a run by epochs
-    demo.update(batch_size=12, num_epochs=1, lr_scheduler="cosine", lr_schedule_total=6, save_every_n_epochs=1, save_interval=0,
-                num_validation_images=1, validation_interval=0, learning_rate=LR,
+    demo.update(batch_size=12, num_epochs=1, lr_scheduler="cosine", lr_schedule_total=6, save_every_n_epochs=1,
+                save_interval=0, num_validation_images=1, validation_interval=0, learning_rate=LR,
                 data_dir=str(ROOT / "data/demo/train"), val_data_dir=str(ROOT / "data/demo/val"))
     config, out = tmp_path / "run.yaml", tmp_path / "out"
     config.write_text(yaml.safe_dump(demo))
