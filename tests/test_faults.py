@@ -427,10 +427,10 @@ def test_data_folder_links_and_odd_images_are_named(tmp_path, caplog):
 @pytest.mark.slow
 @pytest.mark.parametrize("script", ["train", "generate"])
 def test_ctrl_c_while_starting_is_one_line(tmp_path, script):
-    """Ctrl-C while torch imports or the models load (before the trainer's own stop handling): exit 130, one line.
-    The signal goes once the script is past its first lines (torch's library is being mapped: a Ctrl-C inside the
-    interpreter's own start-up is Python's), then after a further delay (the models loading). No timing is asserted:
-    on a loaded machine the delays only move the moment."""
+    """Ctrl-C while torch imports (before the trainer's own stop handling): exit 130, one line. The signal goes as
+    soon as torch's library is mapped into the process (a Ctrl-C inside the interpreter's own start-up is Python's),
+    which is seconds before the models load and the run starts, so no delay or machine speed decides the moment (a
+    fixed delay let a fast run finish first)."""
     out = str(tmp_path / "o")
     argv = ([str(ROOT / "train_sdxl.py"), *TRAIN, "--max_train_steps", "2", "--output_dir", out] if script == "train"
             else [str(ROOT / "generate_images.py"), *GENERATE, "--num-images", "40", "--output-dir", out])
@@ -444,7 +444,7 @@ def test_ctrl_c_while_starting_is_one_line(tmp_path, script):
             since.append(time.time())
         return mapped and time.time() - since[0] >= delay
 
-    for delay in (0.0, 2.5):
+    for delay in (0.0,):
         pid, since = [], []
         status, err = run_until([sys.executable, *argv], partial(torch_loading, pid, since, delay), [signal.SIGINT],
                                 pid=pid)
