@@ -24,6 +24,8 @@ parameters), made on the device in the --precision dtype; nothing is downloaded.
     python benchmarks/bench_train.py --family sd3 --full --precision bf16 --resolution 1024 --device cuda
     python benchmarks/bench_train.py --family flux --full --precision bf16 --resolution 1024 --batch_size 1 \
         --gradient_checkpointing --device cuda                            # FLUX.1-dev: 23.8 GB of bf16 weights
+    python benchmarks/bench_train.py --family flux --full --precision bf16 --resolution 1024 --batch_size 1 \
+        --gradient_checkpointing --device cuda --base_fp8                 # and ours over an fp8-stored base
     python benchmarks/bench_train.py --family flux --smoke                # 64 px, one round: checks it runs
 """
 
@@ -43,6 +45,7 @@ from harness import (  # noqa: E402,I001
 
 import families  # noqa: E402
 from common.runtime import DTYPES  # noqa: E402
+from lora.base_weights import FP8, store_linears, stored_bytes  # noqa: E402
 from lora.layer import LoRAConfig, add_lora  # noqa: E402
 from training.flags import NoiseSettings  # noqa: E402
 from training.loop.loss import diffusion_loss, weighted  # noqa: E402
@@ -70,6 +73,9 @@ def parse_args(argv=None):
                    help="which Linear layers get a LoRA, as --lora_target_mode of the trainers (default: the "
                         "family's: SDXL attention_out, SD 3.5 and FLUX.1 attention)")
     p.add_argument("--gradient_checkpointing", action="store_true", help="enable it in both models")
+    p.add_argument("--base_fp8", action="store_true",
+                   help="one more side: ours with its blocks' Linear weights stored in fp8 and cast up per layer "
+                        "(the trainers' --base_dtype fp8), from the same base weights; prints the stored bytes")
     p.add_argument("--steps", type=int, default=5, help="timed optimizer steps per model and round")
     p.add_argument("--rounds", type=int, default=3, help="timing rounds, alternating the models; best round counts")
     p.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first (at least 1)")
@@ -145,8 +151,10 @@ def build(cfg, args, device, dtype) -> dict[str, torch.nn.Module]:
     base = ref.state_dict()
     lora_config = LoRAConfig(rank=args.rank, alpha=args.rank, target_mode=args.target_mode)
     ours = {}
-    for name in ["ours", "ours compiled"] if args.compile else ["ours"]:
-        model = ours_on(spec, cfg, base)  # the very same tensors
+    for name in ["ours"] + ["ours compiled"] * args.compile + ["ours fp8"] * args.base_fp8:
+        model = ours_on(spec, cfg, base)  # the very same tensors (fp8: stored anew from them, one layer at a time)
+        if name == "ours fp8":
+            store_linears(family.blocks(model), FP8)
         wrapped = add_lora(model, family.lora_targets(model, lora_config))
         ours[name] = model.train()
     lora = {k: v for k, v in ours["ours"].state_dict().items() if ".lora_" in k}
@@ -168,6 +176,8 @@ def build(cfg, args, device, dtype) -> dict[str, torch.nn.Module]:
         compile_unet(ours["ours compiled"], args.family)
         compile_peer(peers["diffusers+peft compiled"], args.family)
     models = {"diffusers+peft": PeerCall(ref, spec.peer_args), "ours": ours["ours"]}
+    if args.base_fp8:
+        models["ours fp8"] = ours["ours fp8"]
     if args.compile:
         models |= {"diffusers+peft compiled": PeerCall(peers["diffusers+peft compiled"], spec.peer_args),
                    "ours compiled": ours["ours compiled"]}
@@ -253,6 +263,11 @@ def main(argv=None):
     if args.compile:
         pairs += [("ours compiled", "diffusers+peft"), ("diffusers+peft compiled", "diffusers+peft"),
                   ("ours compiled", "diffusers+peft compiled")]
+    if args.base_fp8:
+        pairs.append(("ours fp8", "ours"))
+        frozen = {name: sum(stored_bytes(models[name]).values()) / 2**20 for name in ("ours", "ours fp8")}
+        print(f"frozen base weights: ours {frozen['ours']:,.1f} MiB, ours fp8 {frozen['ours fp8']:,.1f} MiB "
+              "(a CUDA peak counts every side's: one process holds them all)")
     for a, b in pairs:
         print(f"| ratio {a} / {b} | {by_name[a]['step_ms'] / by_name[b]['step_ms']:.3f} | "
               f"{by_name[a]['mem'] / by_name[b]['mem']:.3f} | | |")

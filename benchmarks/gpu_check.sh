@@ -14,11 +14,12 @@
 #   tests    GPU tests                                                        ~45   [150]
 #   sdxl     SDXL base LoRA step, batch 4, checkpointing off                  ~35   [90]
 #   sd3      SD 3.5 Medium LoRA step, batch 1, checkpointing off              ~30   [90]
-#   flux     FLUX.1-dev LoRA step, batch 1, checkpointing on, bf16 base       ~70   [150]
+#   flux     FLUX.1-dev LoRA step, batch 1, checkpointing on, bf16 base and   ~100  [200]
+#            ours over the fp8-stored base (--base_fp8)
 #   sd3      SD 3.5 Medium LoRA step, batch 4, checkpointing on               ~40   [90]
 #   sdxl     SDXL sampling, batch 1, 30 steps                                 ~60   [90]
 #   sdxl     SDXL LoRA step, batch 4 and batch 1, checkpointing on            ~70   [90 + 60]
-#            (sum so far ~380 s; what follows runs as far as the budget goes, each step skipped and marked so
+#            (sum so far ~410 s; what follows runs as far as the budget goes, each step skipped and marked so
 #            when less than its minimum is left)
 #   presets  a random full-size SDXL folder, then each configs/sdxl_*.yaml   ~30 + 4 x ~40  [90 each]
 #   compiled SDXL LoRA step and sampling, --compile                          ~150 + ~150  [240, 200]
@@ -165,7 +166,7 @@ SAMPLE=($PY benchmarks/bench_sample.py "${FULL_SAMPLE[@]}" "${DEV[@]}" --batch-s
 step tests "GPU tests" 30 150 $PY -m pytest -q -p no:cacheprovider -m gpu tests
 step sdxl "SDXL train b4, ckpt off" 40 90 "${TRAIN[@]}" --batch_size 4
 step sd3 "SD 3.5 Medium train b1, ckpt off" 40 90 "${SD3[@]}" --batch_size 1
-step flux "FLUX.1-dev train b1, ckpt on, bf16 base" 60 150 "${FLUX[@]}"
+step flux "FLUX.1-dev train b1, ckpt on, bf16 and fp8 base" 60 200 "${FLUX[@]}" --base_fp8
 step sd3 "SD 3.5 Medium train b4, ckpt on" 40 90 "${SD3[@]}" --batch_size 4 --gradient_checkpointing
 step sdxl "SDXL sample b1" 40 90 "${SAMPLE[@]}"
 step sdxl "SDXL train b4, ckpt on" 40 90 "${TRAIN[@]}" --batch_size 4 --gradient_checkpointing

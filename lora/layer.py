@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lora.base_weights import StoredLinear
+
 
 @dataclass(frozen=True)
 class LoRAConfig:
@@ -43,10 +45,11 @@ class LoRALayer(nn.Module):
     """A frozen `nn.Linear` or `nn.Conv2d` (`base`) plus a trainable fp32 low-rank update (and DoRA magnitude)."""
 
     def __init__(self, base: nn.Linear | nn.Conv2d, rank: int, alpha: float, dropout: float = 0.0,
-                 dora: bool = False):
+                 dora: bool = False, device=None):
         super().__init__()
         self.base = base.requires_grad_(False)
-        kw = dict(bias=False, dtype=torch.float32, device=base.weight.device)  # fp32 even for a bf16 base
+        device = base.weight.device if device is None else torch.device(device)  # the LoRA's; default: the base's
+        kw = dict(bias=False, dtype=torch.float32, device=device)  # fp32 even for a bf16 or fp8 base
         if isinstance(base, nn.Conv2d):
             self.lora_down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding,
                                        base.dilation, **kw)  # (rank, in, k, k)
@@ -57,7 +60,8 @@ class LoRALayer(nn.Module):
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))  # as peft's lora_A
         nn.init.zeros_(self.lora_up.weight)
         # DoRA's magnitude: the row norms of W at the start (up = 0), so training starts from the base model
-        self.magnitude = nn.Parameter(self.row_norm(base.weight.float())) if dora else None  # (out,)
+        # (of the weight as the layer computes with it: an fp8 base's cast-up weight)
+        self.magnitude = nn.Parameter(self.row_norm(base.weight.float()).to(device)) if dora else None  # (out,)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.rank, self.alpha = rank, float(alpha)
         self.scale = 1.0  # inference strength, multiplies alpha / rank
@@ -69,8 +73,9 @@ class LoRALayer(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """scale * alpha / rank * up @ down, fp32, shaped like base.weight."""
-        up, down = self.lora_up.weight, self.lora_down.weight
-        return (self.scale * self.alpha / self.rank) * (up.flatten(1) @ down.flatten(1)).view(self.base.weight.shape)
+        up, down = self.lora_up.weight, self.lora_down.weight  # base.weight: (out, in, *kernel) = up's out, down's rest
+        return (self.scale * self.alpha / self.rank) * (up.flatten(1) @ down.flatten(1)).view(up.shape[0],
+                                                                                               *down.shape[1:])
 
     def dora_gain(self) -> torch.Tensor:
         """m / ||W + s dW|| per output channel (the norm detached), shaped to broadcast over the output."""
@@ -98,12 +103,17 @@ class LoRALayer(nn.Module):
         return (y + (g - 1) * wx + g * (s * self.lora_up(self.lora_down(h)))).to(y.dtype)
 
     def base_without_bias(self, x):
+        if isinstance(self.base, StoredLinear):  # its own matmul: keeps no cast-up weight for the backward
+            return self.base(x, bias=False)
         w = self.base.weight.to(x.dtype)
         return self.base._conv_forward(x, w, None) if isinstance(self.base, nn.Conv2d) else F.linear(x, w)
 
     @torch.no_grad()
     def merge(self) -> None:
         """Put the update into base.weight (in fp32, cast back); forward then skips the branch."""
+        if isinstance(self.base, StoredLinear):
+            raise ValueError(f"cannot merge a LoRA into a base stored as {self.base.weight_stored.dtype} "
+                             "(--base_dtype); load the base in bf16 or fp32 to merge, or keep the LoRA unmerged")
         if self.merged is None:
             w = self.base.weight
             merged = w.float() + self.delta_weight()
@@ -139,16 +149,17 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALayer]:
 
 
 def add_lora(model: nn.Module, targets: dict[str, tuple[int, float]], dropout: float = 0.0,
-             dora: bool = False) -> dict[str, LoRALayer]:
+             dora: bool = False, device=None) -> dict[str, LoRALayer]:
     """Freeze the model and wrap each target layer (module path -> (rank, alpha)) in a LoRALayer; only LoRA params
-    train. The targets come from the model's family (`lora_targets`)."""
+    train. The targets come from the model's family (`lora_targets`). `device`: where the LoRA is made (default:
+    on its layer's device; a base to be sharded across GPUs is still on the CPU, its LoRA already on the GPU)."""
     if lora_modules(model):
         raise ValueError("this model already has LoRA layers; build a fresh one to apply another LoRA")
     model.requires_grad_(False)
     wrapped = {}
     for name, (rank, alpha) in targets.items():
         parent_name, _, child = name.rpartition(".")
-        wrapped[name] = LoRALayer(model.get_submodule(name), rank, alpha, dropout, dora)
+        wrapped[name] = LoRALayer(model.get_submodule(name), rank, alpha, dropout, dora, device)
         setattr(model.get_submodule(parent_name), child, wrapped[name])
     return wrapped
 

@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from lora.base_weights import StoredLinear
 from lora.files import (
     KOHYA_PREFIXES,
     KOHYA_SUFFIXES,
@@ -252,6 +253,9 @@ def load_lora(model: nn.Module, path, names: LoRANames, scale: float = 1.0, text
             raise ValueError(f"{path}: key {key} names module {name}, which this model does not have; the LoRA "
                              "was made for another base model or config")
         layer = module.base if isinstance(module, LoRALayer) else module
+        if isinstance(layer, StoredLinear):  # its `weight` is a cast-up copy: writing to it would change nothing
+            raise ValueError(f"{path}: key {key} adapts {name}, whose base weight is stored as "
+                             f"{layer.weight_stored.dtype}; load the LoRA into a bf16 or fp32 model, then store it")
         if not isinstance(layer, (nn.Linear, nn.Conv2d)):
             raise ValueError(f"{path}: key {key} adapts {name}, a {type(layer).__name__}; only LoRAs on Linear and "
                              "Conv2d layers are supported")

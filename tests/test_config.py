@@ -89,14 +89,15 @@ def test_defaults(tmp, base):
         caption_prefix="", caption_suffix="", keep_tokens_separator="", conv_rank=0, conv_alpha=0.0,
         use_dora=False, train_text_encoder=False, text_encoder_lr=None, text_encoder_target_mode="attention",
         t5=True, max_sequence_length=None, sigmoid_scale=1.0, flow_shift=None, precondition_outputs=False,
-        guidance_scale=1.0, verbose=False,
+        guidance_scale=1.0, verbose=False, shard_base=False,
         data_dir=str(tmp / "data"), output_dir=str(tmp / "out"), cache_dir=str(tmp / "out" / "cache"),
     )
     got = vars(args)
     assert {k: got[k] for k in expected} == expected
     assert args.device in ("cpu", "cuda")  # auto resolved
     assert args.precision == ("fp32" if args.device == "cpu" else "bf16")  # auto: emulated bf16 is slow on a CPU
-    assert set(got) == set(expected) | {"device", "precision"}
+    assert args.base_dtype == args.precision  # auto: stored as computed
+    assert set(got) == set(expected) | {"device", "precision", "base_dtype"}
 
 
 def test_relative_paths_become_absolute(tmp, base, monkeypatch):

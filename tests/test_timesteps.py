@@ -143,7 +143,7 @@ def test_weighted_loss_is_the_plain_loss_times_the_weights():
 def test_validation_loss_is_unweighted_at_fixed_timesteps():
     """Any weighting gives the same validation loss: the plain MSE at linspace(min, max, 5) and fixed noise."""
     batch = {"original_size": torch.tensor([[64, 64]]), "crop_top_left": torch.tensor([[0, 0]]),
-             "target_size": torch.tensor([[64, 64]])}
+             "target_size": torch.tensor([[64, 64]]), "keys": ["a.png"]}
 
     class Val:
         def iter_epoch(self, epoch):
@@ -162,3 +162,29 @@ def test_validation_loss_is_unweighted_at_fixed_timesteps():
               for w in ("none", "min_snr", "debiased")]
     assert losses[0] == losses[1] == losses[2] and math.isfinite(losses[0])
     assert timesteps[:5] == [100, 300, 500, 700, 900]
+
+
+def test_validation_loss_is_the_same_however_the_images_are_batched():
+    """Each validation image's noise comes from (seed, time, its path): one batch of 3 or batches of 2 and 1 in
+    another order give the same loss (to float rounding); another seed gives another."""
+    x0 = {name: torch.randn(1, 4, 8, 8, generator=gen(20 + i)) for i, name in enumerate(("a.png", "b.png", "c.png"))}
+
+    class Val:
+        def __init__(self, *batches):
+            self.batches = [{"keys": list(b)} for b in batches]
+
+        def iter_epoch(self, epoch):
+            return iter(self.batches)
+
+    def encode(batch):
+        return torch.cat([x0[k] for k in batch["keys"]]), None, None
+
+    def predict(batch, embeds, pooled):
+        return lambda x, t: 0.9 * x
+
+    def loss(val, seed=0):
+        return validation_loss(encode, predict, objective(100, 900), val, seed=seed)
+
+    one = loss(Val(("a.png", "b.png", "c.png")))
+    assert abs(loss(Val(("c.png", "a.png"), ("b.png",))) - one) <= 1e-6 * one
+    assert abs(loss(Val(("a.png", "b.png", "c.png")), seed=1) - one) > 1e-4 * one

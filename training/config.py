@@ -318,6 +318,17 @@ def _check_optimizer(args: argparse.Namespace) -> None:
              "--lr_scheduler constant (--warmup_steps still warms up)")
 
 
+def _check_base_dtype(args: argparse.Namespace) -> None:
+    """--base_dtype after --precision resolved: auto is the precision's dtype; a stored dtype narrower than the
+    compute dtype, or fp8 under any precision (lora/base_weights.py)."""
+    if args.base_dtype == "auto":
+        args.base_dtype = args.precision
+    narrower = {"fp32": ("fp32", "bf16", "fp16", "fp8"), "bf16": ("bf16", "fp8"), "fp16": ("fp16", "fp8")}
+    if args.base_dtype not in narrower[args.precision]:
+        fail("base_dtype", args.base_dtype, f"is not narrower than --precision {args.precision}, which the base "
+             f"computes in; use auto or one of {', '.join(narrower[args.precision])}")
+
+
 def validate(args: argparse.Namespace, family: str = "sdxl") -> None:
     """Check every resolved value; raise ConfigError naming the flag, the value and what to do."""
     for name in ("pretrained_model", "output_dir"):
@@ -362,6 +373,7 @@ def validate(args: argparse.Namespace, family: str = "sdxl") -> None:
     from common.runtime import resolve_device  # here: --help and flag errors need no torch
 
     args.device, args.precision = resolve_device(args.device, args.precision)
+    _check_base_dtype(args)
     _check_optimizer(args)
     prompts_file = _prompts_file(args.validation_prompts)
     if prompts_file is not None and not Path(prompts_file).is_file():

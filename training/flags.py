@@ -253,6 +253,15 @@ class RuntimeSettings:
     precision: str = flag('auto', 'UNet autocast dtype; LoRA weights and the VAE stay fp32; fp16 needs a GPU. auto = '
         'bf16 on a GPU (fp16 where bf16 is unsupported), fp32 on a CPU, where bf16 is emulated and many times slower '
         '(default: auto)', choices=('auto', 'bf16', 'fp16', 'fp32'), must_match=True)
+    base_dtype: str = flag('auto', "how the frozen denoiser's block Linear layers are stored (they compute in "
+        '--precision): fp8 = float8_e4m3fn with a power-of-two scale per row, half the bytes of bf16, cast up per '
+        'layer at use (FLUX.1-dev: 11 GB instead of 23); bf16/fp16 under --precision fp32 likewise; auto = the '
+        "--precision's dtype (default: auto)", choices=('auto', 'fp32', 'bf16', 'fp16', 'fp8'), must_match=True,
+        since=lambda old: old.get('precision', 'fp32'))
+    shard_base: bool = flag(False, 'under torchrun, shard the frozen denoiser across the processes with FSDP2 '
+        '(fully_shard per block, then the root), so each GPU holds 1/N of it; the LoRA stays whole on every process '
+        'and its gradients are averaged; checkpoints hold the whole LoRA, so a sharded run resumes unsharded and back '
+        '(default: off)', since=False)
     compile: bool = flag(False, 'torch.compile each ResNet and transformer block (regional: the repeated blocks '
         'compile once; start-up ~1 min on a GPU, then faster steps) (default: off)')
     gradient_checkpointing: bool = flag(False, 'recompute activations in backward: far less memory, ~30% slower '

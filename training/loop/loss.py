@@ -6,12 +6,15 @@ makes the noisy input and the target, the family's `predict` calls its denoiser,
      rectified flow: x_t = (1 - s) x0 + s noise, target noise - x0, diffusion/flow.py)
 
 weighted per sample by the objective's weights (Min-SNR, debiased, SD3's). The noise and times are drawn here,
-the validation loss computed here.
+the validation loss computed here: at fixed times, each validation image with noise drawn from (seed, time,
+its path in the folder), so the loss is the same however the images are batched or split over processes.
 
 Every image draws its time and noise from its own CPU generator, seeded by (seed, epoch, step, its position in
 the step) (`noise_keys`, training/data/datasets.py): so a resumed run draws the same, and however a step's images
 are cut into micro-batches and processes, each image gets the same noise (docs/ARCHITECTURE.md, "Seeds").
 """
+
+import hashlib
 
 import numpy as np
 import torch
@@ -28,6 +31,12 @@ def step_generator(seed: int, *stream: int) -> torch.Generator:
     """A CPU generator that depends only on (seed, *stream): no hidden global RNG state."""
     state = np.random.SeedSequence([seed, *stream]).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def id_stream(key: str) -> tuple[int, int]:
+    """Two 32-bit words of a sample id's SHA-256 (e.g. its path in the data folder): a generator stream of its own."""
+    digest = hashlib.sha256(key.encode()).digest()
+    return int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:8], "little")
 
 
 def draw_times_and_noise(seed: int, keys: torch.Tensor, shape, objective, noise
@@ -86,10 +95,11 @@ def validation_loss(encode, predict, objective, val_data, *, seed: int,
     denoiser's device; `predict(batch, embeds, pooled)` -> the family's `predict(x_t, t)` for that batch."""
     ts = objective.validation_times(VALIDATION_TIMESTEPS)
     total, count = 0.0, 0
-    for i, batch in enumerate(val_data.iter_epoch(0)):
+    for batch in val_data.iter_epoch(0):
         x0, embeds, pooled = encode(batch)
         for k, t in enumerate(ts):
-            noise = torch.randn(x0.shape, generator=step_generator(seed, 0x7A1, i, k)).to(x0.device)
+            noise = torch.cat([torch.randn((1, *x0.shape[1:]), generator=step_generator(seed, 0x7A1, k, *id_stream(
+                key))) for key in batch["keys"]]).to(x0.device)  # each image's own, whatever the batching
             tt = t.repeat(x0.shape[0]).to(x0.device)
             loss = diffusion_loss(predict(batch, embeds, pooled), objective, x0, tt, noise,
                                   autocast_dtype=autocast_dtype)

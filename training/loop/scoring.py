@@ -17,14 +17,17 @@ from sampling.inference import sample_images
 class TrainingScores:
     """KID (+ CLIP score) of the run's generated images against its real images."""
 
-    def __init__(self, settings, models, device: torch.device):
+    def __init__(self, settings, models, device: torch.device, scores: bool = True):
+        """`scores` False: this process only generates the images (a rank of a sharded base: every rank takes part
+        in each forward, rank 0 scores)."""
         evaluation = settings.evaluation
-        self.models, self.device = models, device
+        self.models, self.device, self.scores = models, device, scores
         self.size, self.seed = settings.data.image_size, settings.runtime.seed
-        self.inception = load_inception(evaluation.inception_weights, device)
-        self.clip = ClipScorer.from_pretrained(evaluation.clip_model, device) if evaluation.clip_model else None
+        self.inception = load_inception(evaluation.inception_weights, device) if scores else None
+        self.clip = ClipScorer.from_pretrained(evaluation.clip_model, device) if evaluation.clip_model and scores \
+            else None
         self.real = reference_features(evaluation.eval_real_dir or settings.data.data_dir, self.inception,
-                                       device=device)
+                                       device=device) if scores else None
         prompts = evaluation.validation_prompts
         self.prompts = [prompts[i % len(prompts)] for i in range(evaluation.eval_num_images)]
 
@@ -36,6 +39,8 @@ class TrainingScores:
         images = sample_images(m.family, m.denoiser, m.vae, m.text_encoder, embeds.to(self.device),
                                pooled.to(self.device), list(range(len(self.prompts))), height=self.size,
                                width=self.size, scheduler_config=m.scheduler_config)
+        if not self.scores:
+            return {}
         scores = score_images(images, self.real, self.inception, clip=self.clip,
                               prompts=self.prompts if self.clip else None, device=self.device, seed=self.seed)
         return {k: v for k, v in scores.items() if k in ("kid_mean", "kid_std", "fid", "clip_score")}

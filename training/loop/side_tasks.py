@@ -1,6 +1,8 @@
 """What the training loop does besides training (`SideTasks`), on rank 0 while the other ranks wait: the
 validation loss at fixed timesteps, labelled sample grids, scores (--eval_interval) and the best checkpoint
-(--keep_best), checkpoints, and the final LoRA files with their metadata.
+(--keep_best), checkpoints, and the final LoRA files with their metadata. A base sharded across the processes
+(--shard_base) needs every process in each of its forwards: then every rank validates, samples and generates the
+images it scores, and rank 0 alone logs and writes.
 """
 
 import math
@@ -39,8 +41,9 @@ class SideTasks:
         self.autocast_dtype, self.state_of = autocast_dtype, state_of
         self.output_dir = Path(settings.checkpoints.output_dir)
         self.dataset_info, self.started_at = run_info  # for the LoRA files' ss_* / modelspec.* metadata
-        self.scores = TrainingScores(settings, models, world.device) if self.evaluation.eval_interval and world.main \
-            else None
+        self.computes = world.main or models.sharded  # who runs the validation's forwards
+        self.scores = TrainingScores(settings, models, world.device, world.main) \
+            if self.evaluation.eval_interval and self.computes else None
 
     def due(self, step: int) -> bool:
         """Whether an optimizer step is followed by a validation (loss, grid) or an evaluation (scores)."""
@@ -51,26 +54,32 @@ class SideTasks:
         """Validation loss (fixed timesteps and noise) and a sample grid of the validation prompts, at validation
         steps; KID (+ CLIP score) at evaluation steps; the first and last step have both. EMA weights are used."""
         args, models, step = self.evaluation, self.models, loop.step
-        if not self.world.main:
+        if not self.computes:
             return  # the other ranks wait in the next gradient all-reduce
         validating = last or step == 0 or (args.validation_interval and step % args.validation_interval == 0)
         evaluating = self.scores is not None and (last or step % args.eval_interval == 0)
         models.set_training(False)
         with self.ema.applied() if self.ema else nullcontext():
             if validating and self.val_data is not None:
-                tqdm.write(f"step {step}: validation loss ...")
+                if self.world.main:
+                    tqdm.write(f"step {step}: validation loss ...")
                 loss = validation_loss(lambda b: models.encode(b, self.world.device), models.predictor(),
                                        models.objective, self.val_data, seed=self.settings.runtime.seed,
                                        autocast_dtype=self.autocast_dtype)
-                self.log.log({"step": step, "val_loss": loss})
-                tqdm.write(f"step {step}: validation loss {loss:.6g}")
+                if self.world.main:
+                    self.log.log({"step": step, "val_loss": loss})
+                    tqdm.write(f"step {step}: validation loss {loss:.6g}")
                 self.keep_if_best(loop, "val_loss", loss)
             if validating and args.validation_prompts:
                 self.sample_grid(step)
             if evaluating:
-                tqdm.write(f"step {step}: scoring {args.eval_num_images} generated images ...")
+                if self.world.main:
+                    tqdm.write(f"step {step}: scoring {args.eval_num_images} generated images ...")
                 scores = self.scores()
-                self.log.log({"step": step, **scores})
+                if self.models.sharded:  # rank 0 scored the images every rank generated: its scores, everywhere
+                    scores = self.world.broadcast(scores)
+                if self.world.main:
+                    self.log.log({"step": step, **scores})
                 self.keep_if_best(loop, "kid", scores.get("kid_mean", math.inf))
         models.set_training(True)
 
@@ -78,12 +87,15 @@ class SideTasks:
         """samples/step_XXXXXX.png: a row per validation prompt, its images seeded 0, 1, ..., labelled."""
         args, models, device = self.evaluation, self.models, self.world.device
         prompts, seeds = args.validation_prompts, list(range(args.num_validation_images))
-        tqdm.write(f"step {step}: sampling {len(prompts)} prompts x {len(seeds)} images ...")
+        if self.world.main:
+            tqdm.write(f"step {step}: sampling {len(prompts)} prompts x {len(seeds)} images ...")
         embeds, pooled = models.texts.get(prompts, models.text_encoder)
         size = self.settings.data.image_size
         grid = sample_grid(models.family, models.denoiser, models.vae, models.text_encoder, embeds.to(device),
                            pooled.to(device), images_per_prompt=len(seeds), height=size, width=size,
                            scheduler_config=models.scheduler_config)
+        if not self.world.main:
+            return
         grid = label_grid(grid, prompts, seeds)
         path = self.output_dir / "samples" / f"step_{step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -92,10 +104,12 @@ class SideTasks:
         self.log.log_image(step, "samples", path)
 
     def keep_if_best(self, loop: LoopState, metric: str, score: float) -> None:
-        """--keep_best: a score lower than every earlier one replaces checkpoints/best/ (rank 0 only)."""
+        """--keep_best: a score lower than every earlier one replaces checkpoints/best/ (rank 0 writes)."""
         if self.evaluation.keep_best != metric or not score < loop.best_score:
             return
         loop.best_score, loop.best_step = score, loop.step
+        if not self.world.main:
+            return
         self._write(loop, name="best", metadata={"sdxl_lora.best_metric": metric, "sdxl_lora.best_score": repr(score),
                                                  "sdxl_lora.best_step": str(loop.step)})
         tqdm.write(f"step {loop.step}: best {metric} so far ({score:.6g}), saved checkpoints/best")

@@ -6,10 +6,12 @@ One optimizer step, written out in `train`:
   1. its micro-batches (`gradient_accumulation_steps` of them; an epoch's last step may have fewer):
      images -> VAE latents x0 (fp32; cached or not), captions -> text embeddings;
   2. noise and times from a generator seeded by (seed, micro-step), so a resumed run draws the same;
-  3. the denoiser's loss under autocast over the frozen bf16/fp16 base weights, LoRA weights in fp32, divided by
-     the number of micro-batches in the step, backward;
+  3. the denoiser's loss under autocast over the frozen bf16/fp16 base weights (or fp8 ones cast up per layer,
+     --base_dtype, lora/base_weights.py), LoRA weights in fp32, divided by the number of micro-batches in the step,
+     backward;
   4. gradients averaged over the processes (torch DDP, during the last micro-batch's backward; the text encoders'
-     LoRA by one all-reduce after it), unscaled (fp16),
+     LoRA, and the whole LoRA when FSDP2 shards the base (--shard_base, training/loop/shard.py), by all-reduces
+     after it), unscaled (fp16),
      clipped; a non-finite loss or gradient skips the step (weights and optimizer state unchanged); else optimizer step,
      LR schedule, EMA;
   5. log, validate, sample, checkpoint, stop on SIGTERM/SIGINT/SIGHUP.
@@ -37,6 +39,7 @@ from common.lock import lock_run_folder
 from common.runtime import DTYPES, close_world, init_world
 from diffusion.compile import compile_blocks
 from diffusion.prompt_limits import cut_note
+from lora.base_weights import STORAGE, store_linears
 from lora.layer import LoRAConfig, add_lora, lora_parameters
 from lora.text_encoders import text_encoder_lora_parameters
 from training.config import save_resolved_config
@@ -48,6 +51,7 @@ from training.loop.caching import LatentCache, TextEmbeddingCache, clear_cache_t
 from training.loop.ema import EMA
 from training.loop.loss import diffusion_loss, draw_times_and_noise, noise_keys, weighted
 from training.loop.optim import eval_weights, lr_schedule, make_optimizer
+from training.loop.shard import average_gradients, local_bytes, shard_base
 from training.loop.side_tasks import SideTasks
 from training.loop.signals import StopRequest
 from training.run.checkpoints import check_resumable, rewind_metrics, start_or_resume
@@ -80,12 +84,28 @@ class Models:
     objective: object  # families.Objective
     scheduler_config: dict  # how it samples (grids, scores)
     train_text_encoder: bool  # whether the text encoder's LoRA trains (never cached then)
+    sharded: bool = False  # the denoiser is sharded across the processes (--shard_base): every rank runs its forwards
 
-    def fill_caches(self, data: TrainingData, device) -> None:
-        """Encode every image and caption of a folder dataset once, before the first step (training/loop/caching.py)."""
+    def fill_caches(self, data: TrainingData, device, val_data: TrainingData | None = None,
+                    prompts: list[str] = ()) -> str | None:
+        """Encode every image and caption of a folder dataset once, before the first step (training/loop/caching.py).
+        On a GPU with --cache_text_embeddings and no text-encoder LoRA, also the validation images' captions and the
+        validation prompts, then move the text encoder to the CPU: it frees the GPU memory the encoder held (FLUX.1's
+        T5-XXL: 9.5 GB in bf16), and a caption still missing (FLUX.1's empty negative prompt of a sample grid) is
+        encoded on the CPU. Returns a note saying so, or None."""
         self.latents.fill(data, self.vae, device)
-        if data.records is not None:
-            self.texts.fill([r.caption for r in data.records] + [""], self.text_encoder)
+        if data.records is None or self.texts.store.mode == "none":  # streamed shards: captions come as they come
+            return None
+        self.texts.fill([r.caption for r in data.records] + [""], self.text_encoder)
+        if device.type != "cuda" or self.train_text_encoder:
+            return None
+        val_records = (val_data.records or []) if val_data is not None else []
+        self.texts.fill([r.caption for r in val_records] + list(prompts), self.text_encoder)  # what else it encodes
+        held = sum(p.numel() * p.element_size() for p in self.text_encoder.parameters())
+        self.text_encoder.to("cpu")
+        torch.cuda.empty_cache()
+        return (f"every caption is cached: the text encoder moved to the CPU ({held / 2**30:.1f} GiB of GPU memory "
+                "freed)")
 
     def encode(self, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A data batch -> (x0 latents fp32, prompt embeds, pooled) on `device`."""
@@ -109,16 +129,27 @@ class Models:
         self.text_encoder.train(on and self.train_text_encoder)
 
 
-def build_models(settings: Settings, family: ModuleType, device: torch.device) -> Models:
-    """The frozen base denoiser in the weight dtype with a fresh LoRA (seeded), the text encoder, the VAE (fp32)."""
+def build_models(settings: Settings, family: ModuleType, device: torch.device, sharded: bool = False) -> Models:
+    """The frozen base denoiser in the weight dtype (its blocks' Linear layers in --base_dtype) with a fresh LoRA
+    (seeded) on `device`, the text encoder, the VAE (fp32). `sharded`: the denoiser stays on the CPU, for
+    `shard_base` to move 1/N of it to the device."""
     model, lora, runtime = settings.model, settings.lora, settings.runtime
-    denoiser = family.load_denoiser(model.pretrained_model, dtype=DTYPES[runtime.precision], device=device)
+    compute, storage = DTYPES[runtime.precision], STORAGE[runtime.base_dtype]
+    # A base stored narrower, or sharded, loads on the CPU: the GPU then receives only its narrow (one layer at a
+    # time) or sharded (one block at a time) form, never the whole model in the compute dtype.
+    load_on = torch.device("cpu") if sharded or storage != compute else device
+    denoiser = family.load_denoiser(model.pretrained_model, dtype=compute, device=load_on)
+    if storage != compute:  # before the LoRA: DoRA's magnitudes are the row norms of the weights as computed
+        store_linears(family.blocks(denoiser), storage, device=load_on if sharded else device)
+    if not sharded:
+        denoiser.to(device)  # the rest (norms, embedders); stored weights keep their dtype
     torch.manual_seed(runtime.seed)  # here, so that the LoRA init and dropout do not depend on how the model loaded
     random.seed(runtime.seed)
     np.random.seed(runtime.seed)
     lora_config = LoRAConfig(lora.lora_rank, lora.lora_alpha, lora.lora_dropout, lora.lora_target_mode,
                              lora.conv_rank, lora.conv_alpha, lora.use_dora)
-    add_lora(denoiser, family.lora_targets(denoiser, lora_config), lora_config.dropout, lora_config.use_dora)
+    add_lora(denoiser, family.lora_targets(denoiser, lora_config), lora_config.dropout, lora_config.use_dora,
+             device=device)
     denoiser.set_gradient_checkpointing(runtime.gradient_checkpointing)
     text_dtype = DTYPES[runtime.precision] if device.type == "cuda" else torch.float32
     options = model_options(model, family.NAME)  # e.g. SD 3.5's t5, max_sequence_length
@@ -140,14 +171,15 @@ def build_models(settings: Settings, family: ModuleType, device: torch.device) -
         objective=family.objective(settings.noise, model.pretrained_model),
         scheduler_config=family.scheduler_config(model.pretrained_model),
         train_text_encoder=lora.train_text_encoder,
+        sharded=sharded,
     )
     models.set_training(True)
     return models
 
 
-def load_data(settings: Settings, world) -> tuple[TrainingData, TrainingData | None]:
-    """The training data of this rank (and the validation data, on rank 0); a bad dataset is an error here,
-    before any model loads."""
+def load_data(settings: Settings, world, sharded: bool = False) -> tuple[TrainingData, TrainingData | None]:
+    """The training data of this rank (and the validation data, on rank 0, or on every rank of a sharded base,
+    whose forwards need them all); a bad dataset is an error here, before any model loads."""
     data, batch_size, accumulation = settings.data, settings.optimizer.batch_size, \
         settings.optimizer.gradient_accumulation_steps
     kwargs = dict(resolution=data.image_size, batch_size=batch_size, bucketing=data.bucketing,
@@ -159,16 +191,21 @@ def load_data(settings: Settings, world) -> tuple[TrainingData, TrainingData | N
                           keep_tokens=data.keep_tokens, max_bad_fraction=data.max_bad_fraction, rank=world.rank,
                           world_size=world.size, dataset_config=data.dataset_config, masks=masks,
                           accumulation=accumulation, **kwargs)
-    if not (data.val_data_dir and world.main):
+    if not (data.val_data_dir and (world.main or sharded)):
         return train, None
     return train, build_dataset(data.val_data_dir, center_crop=True, whole_steps=False, **kwargs)
 
 
-def data_parallel(module: torch.nn.Module, world) -> torch.nn.Module:
+def data_parallel(module: torch.nn.Module, world, blocks: list[torch.nn.Module] | None = None) -> torch.nn.Module:
     """Under torchrun, the module in torch DDP: its trainable (LoRA) gradients are averaged over the processes in
     buckets that overlap the backward pass. The frozen base weights are loaded by every rank from the same
-    files, so DDP neither broadcasts nor watches them."""
+    files, so DDP neither broadcasts nor watches them. With `blocks` (--shard_base), the frozen base is sharded
+    by FSDP2 instead, block by block, and the module itself is returned (its LoRA gradients are averaged after
+    the backward: training/loop/shard.py)."""
     if world.size == 1:
+        return module
+    if blocks is not None:
+        shard_base(module, blocks, world)
         return module
     frozen = [n for n, p in module.named_parameters() if not p.requires_grad] + [n for n, _ in module.named_buffers()]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, frozen)
@@ -265,7 +302,10 @@ def run(settings: Settings, family: str, world, t_start: float) -> dict:
     data_s, opt, runtime, ckpt = settings.data, settings.optimizer, settings.runtime, settings.checkpoints
     device, output_dir = world.device, Path(ckpt.output_dir)
     resume = start_or_resume(ckpt, clear=world.main)  # before anything is written: never clobbers a previous run
-    data, val_data = load_data(settings, world)
+    sharded = runtime.shard_base and world.size > 1
+    if runtime.shard_base and not sharded:
+        print("note: --shard_base with one process: nothing to shard, the base stays whole")
+    data, val_data = load_data(settings, world, sharded)
     fingerprint = data.summary().get("fingerprint", "")
     total_steps, steps_per_epoch = run_length(opt, data, data_s.data_dir)
     if resume is not None:
@@ -276,15 +316,23 @@ def run(settings: Settings, family: str, world, t_start: float) -> dict:
         save_resolved_config(settings.flat(), output_dir)
         clear_cache_temporaries(Path(runtime.cache_dir))  # a cache fill killed mid-write (kill -9) left them
     world.barrier()  # no rank writes to the caches before they are clear
-    models = build_models(settings, families.get(family), device)
+    models = build_models(settings, families.get(family), device, sharded)
     records = {r.path: r.caption for r in data.records or []}  # once each (dataset_config repeats some)
     if world.main and (note := cut_note(models.text_encoder, list(records.values()), list(records), "captions")):
         print(note)  # once: captions longer than the text encoder reads
-    models.fill_caches(data, device)
+    if (note := models.fill_caches(data, device, val_data, settings.evaluation.validation_prompts)) and world.main:
+        print(note)
     denoiser, (params, text_params) = models.denoiser, trained_parameters(models)
     if runtime.compile:
         compile_blocks(models.family.blocks(denoiser))
-    trained = data_parallel(denoiser, world)  # what the step runs; validation and saving use `denoiser` itself
+    # what the step runs; validation and saving use `denoiser` itself
+    trained = data_parallel(denoiser, world, models.family.blocks(denoiser) if sharded else None)
+    if sharded:
+        mine = local_bytes(denoiser)
+        whole = world.sum(mine)  # a collective: every rank
+        if world.main:
+            print(f"--shard_base: the frozen base ({whole / 2**20:,.1f} MiB) sharded across {world.size} processes, "
+                  f"{mine / 2**20:,.1f} MiB on rank 0")
     predictor = models.predictor(trained)
     lr_total = schedule_total(opt, total_steps)
     optimizer, schedule, scheduler, scaler, ema = optimization(settings, models, lr_total, device)
@@ -328,7 +376,8 @@ def run(settings: Settings, family: str, world, t_start: float) -> dict:
                         t = t.to(device)
                         mask = latent_mask(batch["masks"]).to(device) if "masks" in batch else None  # (B, 1, h, w)
                         last = i == len(micro_batches) - 1  # DDP all-reduces the gradients in its backward
-                        with nullcontext() if last or world.size == 1 else trained.no_sync():
+                        with trained.no_sync() if not last and isinstance(trained, DistributedDataParallel) \
+                                else nullcontext():
                             loss = diffusion_loss(predictor(batch, embeds, pooled), models.objective, x0, t,
                                                   noise.to(device), input_noise=input_noise.to(device), mask=mask,
                                                   autocast_dtype=autocast_dtype)
@@ -336,8 +385,9 @@ def run(settings: Settings, family: str, world, t_start: float) -> dict:
                             scaler.scale(loss / len(micro_batches)).backward()  # the mean over this step's batches
                         step_loss[0] += loss.detach() / len(micro_batches)
                         loop.micro_step, samples = loop.micro_step + 1, samples + x0.shape[0]
-                    # the text encoder's LoRA is not in DDP's buckets (CLIP-L's last layer gets no gradient: unused)
-                    world.mean([p.grad for p in text_params if p.grad is not None])
+                    # the text encoder's LoRA is not in DDP's buckets (CLIP-L's last layer gets no gradient: unused);
+                    # with a sharded base no LoRA is (FSDP2 ignores it)
+                    average_gradients(params if sharded else text_params, world)
                     step_loss[1] = float(stop.signum is not None)
                     world.mean([step_loss])  # the loss over processes; any rank's stop request stops all
                     scaler.unscale_(optimizer)
@@ -418,7 +468,9 @@ def banner(settings: Settings, world, data: TrainingData, params, total_steps: i
     return (f"training {sum(p.numel() for p in params):,} LoRA parameters ({lora.lora_target_mode}, rank "
             f"{lora.lora_rank}) on {source}, {total_steps} steps of "
             f"{effective_batch(opt.batch_size, opt.gradient_accumulation_steps, world.size)}, device "
-            f"{world.device}, {settings.runtime.precision}")
+            f"{world.device}, {settings.runtime.precision}"
+            + (f" (base weights {settings.runtime.base_dtype})" if settings.runtime.base_dtype !=
+               settings.runtime.precision else ""))
 
 
 def data_problems(data: TrainingData) -> dict:
