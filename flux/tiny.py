@@ -3,7 +3,8 @@
 It has FLUX.1-dev's structure (double- then single-stream blocks, qk RMSNorm, 3-axis RoPE, guidance embedding,
 64 input channels = 16 latent channels x 2x2 packing, a 16-channel 8x VAE with shift and scale, CLIP-L pooled +
 T5 sequence conditioning) at small widths, and locally built tokenizers (diffusion/tokenizers.py). Its weights
-are random for now; `build` takes a folder of pretrained weights once one exists (as sdxl/tiny.py does).
+ship in flux/tiny_weights/: pretrained on the tiny world (`python -m tools.pretrain_tiny flux OUT`, its report
+in pretrain_report.json, measured in docs/tiny_model.md); `--random` builds the random model instead.
 
 `python -m flux.tiny OUT_DIR` writes it in diffusers' folder layout (transformer/, vae/, text_encoder/,
 text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/, model_index.json; fp32 files), which diffusers'
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -26,8 +28,8 @@ from diffusion.tokenizers import build_clip_tokenizer, build_t5_tokenizer, write
 from flux.configs import FLUX_DEV_SCHEDULER, config_to_diffusers
 from flux.transformer import FluxConfig, FluxTransformer
 
-TINY_FLUX_VERSION = 3  # 1: random weights; 2: T5 length 32 (tokenizer_2's model_max_length); 3: T5 word pieces
-WEIGHTS = None  # no pretrained tiny-flux ships yet: a folder of transformer/vae/text_encoder*.safetensors later
+TINY_FLUX_VERSION = 4  # 1: random; 2: T5 length 32 (tokenizer_2's model_max_length); 3: T5 word pieces; 4: pretrained
+WEIGHTS = Path(__file__).resolve().parent / "tiny_weights"  # transformer, vae, text_encoder{,_2} .safetensors
 # The tiny model's T5 length, written as its tokenizer_2's model_max_length: flux/loading.py's default T5 length is
 # the model's (512 dev, 256 schnell) capped by it, so CPU training and sampling attend over 32 text tokens, not 512.
 # FluxPipeline takes the length as a call argument (max_sequence_length=32 in the parity tests).
@@ -108,21 +110,33 @@ def write_tiny_text_encoders(root: Path, seed: int = 2, weights: Path | None = N
         text_encoder_2 = T5EncoderModel(t5)
     for name, model in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
         if weights is not None:
-            model.load_state_dict(load_file(weights / f"{name}.safetensors"), strict=True)
+            sd = load_file(weights / f"{name}.safetensors")
+            if "shared.weight" in sd:  # T5's token embedding is stored once, tied to the encoder's
+                sd.setdefault("encoder.embed_tokens.weight", sd["shared.weight"])
+            model.load_state_dict(sd, strict=True)
         model.save_pretrained(root / name, safe_serialization=True)
     tokenizer.save_pretrained(root / "tokenizer")
     write_clip_vocab_files(root / "tokenizer")  # vocab.json + merges.txt, as in FLUX.1's own folder
     tokenizer_2.save_pretrained(root / "tokenizer_2")
 
 
+def default_weights() -> Path | None:
+    """The shipped pretrained weights, or None (random) while none ship."""
+    return WEIGHTS if (WEIGHTS / "transformer.safetensors").is_file() else None
+
+
 def write_tiny_vae(root: Path, seed: int = 1, weights: Path | None = None) -> Path:
     """Write the tiny 16-channel VAE (`TINY_VAE_CONFIG`) to root/vae/: random from `seed`, or the weights of
-    `weights/vae.safetensors`; byte-identical for the same inputs."""
+    `weights/vae.safetensors` (whose metadata carries its measured scaling_factor and shift_factor);
+    byte-identical for the same inputs."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         vae = AutoencoderKL(**TINY_VAE_CONFIG)
     if weights is not None:
         vae.load_state_dict(load_file(weights / "vae.safetensors"), strict=True)
+        with safe_open(str(weights / "vae.safetensors"), framework="pt") as f:
+            meta = f.metadata() or {}
+        vae.register_to_config(**{k: float(meta[k]) for k in ("scaling_factor", "shift_factor") if k in meta})
     out = Path(root) / "vae"
     vae.save_pretrained(out, safe_serialization=True)
     return out
@@ -144,9 +158,9 @@ def write_tiny_transformer(root: Path, seed: int = 0, weights: Path | None = Non
     return out
 
 
-def build(out_dir: Path, weights: Path | None = WEIGHTS) -> Path:
+def build(out_dir: Path, weights: Path | None = None) -> Path:
     """Write the tiny FLUX into `out_dir` (created; must be empty or absent): the pretrained weights of the folder
-    `weights`, or random weights with `weights=None` (the default while none ship)."""
+    `weights`, or random weights with `weights=None`. `tiny_flux_path` builds it with `default_weights()`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_tiny_transformer(out_dir, weights=weights)
@@ -163,21 +177,21 @@ def tiny_flux_path() -> Path:
     final = cache_dir() / f"tiny-flux-v{TINY_FLUX_VERSION}"
     if not (final / "model_index.json").is_file():
         final.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(final, build, folder=True, replace=False)
+        atomic_write(final, lambda out: build(out, default_weights()), folder=True, replace=False)
     return final
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Write the tiny FLUX (diffusers folder layout) to OUT_DIR.")
     p.add_argument("out_dir", type=Path, help="folder to create, e.g. ./weights/tiny-flux")
-    p.add_argument("--weights", type=Path, default=WEIGHTS, help="folder of pretrained weights (transformer, vae, "
-                   "text_encoder, text_encoder_2 .safetensors); default: random weights, as none ship yet")
+    p.add_argument("--weights", type=Path, default=None, help="folder of pretrained weights (transformer, vae, "
+                   "text_encoder, text_encoder_2 .safetensors); default: the shipped flux/tiny_weights, if any")
     p.add_argument("--random", action="store_true", help="random weights even if --weights is given")
     args = p.parse_args(argv)
     if args.out_dir.exists() and (not args.out_dir.is_dir() or any(args.out_dir.iterdir())):
         print(f"error: {args.out_dir} already exists and is not an empty folder; choose a new path", file=sys.stderr)
         return 2
-    weights = None if args.random else args.weights
+    weights = None if args.random else (args.weights or default_weights())
     build(args.out_dir, weights=weights)
     print(f"wrote the tiny FLUX ({'random' if weights is None else 'pretrained'} weights) to {args.out_dir}")
     return 0

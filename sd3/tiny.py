@@ -4,8 +4,9 @@ It has SD 3.5 Medium's structure (MMDiT-X: dual attention in the first blocks, R
 block; patch 2 on 16 latent channels; a 16-channel 8x VAE with shift and scale; CLIP-L with an identity
 projection, CLIP-G and a T5 encoder) at small widths, 1.4 M transformer parameters and about 3 M in all, with
 locally built tokenizers (diffusion/tokenizers.py: byte-level CLIP BPE, a T5 Unigram over printable ASCII).
-For now every weight is random (from fixed seeds); pretrained weights, once made, ship in sd3/tiny_weights/ and
-are used by default (`build(..., weights=...)`, as sdxl/tiny.py).
+Its weights ship in sd3/tiny_weights/: pretrained on the tiny world (`python -m tools.pretrain_tiny sd3 OUT`, its
+report in pretrain_report.json, measured in docs/tiny_model.md), used by default; `--random` writes the random
+model (from fixed seeds) instead.
 
 `python -m sd3.tiny OUT_DIR` writes it in diffusers' folder layout (transformer/, vae/, text_encoder/,
 text_encoder_2/, text_encoder_3/, tokenizer/, tokenizer_2/, tokenizer_3/, scheduler/, model_index.json; fp32
@@ -29,7 +30,7 @@ from diffusion.tokenizers import build_clip_tokenizer, build_t5_tokenizer, write
 from sd3.configs import SD3_SCHEDULER_CONFIG, config_to_diffusers
 from sd3.mmdit import MMDiTConfig, SD3Transformer
 
-TINY_VERSION = 2  # 1: random weights; 2: word pieces in the T5 tokenizer, T5 length 32
+TINY_VERSION = 3  # 1: random weights; 2: word pieces in the T5 tokenizer, T5 length 32; 3: pretrained
 # The tiny model's T5 length, written as its tokenizer_3's model_max_length: sd3/loading.py's default T5 length is
 # SD 3.5's 256 capped by it, so CPU training and sampling attend over 77 + 32 text tokens, not 77 + 256.
 # StableDiffusion3Pipeline takes the length as a call argument (max_sequence_length=32 in the parity tests).
@@ -165,7 +166,7 @@ def write_tiny_transformer(root: Path, seed: int = 0, weights: Path | None = Non
 
 def build(out_dir: Path, weights: Path | None = None) -> Path:
     """Write the tiny SD 3.5 into `out_dir` (created; must be empty or absent): the weights of the folder
-    `weights`, or random weights with `weights=None` (the default while none ship: `default_weights()`)."""
+    `weights`, or random weights with `weights=None`. `tiny_sd3_path` builds it with `default_weights()`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_tiny_transformer(out_dir, seed=0, weights=weights)

@@ -12,7 +12,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from flux.loading import load_text_encoder, load_transformer, load_vae, scheduler_config
-from flux.tiny import TINY_MAX_SEQUENCE_LENGTH, build, main, tiny_flux_path
+from flux.tiny import TINY_MAX_SEQUENCE_LENGTH, build, default_weights, main, tiny_flux_path
 from flux.transformer import image_ids, pack_latents, text_ids, unpack_latents
 
 
@@ -68,7 +68,7 @@ def test_tiny_is_small_and_dev_shaped(tiny_flux):
 
 
 def test_rebuild_is_byte_identical(tiny_flux, tmp_path):
-    build(tmp_path / "again", weights=None)
+    build(tmp_path / "again", weights=default_weights())
     ours = sorted(p.relative_to(tiny_flux) for p in tiny_flux.rglob("*") if p.is_file())
     again = sorted(p.relative_to(tmp_path / "again") for p in (tmp_path / "again").rglob("*") if p.is_file())
     assert ours == again and len(ours) == 16

@@ -151,7 +151,9 @@ def test_fp16_variant_and_sharded_folders(tiny, tmp_path):
 
 def test_vae_and_scheduler(tiny):
     vae = load_vae("tiny-sd3")
-    assert vae.config.latent_channels == 16 and vae.config.shift_factor == 0.0609
+    measured = json.loads((tiny / "vae/config.json").read_text())  # the pretraining's scale and shift
+    assert vae.config.latent_channels == 16 and vae.config.shift_factor == measured["shift_factor"] != 0.0609
+    assert vae.config.scaling_factor == measured["scaling_factor"] != 1.5305
     latents = vae.encode(torch.zeros(1, 3, 64, 64), sample=False)
     assert latents.shape == (1, 16, 8, 8)
     assert scheduler_config("tiny-sd3") == {"_class_name": "FlowMatchEulerDiscreteScheduler",

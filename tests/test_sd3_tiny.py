@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from diffusion.flow import flow_euler, flow_sigmas
 from sd3.loading import load_text_encoder, load_transformer, load_vae, scheduler_config
-from sd3.tiny import TINY_MMDIT_CONFIG, build, main, tiny_sd3_path
+from sd3.tiny import TINY_MMDIT_CONFIG, build, default_weights, main, tiny_sd3_path
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is faster on a shared CPU
 
@@ -32,7 +32,7 @@ def tiny():
 
 
 def test_two_builds_are_byte_identical(tiny, tmp_path):
-    a, b = tree(build(tmp_path / "a")), tree(tiny)  # the cached one was built by another process state
+    a, b = tree(build(tmp_path / "a", weights=default_weights())), tree(tiny)  # the cached one: another process
     assert a == b
     assert {"model_index.json", "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
             "vae/config.json", "scheduler/scheduler_config.json", "text_encoder/model.safetensors",
@@ -61,9 +61,12 @@ def test_builds_from_a_weights_folder(tiny, tmp_path):
 
 def test_cli_and_cache(tiny, tmp_path, capsys):
     out = tmp_path / "tiny"
-    run = subprocess.run([sys.executable, "-m", "sd3.tiny", str(out), "--random"], capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-m", "sd3.tiny", str(out)], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    assert tree(out) == tree(tiny)  # random weights are the default while none ship
+    assert "pretrained weights" in run.stdout and tree(out) == tree(tiny)  # the shipped weights by default
+    random = subprocess.run([sys.executable, "-m", "sd3.tiny", str(tmp_path / "random"), "--random"],
+                            capture_output=True, text=True)
+    assert random.returncode == 0 and tree(tmp_path / "random") == tree(build(tmp_path / "seeded", weights=None))
     assert main([str(out)]) == 2 and "already exists" in capsys.readouterr().err  # in-process: no second start-up
     stamp = (tiny / "model_index.json").stat().st_mtime_ns
     assert tiny_sd3_path() == tiny and (tiny / "model_index.json").stat().st_mtime_ns == stamp
