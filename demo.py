@@ -1,8 +1,7 @@
 """The tiny demo: teach a tiny model a colour it never saw, then count it in what it draws.
 
     python demo.py                                   # = make demo: tiny SDXL, CPU, a few minutes
-    python demo.py --family sd3                      # the same code on tiny-sd3 (or flux: tiny-flux); their weights
-                                                     # are random yet, so their shares mean nothing
+    python demo.py --family sd3                      # the same on tiny-sd3 (or flux: tiny-flux), about a minute
     python demo.py --report                          # the README's numbers: training seeds 0-4 x 1, 2, 4 threads
 
 1. trains a LoRA with configs/tiny_demo.yaml (tiny_demo_sd3.yaml, tiny_demo_flux.yaml): 42 pictures of purple
