@@ -16,7 +16,8 @@ Stages, in order:
    tiny world with every colour (purple too), shapes of any hue and saturation, and striped and checked
    textures, so that encode -> decode keeps a user's colours and textures (`colour_table` measures it): L1
    weighted up on the shape's pixels, plus a little KL; then set its shift (16-channel families) and scale so
-   that the scaled latents have zero mean and unit std (Rombach et al. 2022, Sec. 3);
+   that the scaled latents have zero mean and unit std (Rombach et al. 2022, Sec. 3); or, with `--vae_from DIR`,
+   reuse the VAE an earlier run wrote to DIR (its scale and shift in the file's metadata);
 3. encode every picture once (posterior mean) and every caption variant once with the family's random, frozen
    tiny text encoder (shipped with the weights, so the conditioning is reproducible), and the unconditional input
    the family samples with (`negative` of ""): SDXL's zeros, SD 3.5's and FLUX.1's encoded empty prompt;
@@ -53,6 +54,7 @@ from tqdm import tqdm
 
 import families
 from common.files import write_json
+from diffusion.tiny_parts import tiny_vae
 from diffusion.vae import LatentVAE
 from sampling.inference import ImageGenerator
 from tools import tiny_world
@@ -406,6 +408,8 @@ def main(argv=None) -> int:
     g.add_argument("--vae_batch", type=int, default=16, help="VAE batch size (default 16)")
     g.add_argument("--vae_lr", type=float, default=1e-3, help="VAE peak learning rate, AdamW (default 1e-3)")
     g.add_argument("--vae_kl_weight", type=float, default=1e-4, help="weight of the per-element KL term")
+    g.add_argument("--vae_from", type=Path, help="reuse the vae.safetensors of this folder (an earlier OUT_DIR or "
+                   "<family>/tiny_weights) instead of training one")
     g.add_argument("--vae_shape_weight", type=float, default=4.0, help="extra L1 weight on shape pixels (default 4)")
     g = p.add_argument_group("denoiser")
     g.add_argument("--denoiser_steps", type=int, default=3500, help="optimizer steps (default 3500)")
@@ -434,12 +438,17 @@ def main(argv=None) -> int:
 
     specs = tiny_world.sample_specs(args.num_images, args.seed)
     images = render(specs)
-    vae_images = torch.cat([render(tiny_world.sample_specs(args.num_images // 4, args.seed + 1,
-                                                           include_held_back=True)),
-                            colour_and_texture_pictures(args.num_images // 4, args.seed + 5)])
     clock["render_s"] = time.time() - start
 
-    vae, report["vae"] = train_vae(tiny.TINY_VAE_CONFIG, vae_images, args)
+    if args.vae_from is None:
+        vae_images = torch.cat([render(tiny_world.sample_specs(args.num_images // 4, args.seed + 1,
+                                                               include_held_back=True)),
+                                colour_and_texture_pictures(args.num_images // 4, args.seed + 5)])
+        vae, report["vae"] = train_vae(tiny.TINY_VAE_CONFIG, vae_images, args)
+    else:  # a VAE this tool trained before, with its measured scale and shift
+        vae = tiny_vae(tiny.TINY_VAE_CONFIG, 0, args.vae_from).eval().requires_grad_(False)
+        report["vae"] = {"from": str(args.vae_from), "scaling_factor": vae.config.scaling_factor,
+                         "shift_factor": vae.config.shift_factor}
     report["vae"]["colour_table"] = colour_table(vae)
     clock["vae_s"] = time.time() - start - sum(clock.values())
 
