@@ -17,13 +17,11 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-from diffusers import AutoencoderKL
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from common.files import atomic_write, cache_dir, write_json
+from diffusion.tiny_parts import load_text_encoder_weights, seeded, tiny_vae
 from diffusion.tokenizers import build_clip_tokenizer, build_t5_tokenizer, write_clip_vocab_files
 from flux.configs import FLUX_DEV_SCHEDULER, config_to_diffusers
 from flux.transformer import FluxConfig, FluxTransformer
@@ -103,17 +101,11 @@ def write_tiny_text_encoders(root: Path, seed: int = 2, weights: Path | None = N
                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **TINY_CLIP_CONFIG)
     t5 = T5Config(vocab_size=len(tokenizer_2), pad_token_id=tokenizer_2.pad_token_id,
                   eos_token_id=tokenizer_2.eos_token_id, decoder_start_token_id=0, **TINY_T5_CONFIG)
-    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG state untouched
-        torch.manual_seed(seed)
-        text_encoder = CLIPTextModel(clip)
-        torch.manual_seed(seed + 1)
-        text_encoder_2 = T5EncoderModel(t5)
+    text_encoder = seeded(seed, lambda: CLIPTextModel(clip))
+    text_encoder_2 = seeded(seed + 1, lambda: T5EncoderModel(t5))
     for name, model in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
         if weights is not None:
-            sd = load_file(weights / f"{name}.safetensors")
-            if "shared.weight" in sd:  # T5's token embedding is stored once, tied to the encoder's
-                sd.setdefault("encoder.embed_tokens.weight", sd["shared.weight"])
-            model.load_state_dict(sd, strict=True)
+            load_text_encoder_weights(model, weights / f"{name}.safetensors")
         model.save_pretrained(root / name, safe_serialization=True)
     tokenizer.save_pretrained(root / "tokenizer")
     write_clip_vocab_files(root / "tokenizer")  # vocab.json + merges.txt, as in FLUX.1's own folder
@@ -129,16 +121,8 @@ def write_tiny_vae(root: Path, seed: int = 1, weights: Path | None = None) -> Pa
     """Write the tiny 16-channel VAE (`TINY_VAE_CONFIG`) to root/vae/: random from `seed`, or the weights of
     `weights/vae.safetensors` (whose metadata carries its measured scaling_factor and shift_factor);
     byte-identical for the same inputs."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        vae = AutoencoderKL(**TINY_VAE_CONFIG)
-    if weights is not None:
-        vae.load_state_dict(load_file(weights / "vae.safetensors"), strict=True)
-        with safe_open(str(weights / "vae.safetensors"), framework="pt") as f:
-            meta = f.metadata() or {}
-        vae.register_to_config(**{k: float(meta[k]) for k in ("scaling_factor", "shift_factor") if k in meta})
     out = Path(root) / "vae"
-    vae.save_pretrained(out, safe_serialization=True)
+    tiny_vae(TINY_VAE_CONFIG, seed, weights).save_pretrained(out, safe_serialization=True)
     return out
 
 
@@ -146,9 +130,7 @@ def write_tiny_transformer(root: Path, seed: int = 0, weights: Path | None = Non
     """Write the tiny transformer (`TINY_TRANSFORMER_CONFIG`) to root/transformer/ in fp32: random from `seed`,
     or the weights of `weights/transformer.safetensors` (any float dtype, written as fp32)."""
     if weights is None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            sd = FluxTransformer(TINY_TRANSFORMER_CONFIG).state_dict()
+        sd = seeded(seed, lambda: FluxTransformer(TINY_TRANSFORMER_CONFIG).state_dict())
     else:
         sd = load_file(weights / "transformer.safetensors")
     out = Path(root) / "transformer"

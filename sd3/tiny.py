@@ -20,12 +20,11 @@ import sys
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from common.files import atomic_write, cache_dir, write_json
+from diffusion.tiny_parts import load_text_encoder_weights, seeded, tiny_vae
 from diffusion.tokenizers import build_clip_tokenizer, build_t5_tokenizer, write_clip_vocab_files
 from sd3.configs import SD3_SCHEDULER_CONFIG, config_to_diffusers
 from sd3.mmdit import MMDiTConfig, SD3Transformer
@@ -95,12 +94,6 @@ def default_weights() -> Path | None:
     return WEIGHTS if (WEIGHTS / "transformer.safetensors").is_file() else None
 
 
-def _seeded(seed: int, make):
-    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG state untouched
-        torch.manual_seed(seed)
-        return make()
-
-
 def write_tiny_text_encoders(root: Path, seed: int = 2, weights: Path | None = None) -> None:
     """Write root/{text_encoder, text_encoder_2, text_encoder_3, tokenizer, tokenizer_2, tokenizer_3}: random from
     `seed`, or the weights of `weights/text_encoder*.safetensors`; the same inputs give identical bytes."""
@@ -117,18 +110,15 @@ def write_tiny_text_encoders(root: Path, seed: int = 2, weights: Path | None = N
         # first position holding eos_token_id (the legacy value 2 means "argmax of ids").
         config = CLIPTextConfig(vocab_size=len(tok), **sizes, bos_token_id=tok.bos_token_id,
                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        models[name] = _seeded(seed + i, lambda config=config: CLIPTextModelWithProjection(config))
+        models[name] = seeded(seed + i, lambda config=config: CLIPTextModelWithProjection(config))
     with torch.no_grad():  # SD3's CLIP-L pools through the identity (SAI's single files store no projection)
         models["text_encoder"].text_projection.weight.copy_(torch.eye(TINY_CLIP_L_CONFIG["hidden_size"]))
     t5_config = T5Config(vocab_size=len(tokenizer_3), **TINY_T5_CONFIG, pad_token_id=tokenizer_3.pad_token_id,
                          eos_token_id=tokenizer_3.eos_token_id, decoder_start_token_id=tokenizer_3.pad_token_id)
-    models["text_encoder_3"] = _seeded(seed + 2, lambda: T5EncoderModel(t5_config))
+    models["text_encoder_3"] = seeded(seed + 2, lambda: T5EncoderModel(t5_config))
     for name, model in models.items():
         if weights is not None:
-            sd = load_file(weights / f"{name}.safetensors")
-            if "shared.weight" in sd:  # T5's token embedding is stored once, tied to the encoder's
-                sd.setdefault("encoder.embed_tokens.weight", sd["shared.weight"])
-            model.load_state_dict(sd, strict=True)
+            load_text_encoder_weights(model, weights / f"{name}.safetensors")
         model.save_pretrained(root / name, safe_serialization=True)
     for name, tok in (("tokenizer", tokenizer), ("tokenizer_2", tokenizer_2), ("tokenizer_3", tokenizer_3)):
         tok.save_pretrained(root / name)
@@ -139,14 +129,8 @@ def write_tiny_text_encoders(root: Path, seed: int = 2, weights: Path | None = N
 def write_tiny_vae(root: Path, seed: int = 1, weights: Path | None = None) -> Path:
     """Write the tiny 16-channel VAE to root/vae/: random from `seed`, or `weights/vae.safetensors` (whose metadata
     carries its measured scaling_factor and shift_factor)."""
-    vae = _seeded(seed, lambda: AutoencoderKL(**TINY_VAE_CONFIG))
-    if weights is not None:
-        vae.load_state_dict(load_file(weights / "vae.safetensors"), strict=True)
-        with safe_open(str(weights / "vae.safetensors"), framework="pt") as f:
-            meta = f.metadata() or {}
-        vae.register_to_config(**{k: float(meta[k]) for k in ("scaling_factor", "shift_factor") if k in meta})
     out = Path(root) / "vae"
-    vae.save_pretrained(out, safe_serialization=True)
+    tiny_vae(TINY_VAE_CONFIG, seed, weights).save_pretrained(out, safe_serialization=True)
     return out
 
 
@@ -154,7 +138,7 @@ def write_tiny_transformer(root: Path, seed: int = 0, weights: Path | None = Non
     """Write the tiny MMDiT (`TINY_MMDIT_CONFIG`) to root/transformer/ in fp32: random from `seed`, or
     `weights/transformer.safetensors` (any float dtype, written as fp32)."""
     if weights is None:
-        sd = _seeded(seed, lambda: SD3Transformer(TINY_MMDIT_CONFIG).state_dict())
+        sd = seeded(seed, lambda: SD3Transformer(TINY_MMDIT_CONFIG).state_dict())
     else:
         sd = load_file(weights / "transformer.safetensors")
     out = Path(root) / "transformer"

@@ -19,13 +19,11 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-from diffusers import AutoencoderKL
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from common.files import atomic_write, cache_dir, write_json
+from diffusion.tiny_parts import load_text_encoder_weights, seeded, tiny_vae
 from diffusion.tokenizers import build_clip_tokenizer, write_clip_vocab_files
 from sdxl.configs import SDXL_SCHEDULER_CONFIG, unet_config_to_diffusers
 from sdxl.unet import SDXLUNet, UNetConfig
@@ -105,14 +103,11 @@ def write_tiny_text_encoders(root: Path, seed: int = TEXT_ENCODER_SEED, weights:
     root = Path(root)
     tokenizer, tokenizer_2 = build_clip_tokenizer("<|endoftext|>"), build_clip_tokenizer("!")
     config, config_2 = tiny_text_encoder_configs(tokenizer, tokenizer_2)
-    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG state untouched
-        torch.manual_seed(seed)
-        text_encoder = CLIPTextModel(config)
-        torch.manual_seed(seed + 1)
-        text_encoder_2 = CLIPTextModelWithProjection(config_2)
+    text_encoder = seeded(seed, lambda: CLIPTextModel(config))
+    text_encoder_2 = seeded(seed + 1, lambda: CLIPTextModelWithProjection(config_2))
     for name, model in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
         if weights is not None:
-            model.load_state_dict(load_file(weights / f"{name}.safetensors"), strict=True)
+            load_text_encoder_weights(model, weights / f"{name}.safetensors")
         model.save_pretrained(root / name, safe_serialization=True)
     for name, tok in (("tokenizer", tokenizer), ("tokenizer_2", tokenizer_2)):
         tok.save_pretrained(root / name)
@@ -128,15 +123,8 @@ def write_tiny_text_encoders(root: Path, seed: int = TEXT_ENCODER_SEED, weights:
 def write_tiny_vae(root: Path, seed: int = 0, weights: Path | None = None) -> Path:
     """Write the SDXL-shaped tiny VAE (`TINY_VAE_CONFIG`) to root/vae/: random from `seed`, or with the
     weights of `weights/vae.safetensors`; byte-identical for the same inputs."""
-    with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
-        torch.manual_seed(seed)
-        vae = AutoencoderKL(**TINY_VAE_CONFIG)
-    if weights is not None:
-        vae.load_state_dict(load_file(weights / "vae.safetensors"), strict=True)
-        with safe_open(str(weights / "vae.safetensors"), framework="pt") as f:  # as measured by the pretraining
-            vae.register_to_config(scaling_factor=float(f.metadata()["scaling_factor"]))
     out = Path(root) / "vae"
-    vae.save_pretrained(out, safe_serialization=True)
+    tiny_vae(TINY_VAE_CONFIG, seed, weights).save_pretrained(out, safe_serialization=True)
     return out
 
 
@@ -144,9 +132,7 @@ def write_tiny_unet(root: Path, seed: int = 0, weights: Path | None = None) -> P
     """Write the tiny UNet (`TINY_UNET_CONFIG`) to root/unet/ in fp32: random from `seed`, or the weights of
     `weights/unet.fp16.safetensors` (exactly, fp16 -> fp32)."""
     if weights is None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            sd = SDXLUNet(TINY_UNET_CONFIG).state_dict()
+        sd = seeded(seed, lambda: SDXLUNet(TINY_UNET_CONFIG).state_dict())
     else:
         sd = load_file(weights / "unet.fp16.safetensors")
     out = Path(root) / "unet"
