@@ -97,6 +97,28 @@ def _parse(path, names: LoRANames, text_encoder: nn.Module | None = None, text_e
     `text_encoder_names` (no encoders at hand), those of CLIP's self-attention and MLP layers in the file spelling
     `text_encoder(_2).text_model.encoder.layers.N...` (what a text-encoder LoRA we train writes)."""
     path = Path(path)
+    tensors, metadata = _read_tensors(path)
+    te_kohya, te_peft = _text_encoder_names(text_encoder) if text_encoder is not None else ({}, {})
+    kohya = _kohya_names(names) | {name: [(module, 0, None)] for name, module in te_kohya.items()}
+    groups = _group_keys(path, tensors, names, kohya, te_peft, text_encoder is not None, text_encoder_names)
+    entries = {}
+    prefix = names.peft_prefix + "."
+    for group, entry in groups.items():
+        if "down" not in entry or "up" not in entry:
+            raise ValueError(f"{path}: key {entry['key']} has no matching {'up' if 'down' in entry else 'down'} "
+                             "weight; the file is incomplete")
+        is_kohya = _comfy_key(entry["key"]).startswith((*KOHYA_PREFIXES, *KOHYA_TEXT_ENCODERS))
+        entry["alpha"] = _alpha(entry, group, is_kohya, metadata, path, prefix)
+        if not math.isfinite(entry["alpha"]):  # peft's lora_alpha / alpha_pattern in the metadata (JSON allows NaN)
+            raise ValueError(f"{path}: the alpha of key {entry['key']} is {entry['alpha']}, not a finite number; the "
+                             "LoRA is damaged (it would make black images): use another LoRA file")
+        entries.update(_our_layers(path, group, entry, kohya[group] if is_kohya else [(group, 0, None)], names))
+    return entries, metadata
+
+
+def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A LoRA file's tensors and metadata; a folder, a missing or damaged file, or a non-finite weight is an
+    error naming the file."""
     if path.is_dir():
         raise ValueError(f"{path} is a folder, not a LoRA file; give a .safetensors LoRA file (for a training "
                          "checkpoint folder, its lora.safetensors or ema.safetensors)")
@@ -110,12 +132,18 @@ def _parse(path, names: LoRANames, text_encoder: nn.Module | None = None, text_e
         raise ValueError(f"cannot read LoRA file {path}: {e}; it is not a complete .safetensors file "
                          "(pickled .pt/.ckpt LoRAs are not loaded; re-download or convert it)") from e
     check_finite(tensors, path)  # one NaN makes black images: name it before anything else
-    te_kohya, te_peft = _text_encoder_names(text_encoder) if text_encoder is not None else ({}, {})
-    kohya = _kohya_names(names) | {name: [(module, 0, None)] for name, module in te_kohya.items()}
+    return tensors, metadata
+
+
+def _group_keys(path: Path, tensors: dict, names: LoRANames, kohya: dict, te_peft: dict, with_text_encoder: bool,
+                text_encoder_names: bool) -> dict[str, dict]:
+    """The file's keys grouped by layer: a kohya module name (in `kohya`, which learns the CLIP names a file
+    spells with `text_encoder_names`) or one of our module paths -> {"key": its first key, "down", "up", "alpha",
+    "magnitude"}."""
     prefix = names.peft_prefix + "."
-    groups: dict[str, dict] = {}  # a kohya module name or one of our module paths -> its tensors
+    groups: dict[str, dict] = {}
     for key, tensor in tensors.items():
-        if key.startswith(TEXT_ENCODER_PREFIXES) and text_encoder is None and not text_encoder_names:
+        if key.startswith(TEXT_ENCODER_PREFIXES) and not with_text_encoder and not text_encoder_names:
             raise ValueError(f"{path}: key {key} is a text-encoder LoRA weight; here only the {names.peft_prefix} "
                              "takes a LoRA (generate_images.py applies both; remove the lora_te*/text_encoder* keys "
                              "otherwise)")
@@ -153,38 +181,33 @@ def _parse(path, names: LoRANames, text_encoder: nn.Module | None = None, text_e
                                  "channel (LyCORIS wd_on_out=False) is not supported, only per output channel")
             tensor = tensor.flatten()
         entry[part] = tensor
-    entries = {}
-    for group, entry in groups.items():
-        if "down" not in entry or "up" not in entry:
-            raise ValueError(f"{path}: key {entry['key']} has no matching {'up' if 'down' in entry else 'down'} "
-                             "weight; the file is incomplete")
-        is_kohya = _comfy_key(entry["key"]).startswith((*KOHYA_PREFIXES, *KOHYA_TEXT_ENCODERS))
-        entry["alpha"] = _alpha(entry, group, is_kohya, metadata, path, prefix)
-        if not math.isfinite(entry["alpha"]):  # peft's lora_alpha / alpha_pattern in the metadata (JSON allows NaN)
-            raise ValueError(f"{path}: the alpha of key {entry['key']} is {entry['alpha']}, not a finite number; the "
-                             "LoRA is damaged (it would make black images): use another LoRA file")
-        targets = kohya[group] if is_kohya else [(group, 0, None)]
-        if len(targets) == 1:  # a layer of its own (its shapes are checked against the model later)
-            module = targets[0][0]
-            if module in names.kohya_swapped and names.kohya[module][0] == group \
-                    and entry["up"].shape[0] == names.layers[module][0]:  # the vendor's row halves swapped
-                entry = {**entry, **{k: swap_halves(entry[k]) for k in ("up", "magnitude") if k in entry}}
-            entries[module] = entry
+    return groups
+
+
+def _our_layers(path: Path, group: str, entry: dict, targets: list, names: LoRANames) -> dict[str, dict]:
+    """One file layer's entry as our layers': itself (a vendor's swapped row halves put back), or, for a vendor's
+    fused layer (e.g. q, k, v in one), a part per layer of ours (`targets`: (module, first row, rows))."""
+    if len(targets) == 1:  # a layer of its own (its shapes are checked against the model later)
+        module = targets[0][0]
+        if module in names.kohya_swapped and names.kohya[module][0] == group \
+                and entry["up"].shape[0] == names.layers[module][0]:  # the vendor's row halves swapped
+            entry = {**entry, **{k: swap_halves(entry[k]) for k in ("up", "magnitude") if k in entry}}
+        return {module: entry}
+    total = names.fused_rows(group)
+    magnitude = entry.get("magnitude")
+    if entry["up"].shape[0] != total or (magnitude is not None and magnitude.numel() != total):
+        raise ValueError(f"{path}: key {entry['key']} has up {tuple(entry['up'].shape)} but {group} of the "
+                         f"{names.base} model has {total} output rows")
+    parts = {}
+    for module, row, rows in targets:  # DoRA's magnitude is per output row: each part takes its rows
+        up = entry["up"][row : row + rows]
+        if magnitude is None and not up.any():  # rows a writer left zero (a layer it did not adapt): no LoRA
             continue
-        total = names.fused_rows(group)  # the vendor's fused layer (e.g. q, k, v in one): split it into ours
-        magnitude = entry.get("magnitude")
-        if entry["up"].shape[0] != total or (magnitude is not None and magnitude.numel() != total):
-            raise ValueError(f"{path}: key {entry['key']} has up {tuple(entry['up'].shape)} but {group} of the "
-                             f"{names.base} model has {total} output rows")
-        for module, row, rows in targets:  # DoRA's magnitude is per output row: each part takes its rows
-            up = entry["up"][row : row + rows]
-            if magnitude is None and not up.any():  # rows a writer left zero (a layer it did not adapt): no LoRA
-                continue
-            # each part owns its tensors (a file written from them must not share storage)
-            entries[module] = {**entry, "down": entry["down"].clone(), "up": up.clone()}
-            if magnitude is not None:
-                entries[module]["magnitude"] = magnitude[row : row + rows].clone()
-    return entries, metadata
+        # each part owns its tensors (a file written from them must not share storage)
+        parts[module] = {**entry, "down": entry["down"].clone(), "up": up.clone()}
+        if magnitude is not None:
+            parts[module]["magnitude"] = magnitude[row : row + rows].clone()
+    return parts
 
 
 COMFY_SUFFIXES = {".lora_down.weight": "lora_down.weight", ".lora_up.weight": "lora_up.weight", ".alpha": "alpha",

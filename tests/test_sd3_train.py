@@ -22,7 +22,7 @@ from sampling.inference import ImageGenerator
 from sd3 import family as sd3
 from training.config import ConfigError, parse_config, validate
 from training.flags import Settings
-from training.loop.train import build_models
+from training.loop.models import build_models
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parent.parent
