@@ -26,7 +26,9 @@ from diffusion.tokenizers import build_clip_tokenizer, build_t5_tokenizer, write
 from flux.configs import FLUX_DEV_SCHEDULER, config_to_diffusers
 from flux.transformer import FluxConfig, FluxTransformer
 
-TINY_FLUX_VERSION = 5  # 1: random; 2: T5 length 32 (tokenizer_2's model_max_length); 3: T5 word pieces; 4: pretrained; 5: pretrained longer (7000 steps)
+# 1: random; 2: T5 length 32 (tokenizer_2's model_max_length); 3: T5 word pieces; 4: pretrained; 5: pretrained
+# longer (7000 steps)
+TINY_FLUX_VERSION = 5
 WEIGHTS = Path(__file__).resolve().parent / "tiny_weights"  # transformer, vae, text_encoder{,_2} .safetensors
 # The tiny model's T5 length, written as its tokenizer_2's model_max_length: flux/loading.py's default T5 length is
 # the model's (512 dev, 256 schnell) capped by it, so CPU training and sampling attend over 32 text tokens, not 512.

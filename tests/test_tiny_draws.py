@@ -9,9 +9,9 @@ position, background, varies with the seed); the held-back colour (purple) in at
 captions each colour of the world far above chance (1/8) with the family's measured floor (FLOOR: every colour,
 and the mean over colours). Measured (this test's pictures), tiny-sd3: short prompts 100% and 100%, MS-SSIM of
 8 seeds 0.260 vs 0.415 real; full captions red 100%, orange 88%, yellow 100%, green 75%, blue 100%, white 100%,
-black 100% (mean 95%), purple 0%. tiny-flux: short prompts 100% and 100%, MS-SSIM of 8
-seeds 0.273 vs 0.415 real; full captions red 75%, orange 50%, yellow 100%, green 38%, blue 100%, white 62%, black
-88% (mean 73%), purple 0%. docs/tiny_model.md has the 16-picture tables.
+black 100% (mean 95%), purple 0%. tiny-flux: short prompts 100% and 88%, MS-SSIM of 8
+seeds 0.197 vs 0.415 real; full captions red 100%, orange 50%, yellow 100%, green 50%, blue 100%, white 88%, black
+88% (mean 82%), purple 0%. docs/tiny_model.md has the 16-picture tables.
 """
 
 import pytest
@@ -22,7 +22,7 @@ from tools.tiny_world import HELD_BACK
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is faster on a shared CPU
 
 SHORT = ("a red circle", "a blue square on a white background")
-FLOOR = {"sd3": (0.6, 0.8), "flux": (0.25, 0.6)}  # full captions: (every colour, mean), below the measured
+FLOOR = {"sd3": (0.6, 0.8), "flux": (0.4, 0.8)}  # full captions: (every colour, mean), below the measured
 
 
 @pytest.mark.parametrize("family,tiny", [("sd3", "tiny-sd3"), ("flux", "tiny-flux")])
