@@ -241,10 +241,18 @@ def test_a_process_group_that_never_starts_times_out(tmp_path, script):
 # --- kill -9 and repeated signals: resume from latest equals the uninterrupted run. -----------------------------
 
 
+def as_in_a_terminal() -> None:
+    """The child's Ctrl-C as in a terminal's foreground job: a suite started in the background (`cmd &` in a
+    script) has SIGINT ignored, which every child inherits, and then no Ctrl-C before the trainer's own handler
+    would reach it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_until(cmd: list[str], ready, signals: list[int], gap: float = 0.01, pid=None) -> tuple[int, str]:
     """Start cmd; once `ready()` holds, send `signals` one after another; return (exit status, stderr). `pid`, a
     list, gets the child's pid first (for a `ready` that looks at the process)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV,
+                            preexec_fn=as_in_a_terminal)
     if pid is not None:
         pid.append(proc.pid)
     deadline = time.time() + 300
