@@ -28,7 +28,7 @@ from diffusion.tokenizers import build_clip_tokenizer, write_clip_vocab_files
 from sdxl.configs import SDXL_SCHEDULER_CONFIG, unet_config_to_diffusers
 from sdxl.unet import SDXLUNet, UNetConfig
 
-TINY_VERSION = 2  # 1: random weights
+TINY_VERSION = 3  # 1: random weights; 2: pretrained on full captions; 3: on partial captions
 WEIGHTS = Path(__file__).resolve().parent / "tiny_weights"  # unet.fp16, vae, text_encoder, text_encoder_2
 
 # 6.2 M parameters. Context 96 = tiny CLIP-L 32 + tiny bigG 64; pooled 32 + 6 time ids * 8 = 80.

@@ -41,9 +41,10 @@ def run(out, *extra) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
 
 
-def train(out, *extra) -> None:
+def train(out, *extra) -> subprocess.CompletedProcess:
     result = run(out, *extra)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result
 
 
 @pytest.mark.parametrize("mode", ["attention", "all"])
@@ -128,7 +129,8 @@ def test_run_files_load_in_diffusers(tmp_path, tiny_dir, pipe):
 def test_resume_is_exact_with_text_encoder_training(tmp_path):
     """4 steps straight == 2 steps, then resumed to 4: every LoRA tensor (UNet and text encoders, EMA too) and
     the optimizer's state bit-equal (dropout, caption dropout and the second param group included)."""
-    train(tmp_path / "straight", "--max_train_steps", "4")
+    straight = train(tmp_path / "straight", "--max_train_steps", "4")
+    assert ", text encoders too) on" in straight.stdout + straight.stderr  # the banner says what trains
     train(tmp_path / "resumed", "--max_train_steps", "2")
     train(tmp_path / "resumed", "--max_train_steps", "4", "--resume_from", "latest")
     for name in ("lora.safetensors", "ema.safetensors"):

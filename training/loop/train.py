@@ -324,8 +324,9 @@ def banner(settings: Settings, world, data: TrainingData, params, total_steps: i
     summary, opt, lora = data.summary(), settings.optimizer, settings.lora
     source = (f"{summary['num_images']} images" if summary.get("num_images") is not None
               else f"{summary['shards']} .tar shards (samples unknown until streamed)")
+    text_encoders = ", text encoders too" if lora.train_text_encoder else ""
     return (f"training {sum(p.numel() for p in params):,} LoRA parameters ({lora.lora_target_mode}, rank "
-            f"{lora.lora_rank}) on {source}, {total_steps} steps of "
+            f"{lora.lora_rank}{text_encoders}) on {source}, {total_steps} steps of "
             f"{effective_batch(opt.batch_size, opt.gradient_accumulation_steps, world.size)}, device "
             f"{world.device}, {settings.runtime.precision}"
             + (f" (base weights {settings.runtime.base_dtype})" if settings.runtime.base_dtype !=
