@@ -4,9 +4,10 @@ the training seed and the number of threads.
 Each run is `python demo.py --seed S --json` in a fresh process with S training seed and OMP_NUM_THREADS threads
 (the thread count changes the order of float sums, and with it every later step: the runs differ from the first
 step on). Measured by `python demo.py --report` (docs/tiny_model.md's table): 75-97% purple with the LoRA over
-training seeds 0-4 on 1, 2 and 4 threads (15 runs; these four runs 94%, 88%, 97%, 97%), 0% without. Held here: >= 60% with it, at most 1 of 32 without.
-KID to the 42 purple training pictures, with a colour histogram of the shapes as the feature network (the Inception
-file cannot be downloaded here): the LoRA's pictures are closer to them than the base model's.
+training seeds 0-4 on 1, 2 and 4 threads (15 runs; these four runs 94%, 88%, 97%, 97%), 0% without. Held here:
+>= 60% with it, at most 1 of 32 without. KID to the 42 purple training pictures, with a colour histogram of the
+shapes as the feature network (the Inception file cannot be downloaded here): the LoRA's pictures are closer to
+them than the base model's.
 """
 
 from pathlib import Path
