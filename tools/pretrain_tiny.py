@@ -396,7 +396,7 @@ def write_weights(out_dir: Path, family_name: str, denoiser, vae: AutoencoderKL,
 # ---------------------------------------------------------------------------------------------------
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Pretrain a family's tiny model on the tiny world, on a CPU.")
     p.add_argument("family", choices=list(families.FAMILIES), help="which tiny model: sdxl, sd3 or flux")
     p.add_argument("out_dir", type=Path, help="folder to write the weights into (created; must not hold any)")
@@ -423,7 +423,26 @@ def main(argv=None) -> int:
     g = p.add_argument_group("run")
     g.add_argument("--eval_images", type=int, default=16, help="images drawn per colour to measure (default 16)")
     g.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    args = p.parse_args(argv)
+    return p
+
+
+def vae_stage(tiny, args) -> tuple[AutoencoderKL, dict]:
+    """The tiny model's VAE: trained on the world (purple too) and on the colour wheel and textures, or, with
+    --vae_from, one this tool trained before, with its measured scale and shift; and its colour table."""
+    if args.vae_from is None:
+        vae_images = torch.cat([render(tiny_world.sample_specs(args.num_images // 4, args.seed + 1,
+                                                               include_held_back=True)),
+                                colour_and_texture_pictures(args.num_images // 4, args.seed + 5)])
+        vae, report = train_vae(tiny.TINY_VAE_CONFIG, vae_images, args)
+    else:
+        vae = tiny_vae(tiny.TINY_VAE_CONFIG, 0, args.vae_from).eval().requires_grad_(False)
+        report = {"from": str(args.vae_from), "scaling_factor": vae.config.scaling_factor,
+                  "shift_factor": vae.config.shift_factor}
+    return vae, {**report, "colour_table": colour_table(vae)}
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     if args.out_dir.exists() and any(args.out_dir.glob("*.safetensors")):
         print(f"error: {args.out_dir} already holds weights; choose a new folder or delete it", file=sys.stderr)
         return 2
@@ -440,16 +459,7 @@ def main(argv=None) -> int:
     images = render(specs)
     clock["render_s"] = time.time() - start
 
-    if args.vae_from is None:
-        vae_images = torch.cat([render(tiny_world.sample_specs(args.num_images // 4, args.seed + 1,
-                                                               include_held_back=True)),
-                                colour_and_texture_pictures(args.num_images // 4, args.seed + 5)])
-        vae, report["vae"] = train_vae(tiny.TINY_VAE_CONFIG, vae_images, args)
-    else:  # a VAE this tool trained before, with its measured scale and shift
-        vae = tiny_vae(tiny.TINY_VAE_CONFIG, 0, args.vae_from).eval().requires_grad_(False)
-        report["vae"] = {"from": str(args.vae_from), "scaling_factor": vae.config.scaling_factor,
-                         "shift_factor": vae.config.shift_factor}
-    report["vae"]["colour_table"] = colour_table(vae)
+    vae, report["vae"] = vae_stage(tiny, args)
     clock["vae_s"] = time.time() - start - sum(clock.values())
 
     folder = Path(tempfile.mkdtemp(prefix=f"tiny-{args.family}-random-"))
